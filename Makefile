@@ -1,0 +1,56 @@
+# The front door. Every target creates (once) and reuses the virtual environment in .venv,
+# so a fresh clone needs nothing but Python 3.11 and make.
+PYTHON_FOR_VENV ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+DATA := data/pendulum/train/trajectories.npy
+PYTEST_ARGS ?=
+
+.PHONY: help install data demo test lint format bench clean docker-build
+
+help:
+	@echo "make demo    install, make the example data, train sample_runconfig.yaml with logging"
+	@echo "make test    install and run the tests"
+	@echo "make lint    ruff check and ruff format --check"
+	@echo "make format  ruff format and ruff check --fix"
+	@echo "make bench   run the benchmarks (benchmarks/README.md)"
+	@echo "make data    simulate the example pendulum data into data/pendulum"
+
+$(INSTALLED): requirements.txt requirements-dev.txt
+	test -d $(VENV) || $(PYTHON_FOR_VENV) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+install: $(INSTALLED)
+
+$(DATA): $(INSTALLED) data/generate_pendulum.py
+	$(PYTHON) data/generate_pendulum.py --out data/pendulum
+
+data: $(DATA)
+
+demo: $(INSTALLED) $(DATA)
+	$(PYTHON) run.py sample_runconfig.yaml
+
+# pytest's exit code 5 means "no tests collected": not a failure of the code under test.
+test: $(INSTALLED) $(DATA)
+	$(PYTHON) -m pytest $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(INSTALLED) $(DATA)
+	$(PYTHON) benchmarks/run_all.py
+
+# An image of the current commit, refusing a dirty tree (the image has no .git: see Dockerfile).
+docker-build:
+	@test -z "$$(git status --porcelain --ignore-submodules=none)" || { echo "commit your changes first"; exit 3; }
+	docker build --build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t pytorch-template:$$(git rev-parse --short HEAD) .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,275 @@
+"""Checkpoints that are atomic, verified and never run code.
+
+Each checkpoint is `checkpoints/step-<global step>.pt` (a plain `torch.save` file)
+plus `step-<global step>.json`, its manifest: SHA-256, size, step and epoch.
+A write goes to a temporary file, is fsynced, renamed into place, and only then
+gets its manifest; so at any instant of a crash the newest *complete* checkpoint
+is intact, and an incomplete or damaged one is detected (no manifest, wrong
+size or hash) and skipped with a warning. `last.pt` and `best.pt` are hard links
+to step files, each with its own manifest.
+
+Loading uses `torch.load(weights_only=True)`: a checkpoint holds tensors and
+plain Python values only, so a crafted file cannot run code.
+"""
+
+import copy
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from src.core import faults
+from src.core.errors import UserError
+from src.core.rundir import fsync_directory, now
+
+FORMAT_VERSION = 1
+STEP_FILE = re.compile(r"step-(\d+)\.pt")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions...); the previous ones are intact."""
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that must not be loaded: incomplete, altered, or not loadable safely."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+
+
+def step_file_name(step: int) -> str:
+    return f"step-{step:09d}.pt"
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes what passes through (torch.save writes sequentially)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.size < 4096 <= self.size + len(data):
+            faults.maybe_fail("checkpoint_write")  # a crash test stops here, mid-file
+        self.hash.update(data)
+        self.size += len(data)
+        return self.stream.write(data)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(data, stream, indent=1)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def write_checkpoint(directory: Path, state: dict, links: tuple[str, ...] = ()) -> Path:
+    """Write `state` atomically as step-<step>.pt with its manifest, then point `links` at it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    step = state["progress"]["global_step"]
+    path = directory / step_file_name(step)
+    temporary = directory / f".{path.name}.tmp"
+    try:
+        with open(temporary, "wb") as stream:
+            hashing = _HashingFile(stream)
+            torch.save(state, hashing)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+        manifest = {
+            "file": path.name,
+            "sha256": hashing.hash.hexdigest(),
+            "bytes": hashing.size,
+            "step": step,
+            "epoch": state["progress"]["epoch"],
+            "batch_in_epoch": state["progress"]["batch_in_epoch"],
+            "written": now(),
+            "format": FORMAT_VERSION,
+        }
+        _write_json_atomic(manifest_path(path), manifest)
+        for name in links:  # last.pt / best.pt: a hard link swapped in atomically
+            link = directory / f"{name}.pt"
+            temporary_link = directory / f".{name}.pt.tmp"
+            temporary_link.unlink(missing_ok=True)
+            os.link(path, temporary_link)
+            os.replace(temporary_link, link)
+            _write_json_atomic(manifest_path(link), {**manifest, "file": link.name, "links_to": path.name})
+        fsync_directory(directory)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path}: {error}. The previous checkpoints are intact; "
+            "free the space (or fix the permissions) and continue with --resume."
+        ) from error
+    return path
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Verify a checkpoint against its manifest and load it safely; raise DamagedCheckpoint."""
+    manifest_file = manifest_path(path)
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError) as error:
+        raise DamagedCheckpoint(f"{path.name}: no readable manifest ({manifest_file.name}: {error})") from None
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DamagedCheckpoint(f"{path.name}: cannot be read ({error})") from None
+    if len(data) != manifest.get("bytes"):
+        expected = manifest.get("bytes")
+        raise DamagedCheckpoint(f"{path.name}: {len(data)} bytes where the manifest says {expected} (truncated?)")
+    if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise DamagedCheckpoint(f"{path.name}: its SHA-256 does not match the manifest (the file was altered)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:  # an unsafe pickle lands here, unexecuted
+        raise DamagedCheckpoint(f"{path.name}: refused by torch.load(weights_only=True): {error}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise DamagedCheckpoint(f"{path.name}: not a checkpoint of this template (format {FORMAT_VERSION})")
+    return state
+
+
+def step_checkpoints(directory: Path) -> list[CheckpointInfo]:
+    """The step-<n>.pt files in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = STEP_FILE.fullmatch(path.name)
+        if match:
+            found.append(CheckpointInfo(path, int(match.group(1))))
+    return sorted(found, key=lambda info: info.step)
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that passes verification; each damaged one is reported and skipped."""
+    for info in reversed(step_checkpoints(directory)):
+        try:
+            return info.path, read_checkpoint(info.path)
+        except DamagedCheckpoint as error:
+            warn(f"warning: skipping checkpoint {error}")
+    return None
+
+
+def prune_checkpoints(directory: Path, keep_recent: int, protected: set[str]) -> None:
+    """Delete step files beyond the `keep_recent` newest, never one in `protected` (best, last)."""
+    infos = step_checkpoints(directory)
+    for info in infos[: max(0, len(infos) - keep_recent)]:
+        if info.path.name in protected:
+            continue
+        manifest_path(info.path).unlink(missing_ok=True)
+        info.path.unlink(missing_ok=True)
+
+
+def snapshot(state: dict) -> dict:
+    """Copy every tensor to CPU memory, so training can go on while the copy is written."""
+
+    def copy_value(value):
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {key: copy_value(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(copy_value(item) for item in value)
+        return copy.copy(value)
+
+    return copy_value(state)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time.
+
+    `save()` blocks only while it copies the state to CPU memory; the write, the
+    fsync and the manifest happen behind training. A failed write is raised by the
+    next `save()` or by `wait()`, so training stops with the error.
+    """
+
+    def __init__(self, directory: Path, keep_recent: int, background: bool = True):
+        self.directory = directory
+        self.keep_recent = keep_recent
+        self.background = background
+        self.protected: dict[str, str] = {}  # "last"/"best" -> step file name
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        for name in ("last", "best"):  # after a resume, keep protecting what the links point at
+            manifest_file = directory / f"{name}.json"
+            if manifest_file.exists():
+                self.protected[name] = json.loads(manifest_file.read_text()).get("links_to", "")
+
+    def save(self, state: dict, links: tuple[str, ...], on_written: Callable[[Path], None]) -> None:
+        self._raise_pending_error()
+        if not self.background:
+            self._write(state, links, on_written)
+            return
+        self.wait()  # at most one write in flight: bounded memory, ordered files
+        self._thread = threading.Thread(
+            target=self._write_in_background, args=(snapshot(state), links, on_written), daemon=True
+        )
+        self._thread.start()
+
+    def _write(self, state: dict, links: tuple[str, ...], on_written: Callable[[Path], None]) -> None:
+        path = write_checkpoint(self.directory, state, links)
+        for name in links:
+            self.protected[name] = path.name
+        prune_checkpoints(self.directory, self.keep_recent, set(self.protected.values()))
+        on_written(path)
+
+    def _write_in_background(self, state, links, on_written) -> None:
+        try:
+            self._write(state, links, on_written)
+        except BaseException as error:  # handed to the training thread
+            self._error = error
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise_pending_error()
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def load_model_weights(path: str | Path) -> dict:
+    """A state dict from `bootstrap_model_file`: a checkpoint of this template or a bare state dict."""
+    path = Path(path)
+    if manifest_path(path).exists():
+        try:
+            return read_checkpoint(path)["model"]
+        except DamagedCheckpoint as error:
+            raise UserError(f"bootstrap_model_file: {error}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"bootstrap_model_file {str(path)!r} does not exist") from None
+    except Exception as error:
+        raise UserError(f"bootstrap_model_file {str(path)!r} cannot be loaded safely: {error}") from None
+    return state.get("model", state) if isinstance(state, dict) else state

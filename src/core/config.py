@@ -1,0 +1,375 @@
+"""The config pipeline, in this order (README, "Config"):
+
+1. load the YAML file (safe loader; `1e-3` is a float; a duplicate key is an error)
+2. `--find-replace OLD NEW`: replace substrings in every string value, at any depth
+3. `--delete KEY`: remove keys (top-level names or dotted paths)
+4. `--modify KEY VALUE`: replace a key's whole value (VALUE parsed as YAML)
+5. `--a.b.c=VALUE`: dotted overrides (VALUE parsed as YAML)
+6. defaults from the schema
+7. cerberus validation against `src/schema.py`
+8. an immutable `Config` with attribute access
+
+Every mistake is a `UserError` naming the key, what was expected and what was
+found, with the nearest real key for typos.
+"""
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cerberus
+import yaml
+
+from src.core.errors import UserError
+
+# Keys that `run.py` adds to a run's saved config.yaml. They describe a run rather
+# than configure one, so they are dropped when a saved config is loaded again.
+PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2 floats (`1e-3`) and no duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first set on line {seen[key]})",
+                    mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot: `1e-3` would be a string.
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely; a syntax error names `source`, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UserError(f"{source}: invalid YAML{where}: {problem}") from None
+
+
+def load_yaml_file(path: str | Path) -> dict:
+    """Read a config file into a plain dict, with a clear error for every way it can be wrong."""
+    path = Path(path)
+    if not path.is_file():
+        kind = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"config file {str(path)!r} {kind}; expected a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"config file {str(path)!r} cannot be read: {error}") from None
+    document = parse_yaml(text, str(path))
+    if document is None:
+        raise UserError(f"config file {str(path)!r} is empty; expected a mapping of config keys")
+    if not isinstance(document, dict):
+        raise UserError(
+            f"config file {str(path)!r} holds a {type(document).__name__}; "
+            "expected a mapping of config keys (key: value lines)"
+        )
+    for key in PROVENANCE_KEYS:  # a run's saved config.yaml can be run again
+        document.pop(key, None)
+    return document
+
+
+# ---------------------------------------------------------------------------------
+# Command-line edits (steps 2 to 5)
+
+
+@dataclass
+class ConfigEdits:
+    """The edits the command line asks for, applied in the documented order."""
+
+    find_replace: list[tuple[str, str]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    modify: list[tuple[str, str]] = field(default_factory=list)
+    overrides: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_replace(value: Any, old: str, new: str) -> Any:
+    """Replace `old` by `new` in every string value (not in keys), at any depth."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, dict):
+        return {key: find_replace(item, old, new) for key, item in value.items()}
+    if isinstance(value, list):
+        return [find_replace(item, old, new) for item in value]
+    return value
+
+
+def _schema_rule(schema: dict, path: list[str]) -> dict | None:
+    """The cerberus rule for a dotted path, or None where the schema does not say."""
+    rules = schema
+    rule = None
+    for name in path:
+        if rules is None or name not in rules:
+            return None
+        rule = rules[name]
+        rules = rule.get("schema") if rule.get("type") == "dict" else None
+    return rule
+
+
+def _all_paths(document: Any, schema: dict | None, prefix: str = "") -> set[str]:
+    """Every dotted key in the document or the schema: the candidates for "did you mean"."""
+    paths = set()
+    if isinstance(document, dict):
+        for key, value in document.items():
+            paths.add(prefix + str(key))
+            paths |= _all_paths(value, None, f"{prefix}{key}.")
+    for key, rule in (schema or {}).items():
+        paths.add(prefix + key)
+        if rule.get("type") == "dict" and isinstance(rule.get("schema"), dict):
+            paths |= _all_paths(None, rule["schema"], f"{prefix}{key}.")
+    return paths
+
+
+def nearest(word: str, candidates) -> str:
+    """' Did you mean ...?' for the closest candidate, or '' when nothing is close."""
+    matches = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {matches[0]!r}?" if matches else ""
+
+
+def _walk(document: dict, path: list[str], flag: str, create: bool) -> dict | None:
+    """The dict that holds the last key of `path`, or None where a section is missing."""
+    node = document
+    for depth, name in enumerate(path[:-1]):
+        child = node.get(name)
+        if child is None and create:
+            child = node[name] = {}
+        if child is None:
+            return None
+        if not isinstance(child, dict):
+            section = ".".join(path[: depth + 1])
+            raise UserError(
+                f"{flag} {'.'.join(path)}: {section!r} holds a {type(child).__name__}, not a section of keys"
+            )
+        node = child
+    return node
+
+
+def _key_exists(document: dict, schema: dict, path: list[str]) -> bool:
+    node = document
+    for name in path:
+        if not isinstance(node, dict) or name not in node:
+            return _schema_rule(schema, path) is not None
+        node = node[name]
+    return True
+
+
+def delete_key(document: dict, dotted: str, schema: dict) -> None:
+    path = dotted.split(".")
+    if not _key_exists(document, schema, path):
+        raise UserError(
+            f"--delete {dotted}: no such key in the config or the schema"
+            + nearest(dotted, _all_paths(document, schema))
+        )
+    parent = _walk(document, path, "--delete", create=False)
+    if parent is not None:
+        parent.pop(path[-1], None)
+
+
+def set_key(document: dict, dotted: str, value: Any, schema: dict, flag: str) -> None:
+    """Set an existing key (in the config, or known to the schema) to `value`."""
+    path = dotted.split(".")
+    if not all(path) or not _key_exists(document, schema, path):
+        raise UserError(
+            f"{flag} {dotted}: no such key in the config or the schema"
+            + nearest(dotted, _all_paths(document, schema))
+            + " (keys can only be changed, not added, from the command line)"
+        )
+    _walk(document, path, flag, create=True)[path[-1]] = value
+
+
+def apply_edits(document: dict, edits: ConfigEdits, schema: dict) -> dict:
+    """Steps 2 to 5 of the pipeline, on a copy of `document`."""
+    document = copy.deepcopy(document)
+    for old, new in edits.find_replace:
+        document = find_replace(document, old, new)
+    for dotted in edits.delete:
+        delete_key(document, dotted, schema)
+    for dotted, text in edits.modify:
+        set_key(document, dotted, parse_yaml(text, f"--modify {dotted}"), schema, "--modify")
+    for dotted, text in edits.overrides:
+        set_key(document, dotted, parse_yaml(text, f"--{dotted}"), schema, f"--{dotted}=")
+    return document
+
+
+# ---------------------------------------------------------------------------------
+# Defaults and validation (steps 6 and 7)
+
+
+def apply_defaults(document: dict, schema: dict) -> dict:
+    """Fill in the schema's defaults, nested sections included (a copy)."""
+    document = dict(document)
+    for key, rule in schema.items():
+        if key not in document and "default" in rule:
+            document[key] = copy.deepcopy(rule["default"])
+        sub_schema = rule.get("schema") if rule.get("type") == "dict" else None
+        if isinstance(sub_schema, dict) and isinstance(document.get(key), dict):
+            document[key] = apply_defaults(document[key], sub_schema)
+    return document
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _flatten_errors(errors: dict, prefix: str = "") -> Iterator[tuple[str, str]]:
+    for key, messages in errors.items():
+        for message in messages:
+            if isinstance(message, dict):
+                yield from _flatten_errors(message, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", message
+
+
+def _lookup(document: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        if not isinstance(document, dict) or name not in document:
+            return None
+        document = document[name]
+    return document
+
+
+def validate(document: dict, schema: dict) -> dict:
+    """Check `document` against the cerberus schema; return the normalized document."""
+    validator = cerberus.Validator(schema, allow_unknown=False)
+    if validator.validate(document):
+        return validator.document
+    lines = []
+    for dotted, message in sorted(_flatten_errors(validator.errors)):
+        if message == "unknown field":
+            parent = dotted.rpartition(".")[0]
+            rule = _schema_rule(schema, parent.split(".")) if parent else None
+            siblings = rule["schema"] if rule else schema
+            prefix = f"{parent}." if parent else ""
+            hint = nearest(dotted, [prefix + key for key in siblings])
+            lines.append(f"unknown key {dotted!r}{hint or ' (not in src/schema.py)'}")
+        elif message == "required field":
+            lines.append(f"missing required key {dotted!r}")
+        else:
+            found = _describe(_lookup(document, dotted))
+            lines.append(f"key {dotted!r}: {message}, found {found}")
+    raise UserError("invalid config:\n  " + "\n  ".join(lines))
+
+
+# ---------------------------------------------------------------------------------
+# The immutable config (step 8)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Config(value)
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(item) for item in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Config):
+        return {key: _thaw(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(item) for item in value]
+    return value
+
+
+class Config(Mapping):
+    """A read-only nested mapping: `config.optimizer.lr` or `config["optimizer"]["lr"]`."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping):
+        object.__setattr__(self, "_data", {key: _freeze(value) for key, value in data.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("the config is read-only; change it in the YAML file or with --key=value")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
+
+    def __reduce__(self):  # picklable, for DataLoader workers and torch.distributed
+        return (Config, (self.to_dict(),))
+
+    def to_dict(self) -> dict:
+        """A plain, mutable deep copy (for saving as YAML)."""
+        return _thaw(self)
+
+
+def finalize(document: dict, schema: dict) -> Config:
+    """Steps 6 to 8: defaults, validation, freezing."""
+    return Config(validate(apply_defaults(document, schema), schema))
+
+
+def load_config(path: str | Path, edits: ConfigEdits, schema: dict) -> Config:
+    """The whole pipeline: file → edits → defaults → validation → `Config`."""
+    return finalize(apply_edits(load_yaml_file(path), edits, schema), schema)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML for humans: keys in config order, block style."""
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def result_affecting_keys(config: Mapping, schema: dict, prefix: str = "") -> dict:
+    """The flattened keys whose change can change the results.
+
+    A schema rule with `meta: {affects_results: false}` marks a key that does not
+    (the description, `epochs`, checkpoint timing...): `--resume` lets those change.
+    """
+    keys = {}
+    for key, value in config.items():
+        rule = (schema or {}).get(key, {})
+        if rule.get("meta", {}).get("affects_results", True) is False:
+            continue
+        sub_schema = rule.get("schema") if rule.get("type") == "dict" else None
+        if isinstance(value, Mapping) and sub_schema:
+            keys.update(result_affecting_keys(value, sub_schema, f"{prefix}{key}."))
+        else:
+            keys[prefix + key] = _thaw(value)
+    return keys
+
+
+def config_hash(config: Mapping, schema: dict) -> str:
+    """A hash of what the config makes the run compute (stored in every checkpoint)."""
+    canonical = json.dumps(result_affecting_keys(config, schema), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,70 @@
+"""Every logged value goes to `metrics.jsonl` and to TensorBoard, and to nothing else.
+
+A line of metrics.jsonl:
+    {"step": 120, "epoch": 2, "phase": "val", "name": "loss", "value": 0.0123, "time": 1732262400.1}
+
+Lines are buffered and written at checkpoints, epoch ends and every few seconds.
+A checkpoint records how many bytes of metrics.jsonl it covers; a resumed run cuts
+the file back to that length and tells TensorBoard to purge later steps, so
+neither holds values from the killed process's lost work.
+"""
+
+import json
+import time
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+FLUSH_SECONDS = 10.0
+
+
+class MetricLogger:
+    def __init__(self, run_directory: Path, resume_from_byte: int | None = None, resume_step: int | None = None):
+        self.path = Path(run_directory) / METRICS_FILE
+        if resume_from_byte is not None:
+            with open(self.path, "r+b") as stream:
+                stream.truncate(resume_from_byte)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.buffer: list[str] = []
+        self.last_flush = time.monotonic()
+        from torch.utils.tensorboard import SummaryWriter  # ~0.1 s to import: only when logging
+
+        # purge_step: TensorBoard hides values at and after it from earlier event files.
+        purge = None if resume_step is None else resume_step + 1
+        self.tensorboard = SummaryWriter(log_dir=str(run_directory), purge_step=purge)
+
+    def log(self, step: int, epoch: int, phase: str, values: dict[str, float]) -> None:
+        wall_time = time.time()
+        for name, value in values.items():
+            value = float(value)
+            self.buffer.append(
+                json.dumps(
+                    {"step": step, "epoch": epoch, "phase": phase, "name": name, "value": value, "time": wall_time}
+                )
+            )
+            self.tensorboard.add_scalar(f"{phase}/{name}", value, step, walltime=wall_time)
+        if time.monotonic() - self.last_flush > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> int:
+        """Write buffered lines; return the file's length (what a checkpoint records)."""
+        if self.buffer:
+            self.file.write("\n".join(self.buffer) + "\n")
+            self.buffer.clear()
+        self.file.flush()
+        self.tensorboard.flush()
+        self.last_flush = time.monotonic()
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.flush()
+        self.file.close()
+        self.tensorboard.close()
+
+
+def read_metrics(run_directory: Path) -> list[dict]:
+    """All records of a run's metrics.jsonl, in order."""
+    path = Path(run_directory) / METRICS_FILE
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]

@@ -1,0 +1,248 @@
+"""Where a result came from: the git gate, the commit, the environment and the data.
+
+The gate is the template's promise: nothing is logged from a working tree that
+differs from a commit. One `git status --porcelain=v2` call answers both "is it
+clean?" and "which commit?", so the gate costs about as much as `git status`.
+"""
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from src.core.errors import Refusal
+
+# The project's root: the checkout whose code is running.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# A Docker image built without `.git` can say which commit it was built from (see the Dockerfile).
+COMMIT_ENV_VARIABLE = "PROVENANCE_GIT_COMMIT"
+
+# Data fingerprints hash file contents when the directory holds at most this much.
+DATA_HASH_LIMIT_BYTES = 256 * 2**20
+
+MAX_LISTED_PATHS = 20
+
+
+def run_git(args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a git command; a missing git binary is a refusal with a clear message."""
+    if shutil.which("git") is None:
+        raise Refusal(
+            "git is not installed (no 'git' on PATH): the template records the commit of "
+            "every logged run and needs git to do so. Install git, or run with --no-logging."
+        )
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"'git {' '.join(args)}' failed in {cwd}: {result.stderr.strip()}")
+    return result
+
+
+@dataclass
+class RepositoryState:
+    """What one `git status` says: the commit, the branch and every uncommitted change."""
+
+    root: Path
+    commit: str | None  # None: the repository has no commits yet
+    branch: str | None  # None: detached HEAD
+    changes: list[str] = field(default_factory=list)  # "modified: src/model.py", ...
+
+
+_CHANGE_NAMES = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed", "C": "copied", "T": "type changed"}
+
+
+def _describe_change(xy: str, submodule: str, path: str, original: str | None) -> str:
+    if submodule.startswith("S") and submodule != "S...":
+        what = [
+            text
+            for flag, text in zip(submodule[1:], ("new commits", "modified content", "untracked content"), strict=True)
+            if flag != "."
+        ]
+        return f"submodule ({', '.join(what)}): {path}"
+    staged, unstaged = xy[0], xy[1]
+    if staged != ".":
+        name = _CHANGE_NAMES.get(staged, staged)
+        source = f" (from {original})" if original else ""
+        return f"staged, {name}: {path}{source}"
+    return f"{_CHANGE_NAMES.get(unstaged, unstaged)}: {path}"
+
+
+def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
+    """Read the commit, branch and uncommitted changes of the repository holding `root`."""
+    result = run_git(
+        ["status", "--porcelain=v2", "--branch", "-z", "--ignore-submodules=none", "--untracked-files=normal"],
+        cwd=root,
+        check=False,
+    )
+    if result.returncode != 0:
+        if "not a git repository" in result.stderr:
+            raise NotARepository(root)
+        raise RuntimeError(f"'git status' failed in {root}: {result.stderr.strip()}")
+    state = RepositoryState(root=Path(root), commit=None, branch=None)
+    records = iter(result.stdout.split("\0"))
+    for record in records:
+        if record.startswith("# branch.oid "):
+            oid = record.split(" ", 2)[2]
+            state.commit = None if oid == "(initial)" else oid
+        elif record.startswith("# branch.head "):
+            head = record.split(" ", 2)[2]
+            state.branch = None if head == "(detached)" else head
+        elif record.startswith(("1 ", "u ")):
+            fields = record.split(" ", 8 if record[0] == "1" else 10)
+            state.changes.append(_describe_change(fields[1], fields[2], fields[-1], None))
+        elif record.startswith("2 "):
+            fields = record.split(" ", 9)
+            state.changes.append(_describe_change(fields[1], fields[2], fields[-1], next(records)))
+        elif record.startswith("? "):
+            state.changes.append(f"untracked: {record[2:]}")
+    return state
+
+
+class NotARepository(Refusal):
+    def __init__(self, root):
+        super().__init__(
+            f"{root} is not inside a git repository, so a logged run could not record its commit. "
+            f"Run 'git init && git add -A && git commit', set {COMMIT_ENV_VARIABLE} (in a container "
+            "built from a commit, see the Dockerfile), or run with --no-logging."
+        )
+
+
+def check_clean(state: RepositoryState) -> None:
+    """The gate: refuse (exit 3) unless the tree is exactly a commit."""
+    if state.commit is None:
+        raise Refusal(
+            f"the git repository at {state.root} has no commits yet, so a logged run could not "
+            "record its commit. Commit your code first (git add -A && git commit), or run with --no-logging."
+        )
+    if state.changes:
+        listed = state.changes[:MAX_LISTED_PATHS]
+        more = len(state.changes) - len(listed)
+        lines = "\n  ".join(listed + ([f"... and {more} more"] if more else []))
+        raise Refusal(
+            f"refusing to log a run from a working tree with uncommitted changes "
+            f"({len(state.changes)} in {state.root}):\n  {lines}\n"
+            "Commit them (or add them to .gitignore) so the run can record the exact code, or run "
+            "with --allow-dirty-repo (asks first, then runs with logging off), or --no-logging."
+        )
+
+
+def git_provenance(state: RepositoryState) -> dict:
+    """The `git` section of a run's config.yaml (the tree is known to be clean)."""
+    remotes = {}
+    listing = run_git(["config", "--get-regexp", r"^remote\..*\.url$"], cwd=state.root, check=False).stdout
+    for line in listing.splitlines():
+        key, _, url = line.partition(" ")
+        remotes[key[len("remote.") : -len(".url")]] = url
+    on_remote = bool(
+        run_git(
+            ["for-each-ref", "--count=1", "--contains", state.commit, "refs/remotes"], cwd=state.root, check=False
+        ).stdout.strip()
+    )
+    submodules = {}
+    if (state.root / ".gitmodules").exists():
+        for line in run_git(["submodule", "status", "--recursive"], cwd=state.root).stdout.splitlines():
+            commit, path = line[1:].split()[:2]
+            submodules[path] = commit
+    return {
+        "commit": state.commit,
+        "branch": state.branch,
+        "detached": state.branch is None,
+        "remotes": remotes,
+        "commit_on_remote": on_remote,
+        "submodules": submodules,
+        "source": "git repository",
+    }
+
+
+def commit_from_environment() -> dict | None:
+    """The `git` section for a container without `.git`, from PROVENANCE_GIT_COMMIT."""
+    commit = os.environ.get(COMMIT_ENV_VARIABLE, "").strip()
+    if not commit:
+        return None
+    return {
+        "commit": commit,
+        "branch": None,
+        "detached": None,
+        "remotes": {},
+        "commit_on_remote": None,
+        "submodules": {},
+        "source": f"environment variable {COMMIT_ENV_VARIABLE} (no .git; cleanliness not checked)",
+    }
+
+
+def gate(root: Path | str = PROJECT_ROOT) -> dict:
+    """Refuse unless the code is a clean commit; return the `git` provenance section."""
+    try:
+        state = repository_state(root)
+    except NotARepository:
+        from_environment = commit_from_environment()
+        if from_environment is None:
+            raise
+        return from_environment
+    check_clean(state)
+    return git_provenance(state)
+
+
+def installed_packages() -> list[str]:
+    """`pip freeze` without starting pip: every installed distribution as name==version."""
+    packages = {
+        f"{dist.metadata['Name']}=={dist.version}"
+        for dist in importlib.metadata.distributions()
+        if dist.metadata["Name"]
+    }
+    return sorted(packages, key=str.lower)
+
+
+def environment_provenance() -> dict:
+    """The `environment` section of a run's config.yaml."""
+    import numpy
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "executable": sys.executable,
+    }
+
+
+def data_fingerprint(directory: Path | str) -> dict:
+    """Identify the data, which lives outside git: every file's name and size, and a
+    SHA-256 of all contents when the directory holds at most DATA_HASH_LIMIT_BYTES."""
+    directory = Path(directory)
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    listing = hashlib.sha256()
+    total = 0
+    for path in files:
+        size = path.stat().st_size
+        total += size
+        listing.update(f"{path.relative_to(directory).as_posix()}\0{size}\n".encode())
+    content = None
+    if total <= DATA_HASH_LIMIT_BYTES:
+        content_hash = hashlib.sha256()
+        for path in files:
+            content_hash.update(path.relative_to(directory).as_posix().encode() + b"\0")
+            with open(path, "rb") as stream:
+                content_hash.update(hashlib.file_digest(stream, "sha256").digest())
+        content = content_hash.hexdigest()
+    return {
+        "directory": str(directory.resolve()),
+        "files": len(files),
+        "bytes": total,
+        "listing_sha256": listing.hexdigest(),
+        "content_sha256": content,
+        "rule": f"names and sizes always; contents when at most {DATA_HASH_LIMIT_BYTES // 2**20} MiB",
+    }

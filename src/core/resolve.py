@@ -1,0 +1,160 @@
+"""Turn the names in a config into objects, by lookup only: nothing in a config is evaluated.
+
+`model_type` names a class in `src/model.py`, the `*_data_loader_type` keys name
+classes in `src/data_loader.py`, and `loss_function` names a function:
+`F.mse_loss` (torch.nn.functional), `nn.MSELoss` (torch.nn, instantiated), or a
+function defined in `src/model.py` or `src/data_loader.py`. Keyword arguments
+from the config are checked against the constructors before anything runs.
+"""
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from types import ModuleType
+
+import torch
+from torch.utils.data import Dataset
+
+from src.core.config import Config, nearest
+from src.core.errors import UserError
+
+LOSS_NAMESPACES = {"F": "torch.nn.functional", "nn": "torch.nn", "torch": "torch"}
+USER_MODULES = ("src.model", "src.data_loader")
+PHASES = {"train": "train_data_loader_type", "test": "test_data_loader_type", "eval": "eval_data_loader_type"}
+
+
+def _public_names(module: ModuleType, keep: Callable[[object], bool]) -> list[str]:
+    return [name for name, value in vars(module).items() if not name.startswith("_") and keep(value)]
+
+
+def _check_name(key: str, name: str) -> list[str]:
+    """Split a dotted name, accepting only plain public identifiers (so no code can hide in it)."""
+    parts = name.split(".") if isinstance(name, str) else []
+    if not parts or not all(part.isidentifier() and not part.startswith("_") for part in parts):
+        raise UserError(
+            f"config key {key!r}: {name!r} is not a name; expected the name of a "
+            "class or function, such as 'PendulumModel' or 'F.mse_loss' (config values are "
+            "looked up, never evaluated)"
+        )
+    return parts
+
+
+def resolve_class(key: str, name: str, module_name: str, base: type) -> type:
+    """The class called `name` in `module_name`, which must subclass `base`."""
+    parts = _check_name(key, name)
+    if len(parts) != 1:
+        raise UserError(f"config key {key!r}: {name!r} should be a plain class name, without dots")
+    class_name = parts[0]
+    module = importlib.import_module(module_name)
+    value = getattr(module, class_name, None)
+    if not (inspect.isclass(value) and issubclass(value, base)):
+        choices = _public_names(module, lambda v: inspect.isclass(v) and issubclass(v, base))
+        raise UserError(
+            f"config key {key!r}: {name!r} is not a {base.__name__} class in "
+            f"{module_name.replace('.', '/')}.py" + nearest(name, choices) + f" (found: {', '.join(choices)})"
+        )
+    return value
+
+
+def _lookup_within(module: ModuleType, parts: list[str]) -> object:
+    """getattr along `parts`, never leaving the module's package (so `torch.os.system` is not found)."""
+    package = module.__name__.split(".")[0]
+    value = module
+    for part in parts:
+        if inspect.ismodule(value) and not value.__name__.startswith(package):
+            return None
+        value = getattr(value, part, None)
+    defined_in = getattr(value, "__module__", None) or ""
+    return value if defined_in.startswith(package) and not inspect.ismodule(value) else None
+
+
+def resolve_loss_function(name: str) -> Callable:
+    """The loss function a config names; a class such as `nn.MSELoss` is instantiated."""
+    parts = _check_name("loss_function", name)
+    if len(parts) == 1:
+        modules = [importlib.import_module(module_name) for module_name in USER_MODULES]
+    elif parts[0] in LOSS_NAMESPACES:
+        modules = [importlib.import_module(LOSS_NAMESPACES[parts[0]])]
+        parts = parts[1:]
+    else:
+        raise UserError(
+            f"config key 'loss_function': {name!r} starts with an unknown namespace "
+            f"{parts[0]!r}; expected one of {', '.join(LOSS_NAMESPACES)} or a function in src/model.py"
+        )
+    for module in modules:
+        value = _lookup_within(module, parts)
+        if callable(value):
+            return value() if inspect.isclass(value) else value
+    choices = [f"F.{n}" for n in dir(torch.nn.functional) if not n.startswith("_")]
+    choices += [n for m in USER_MODULES for n in _public_names(importlib.import_module(m), inspect.isfunction)]
+    raise UserError(f"config key 'loss_function': no function called {name!r}" + nearest(name, choices))
+
+
+def check_arguments(key: str, cls: type, arguments: Mapping, given_elsewhere: tuple[str, ...] = ()) -> None:
+    """Check that `cls(**arguments)` binds, so a typo in a parameter fails before anything runs."""
+    signature = inspect.signature(cls)
+    accepted = [name for name in signature.parameters if name not in given_elsewhere]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    for name in arguments:
+        if name not in accepted and not takes_any:
+            raise UserError(
+                f"config key '{key}.{name}': {cls.__name__} has no parameter {name!r}"
+                + nearest(name, accepted)
+                + f" (its parameters: {', '.join(accepted) or 'none'})"
+            )
+    try:
+        signature.bind(**{name: None for name in given_elsewhere}, **arguments)
+    except TypeError as error:
+        raise UserError(f"config key {key!r}: {cls.__name__}: {error}") from None
+
+
+def dataset_arguments(config: Config, phase: str) -> dict:
+    """Keyword arguments for the dataset of `phase`: `all`, then the phase's own."""
+    parameters = config.data_loader_parameters
+    return {**parameters.all.to_dict(), **parameters[phase].to_dict()}
+
+
+def check_config_names(config: Config) -> None:
+    """Resolve every name in the config and check every argument list (builds nothing)."""
+    from src.data_loader import BaseDataset  # the user's modules import torch; load them late
+    from src.model import BaseModel
+
+    model_class = resolve_class("model_type", config.model_type, "src.model", BaseModel)
+    check_arguments("model_parameters", model_class, config.model_parameters)
+    resolve_loss_function(config.loss_function)
+    for phase, key in PHASES.items():
+        if config[key] is not None:
+            dataset_class = resolve_class(key, config[key], "src.data_loader", BaseDataset)
+            check_arguments(
+                f"data_loader_parameters.{phase}",
+                dataset_class,
+                dataset_arguments(config, phase),
+                given_elsewhere=("data_directory", "split"),
+            )
+    if not hasattr(torch.optim, config.optimizer.type) or config.optimizer.type.startswith("_"):
+        choices = [n for n in dir(torch.optim) if inspect.isclass(getattr(torch.optim, n)) and n[0].isupper()]
+        raise UserError(
+            f"config key 'optimizer.type': {config.optimizer.type!r} is not an optimizer in torch.optim"
+            + nearest(config.optimizer.type, choices)
+        )
+
+
+def build_model(config: Config) -> torch.nn.Module:
+    from src.model import BaseModel
+
+    model_class = resolve_class("model_type", config.model_type, "src.model", BaseModel)
+    return model_class(**config.model_parameters.to_dict())
+
+
+def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str, tuple[type, Dataset]]:
+    """(class, dataset) of each configured phase ('train', 'test', 'eval'); `--mini` takes a subset."""
+    from src.data_loader import BaseDataset
+
+    datasets = {}
+    for phase, key in PHASES.items():
+        if config[key] is None:
+            continue
+        dataset_class = resolve_class(key, config[key], "src.data_loader", BaseDataset)
+        dataset = dataset_class(data_directory, phase, **dataset_arguments(config, phase))
+        datasets[phase] = (dataset_class, dataset.mini_subset() if mini else dataset)
+    return datasets

@@ -1,0 +1,124 @@
+"""The run directory: created exactly once, never reused, and its two YAML files.
+
+logs/<project_name or model_type>/<run_name or timestamp>/
+    config.yaml       the resolved config + git, flags, command line, environment, data
+    packages.txt      every installed package (a pip freeze)
+    metadata.yaml     status, best and last checkpoints, resumes, your summary
+    metrics.jsonl     every logged value
+    events.out.tfevents.*   the same values for TensorBoard
+    checkpoints/
+"""
+
+import datetime
+import fcntl
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from src.core.config import dump_yaml
+from src.core.errors import Refusal
+
+METADATA_FILE = "metadata.yaml"
+_metadata_lock = threading.Lock()
+CONFIG_FILE = "config.yaml"
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def create_run_directory(parent: Path, name: str | None) -> Path:
+    """Make a new directory under `parent`, named `name` or a timestamp.
+
+    `mkdir` is atomic: when two runs pick the same name in the same second, one
+    gets the name and the other a `-2` suffix, so a directory is never shared.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    base = name or datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for attempt in range(1, 10_000):
+        path = parent / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not find a free run directory name under {parent}")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside `directory` durable."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary file, fsync, then rename over `path`."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+    fsync_directory(path.parent)
+
+
+def read_yaml(path: Path) -> Any:
+    with open(path, encoding="utf-8") as stream:
+        return yaml.safe_load(stream)
+
+
+def update_metadata(run_directory: Path, **changes: Any) -> dict:
+    """Read metadata.yaml, apply `changes` and write it back atomically.
+
+    Reading first keeps what others wrote meanwhile (a `--note` summary).
+    """
+    path = Path(run_directory) / METADATA_FILE
+    with _metadata_lock:  # the checkpoint writer's thread updates it too
+        metadata = (read_yaml(path) or {}) if path.exists() else {}
+        metadata.update(changes)
+        write_text_atomic(path, dump_yaml(metadata))
+    return metadata
+
+
+def start_run(parent: Path, run_name: str | None, config: dict, provenance: dict, packages: list[str]) -> Path:
+    """Create the run directory and write config.yaml, packages.txt and metadata.yaml."""
+    run_directory = create_run_directory(parent, run_name)
+    (run_directory / "packages.txt").write_text("\n".join(packages) + "\n", encoding="utf-8")
+    write_text_atomic(run_directory / CONFIG_FILE, dump_yaml({**config, **provenance}))
+    update_metadata(
+        run_directory,
+        status="running",
+        description=config["description"],
+        commit=provenance["git"]["commit"],
+        started=now(),
+        finished=None,
+        error=None,
+        epochs_done=0,
+        global_step=0,
+        best=None,
+        last_checkpoint=None,
+        resumes=[],
+        summary="",  # yours: what this run showed (python run.py --note RUN_DIR "...")
+    )
+    return run_directory
+
+
+def lock_run_directory(run_directory: Path):
+    """Hold an exclusive lock on the run for as long as the returned file stays open.
+
+    A second process resuming the same run is refused instead of interleaving its
+    checkpoints. The kernel drops the lock when the holder dies, even by kill -9.
+    """
+    handle = open(run_directory / ".lock", "a+")  # noqa: SIM115 (held until the process ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise Refusal(f"{run_directory} is in use by another process (still training?); wait for it to end") from None
+    return handle

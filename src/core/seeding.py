@@ -1,0 +1,97 @@
+"""Seeds and random states: everything exact resume and reproduction need from randomness.
+
+- `seed_everything` seeds Python, NumPy and torch (CPU and CUDA).
+- `rng_state` / `restore_rng_state` capture all four streams for a checkpoint.
+- `isolated_rng` runs the evaluation phases on their own fixed streams, so
+  evaluating (or not) never changes training, and `--evaluate` gets the same numbers.
+- `seed_worker` seeds NumPy and Python in DataLoader workers from torch's worker seed.
+"""
+
+import contextlib
+import hashlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from the run's seed and a purpose ("train", epoch 3...): stable everywhere."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every CUDA device too
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: torch seeds each worker; give NumPy and Python the same seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def configure_determinism(deterministic: bool | str, device: torch.device) -> bool:
+    """Apply the `deterministic` config key ("auto": on for the CPU, off for CUDA); return it."""
+    enabled = device.type == "cpu" if deterministic == "auto" else bool(deterministic)
+    if enabled and device.type == "cuda":
+        # cuBLAS needs this set before its first use to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+    return enabled
+
+
+def rng_state() -> dict:
+    """Every random stream, as tensors and plain values (loadable with weights_only=True)."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": numpy_state["state"]["pos"],
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    """random.setstate wants tuples; a checkpoint may hand back lists."""
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int):
+    """Run a block on fresh streams seeded by `seed`, then put every stream back as it was."""
+    saved = rng_state()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        restore_rng_state(saved)

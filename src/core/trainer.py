@@ -1,0 +1,419 @@
+"""The Trainer: per epoch, (1) training, (2) a cheap validation pass, (3) an expensive rollout.
+
+Read `fit` from top to bottom: it is the whole loop. Everything a checkpoint must
+hold to continue *exactly* (weights, optimizer, schedule, position in the epoch,
+every random stream, the logging counters) is gathered in `state_dict` and put
+back by `load_state_dict`; the data order is a pure function of (seed, epoch),
+so a position in the epoch is just a batch count.
+
+Logged values (step = optimizer steps so far; epoch counts from 1, 0 is before training):
+    train/loss, train/lr        every `log_every_n_steps` steps (mean over those steps)
+    train/epoch_loss            at the end of each epoch
+    val/loss                    after each epoch, on the test split (one-step error)
+    rollout/loss                every `rollout.every_n_epochs` epochs and after the last
+"""
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from src.core import faults
+from src.core.checkpoint import FORMAT_VERSION, CheckpointWriter, step_file_name
+from src.core.config import Config
+from src.core.data import EpochSampler, make_loader
+from src.core.distributed import DistContext, all_reduce_sum, broadcast_object
+from src.core.metrics import MetricLogger
+from src.core.rundir import update_metadata
+from src.core.seeding import derive_seed, isolated_rng, restore_rng_state, rng_state
+
+SINGLE_PROCESS = DistContext()
+EVALUATION_PHASES = {"val": "test", "rollout": "eval"}  # logged phase -> dataset phase
+
+
+@dataclass
+class Progress:
+    """Where training stands: what a resumed run continues from."""
+
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    global_step: int = 0  # optimizer steps so far
+
+
+def default_monitor(datasets: dict) -> str:
+    """The metric that picks the best checkpoint: rollout, else validation, else training loss."""
+    if "eval" in datasets:
+        return "rollout/loss"
+    return "val/loss" if "test" in datasets else "train/epoch_loss"
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        model: torch.nn.Module,
+        loss_function: Callable,
+        datasets: dict[str, tuple[type, torch.utils.data.Dataset]],
+        *,
+        device: torch.device,
+        context: DistContext = SINGLE_PROCESS,
+        run_directory: Path | None = None,
+        resume_state: dict | None = None,
+        commit: str | None = None,
+        config_hash: str | None = None,
+        show_progress: bool = False,
+    ):
+        self.config = config
+        self.device = device
+        self.context = context
+        self.datasets = datasets
+        self.loss_function = loss_function
+        self.commit, self.config_hash = commit, config_hash
+        self.logging = run_directory is not None  # the same on every rank
+        self.show_progress = show_progress and context.is_main
+
+        self.model = model.to(device)
+        self.train_model = (  # what training calls: the DDP wrapper when distributed
+            DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            if context.enabled
+            else model
+        )
+        self.optimizer = model.configure_optimizer(config.optimizer)
+        self.batches_per_epoch = math.ceil(self._sampler("train").per_rank / config.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
+        self.schedule_steps = self.steps_per_epoch * config.epochs  # kept from the first run on resume
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
+        use_amp = device.type == "cuda" and config.mixed_precision != "off"
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_amp and config.mixed_precision == "fp16")
+        self.use_amp = use_amp
+        if config.mixed_precision != "off" and not use_amp:
+            print(f"note: mixed_precision={config.mixed_precision} applies on CUDA only; training in float32")
+
+        self.progress = Progress()
+        self.monitor = config.checkpoint.monitor or default_monitor(datasets)
+        self.best = {"metric": self.monitor, "mode": config.checkpoint.mode, "value": None, "step": None}
+        # Running training-loss sums: since the last log line, and since the epoch began.
+        self.interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.interval_batches = self.epoch_batches = 0
+        self.last_checkpoint_time = time.monotonic()
+
+        resuming = resume_state is not None
+        if resume_state:
+            self.load_state_dict(resume_state)
+        self.logger = self.checkpoints = None
+        if self.logging and context.is_main:
+            metrics_bytes = resume_state["logging"]["metrics_bytes"] if resume_state else 0
+            self.logger = MetricLogger(
+                run_directory,
+                resume_from_byte=metrics_bytes if resuming else None,
+                resume_step=self.progress.global_step if resuming else None,
+            )
+            self.checkpoints = CheckpointWriter(run_directory / "checkpoints", config.checkpoint.keep_recent)
+
+    # ------------------------------------------------------------------------------
+    # The loop
+
+    def fit(self) -> dict:
+        """Train until `epochs`; return the last epoch's metrics."""
+        config, progress = self.config, self.progress
+        metrics = {}
+        if config.evaluate_before_training and progress == Progress():
+            self.log_evaluation(epoch=0)  # the baseline: step 0, epoch 0
+        while progress.epoch < config.epochs:
+            started = time.monotonic()
+            metrics = {"train/epoch_loss": self.train_one_epoch()}
+            metrics |= self.log_evaluation(epoch=progress.epoch + 1)
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+            improved = self.update_best(metrics)
+            self.save_checkpoint(links=("last", "best") if improved else ("last",))
+            self.print_summary(metrics, improved, time.monotonic() - started)
+        if self.checkpoints:
+            self.checkpoints.wait()
+            self.logger.close()
+        return metrics
+
+    def train_one_epoch(self) -> float:
+        config, progress = self.config, self.progress
+        accumulation = config.gradient_accumulation_steps
+        start = progress.batch_in_epoch
+        _, batches = self.loader("train", epoch=progress.epoch, skip_batches=start)
+        bar = self.bar(self.batches_per_epoch, start, f"epoch {progress.epoch + 1}/{config.epochs} train")
+        self.train_model.train()
+        for batch_index, batch in enumerate(batches, start=start):
+            group_start = batch_index - batch_index % accumulation
+            group_size = min(accumulation, self.batches_per_epoch - group_start)
+            steps_now = batch_index + 1 == group_start + group_size  # the group's last batch
+            with self.no_sync(not steps_now), self.autocast():
+                loss = self.compute_loss(self.train_model, batch)
+            self.scaler.scale(loss / group_size).backward()
+            self.interval_loss += loss.detach()
+            self.epoch_loss += loss.detach()
+            self.interval_batches += 1
+            self.epoch_batches += 1
+            progress.batch_in_epoch = batch_index + 1
+            if steps_now:
+                self.optimizer_step()
+                progress.global_step += 1
+                faults.maybe_fail("train_step")
+                if progress.global_step % config.log_every_n_steps == 0:
+                    self.log_training(bar)
+                if progress.batch_in_epoch < self.batches_per_epoch and self.interval_checkpoint_due():
+                    self.save_checkpoint(links=())  # mid-epoch; the epoch's end saves anyway
+            bar.update()
+        bar.close()
+        loss = self.reduce_mean(self.epoch_loss, self.epoch_batches)
+        self.epoch_loss.zero_()
+        self.epoch_batches = 0
+        return loss
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The batch's `supervision` is the target; its other entries go to `forward` by name."""
+        batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+        supervision = batch.pop("supervision")
+        prediction = model(**batch)
+        return self.loss_function(prediction, self.model.transform(supervision))
+
+    def optimizer_step(self) -> None:
+        if self.config.gradient_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.gradient_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at optimizer step `step`, as a fraction of `optimizer.lr`."""
+        schedule = self.config.scheduler
+        if step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        done = min(1.0, (step - schedule.warmup_steps) / max(1, self.schedule_steps - schedule.warmup_steps))
+        final = schedule.final_lr_fraction
+        if schedule.type == "cosine":
+            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * done))
+        if schedule.type == "linear":
+            return 1 - (1 - final) * done
+        return 1.0
+
+    @torch.no_grad()
+    def evaluate(self, phase: str) -> tuple[dict[str, float], list[dict]]:
+        """Validation ("val") or rollout ("rollout"): the sample-weighted mean loss over all
+        ranks, and each batch's loss. Runs on its own random streams (see seeding.py)."""
+        dataset_phase = EVALUATION_PHASES[phase]
+        limit = self.config.rollout.max_samples if phase == "rollout" else None
+        loader, batches = self.loader(dataset_phase, limit=limit)
+        mode = self.model.rollout() if phase == "rollout" else contextlib.nullcontext()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batch_results = []
+        self.model.eval()
+        with isolated_rng(derive_seed(self.config.seed, phase, self.context.rank)), mode, self.autocast():
+            for batch in self.bar(len(loader), 0, phase, batches):
+                samples = len(batch["supervision"])
+                loss = self.compute_loss(self.model, batch).double()
+                sums += torch.stack([loss * samples, torch.tensor(float(samples), device=self.device)])
+                batch_results.append({"samples": samples, "loss": loss})
+                faults.maybe_fail(phase)
+        self.model.train()
+        all_reduce_sum(sums, self.context)
+        details = [{"samples": item["samples"], "loss": item["loss"].item()} for item in batch_results]
+        return {f"{phase}/loss": (sums[0] / sums[1]).item()}, details
+
+    # ------------------------------------------------------------------------------
+    # Logging, best tracking, checkpoints
+
+    def log(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.logger is None:
+            return
+        by_phase: dict[str, dict[str, float]] = {}
+        for key, value in metrics.items():
+            phase, _, name = key.partition("/")
+            by_phase.setdefault(phase, {})[name] = value
+        for phase, values in by_phase.items():
+            self.logger.log(self.progress.global_step, epoch, phase, values)
+
+    def log_training(self, bar) -> None:
+        loss = self.reduce_mean(self.interval_loss, self.interval_batches)
+        self.interval_loss.zero_()
+        self.interval_batches = 0
+        self.log(self.progress.epoch + 1, {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    def log_evaluation(self, epoch: int) -> dict[str, float]:
+        """Run and log the validation and (when due) rollout phases."""
+        metrics = {}
+        if "test" in self.datasets:
+            metrics |= self.evaluate("val")[0]
+        if "eval" in self.datasets and self.rollout_due(epoch):
+            metrics |= self.evaluate("rollout")[0]
+        self.log(epoch, metrics)
+        return metrics
+
+    def rollout_due(self, epoch: int) -> bool:
+        every = self.config.rollout.every_n_epochs
+        return epoch == 0 or epoch % every == 0 or epoch == self.config.epochs
+
+    def update_best(self, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.monitor)
+        if value is None or not math.isfinite(value):
+            return False
+        best = self.best["value"]
+        if best is not None and (value >= best if self.best["mode"] == "min" else value <= best):
+            return False
+        self.best.update(value=value, step=self.progress.global_step, epoch=self.progress.epoch)
+        return True
+
+    def interval_checkpoint_due(self) -> bool:
+        """`checkpoint.every_n_steps`, or `checkpoint_interval` seconds (checked at logging steps,
+        where the ranks meet anyway, and decided by rank 0 for all)."""
+        if not self.logging:
+            return False
+        every = self.config.checkpoint.every_n_steps
+        if every and self.progress.global_step % every == 0:
+            return True
+        interval = self.config.checkpoint_interval
+        if not interval or self.progress.global_step % self.config.log_every_n_steps:
+            return False
+        return broadcast_object(time.monotonic() - self.last_checkpoint_time >= interval, self.context)
+
+    def save_checkpoint(self, links: tuple[str, ...]) -> None:
+        if not self.logging:
+            return
+        if "best" in links:
+            self.best["checkpoint"] = "checkpoints/best.pt"
+            self.best["step_file"] = f"checkpoints/{step_file_name(self.progress.global_step)}"
+        state = self.state_dict()  # a collective under DDP: every rank gives its random state
+        self.last_checkpoint_time = time.monotonic()
+        if not self.context.is_main:
+            return
+        metadata = {
+            "epochs_done": self.progress.epoch,
+            "global_step": self.progress.global_step,
+            "best": dict(self.best),
+        }
+
+        def written(path: Path) -> None:  # on the writer's thread, once the file is on disk
+            update_metadata(path.parent.parent, last_checkpoint=f"checkpoints/{path.name}", **metadata)
+
+        self.checkpoints.save(state, links, on_written=written)
+
+    # ------------------------------------------------------------------------------
+    # State: everything a checkpoint holds
+
+    def state_dict(self) -> dict:
+        own = {
+            "rng": rng_state(),
+            "running_loss": [self.interval_loss, self.interval_batches, self.epoch_loss, self.epoch_batches],
+        }
+        per_rank = [own]
+        if self.context.enabled:
+            per_rank = [None] * self.context.world_size
+            torch.distributed.all_gather_object(per_rank, own)
+        return {
+            "format": FORMAT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": asdict(self.progress),
+            "schedule_steps": self.schedule_steps,
+            "best": dict(self.best),
+            "per_rank": per_rank,
+            "logging": {"metrics_bytes": self.logger.flush() if self.logger else 0},
+            "world_size": self.context.world_size,
+            "commit": self.commit,
+            "config_hash": self.config_hash,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        self.schedule_steps = state["schedule_steps"]
+        self.best = dict(state["best"])
+        own = state["per_rank"][self.context.rank % len(state["per_rank"])]
+        interval_loss, self.interval_batches, epoch_loss, self.epoch_batches = own["running_loss"]
+        self.interval_loss = interval_loss.to(self.device)
+        self.epoch_loss = epoch_loss.to(self.device)
+        restore_rng_state(own["rng"])  # last: nothing may draw random numbers after this
+
+    # ------------------------------------------------------------------------------
+    # Small helpers
+
+    def _sampler(self, phase: str, **kwargs) -> EpochSampler:
+        return EpochSampler(
+            len(self.datasets[phase][1]),
+            shuffle=phase == "train",
+            seed=self.config.seed,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+            **kwargs,
+        )
+
+    def loader(self, phase: str, epoch: int = 0, skip_batches: int = 0, limit: int | None = None):
+        dataset_class, dataset = self.datasets[phase]
+        batch_size = self.config.batch_size
+        if phase != "train" and self.config.eval_batch_size:
+            batch_size = self.config.eval_batch_size
+        return make_loader(
+            dataset_class,
+            dataset,
+            batch_size=batch_size,
+            shuffle=phase == "train",
+            seed=self.config.seed,
+            phase=phase,
+            epoch=epoch,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            limit=limit,
+            skip_batches=skip_batches,
+        )
+
+    def reduce_mean(self, loss_sum: torch.Tensor, batches: int) -> float:
+        """The mean over the batches of every rank (a sync point: called at logging steps only)."""
+        sums = torch.stack([loss_sum, torch.tensor(float(batches), dtype=torch.float64, device=self.device)])
+        sums = all_reduce_sum(sums, self.context)
+        return (sums[0] / sums[1]).item()
+
+    def autocast(self):
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def no_sync(self, skip_gradient_sync: bool):
+        """Under DDP, accumulate gradients locally until the group's last batch."""
+        if skip_gradient_sync and self.context.enabled:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+    def bar(self, total: int, initial: int, description: str, iterable=None):
+        return tqdm(
+            iterable,
+            total=total,
+            initial=initial,
+            desc=description,
+            disable=not self.show_progress,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+
+    def print_summary(self, metrics: dict[str, float], improved: bool, seconds: float) -> None:
+        if not self.context.is_main:
+            return
+        values = "  ".join(f"{key} {value:.4g}" for key, value in metrics.items())
+        mark = f"  * best {self.monitor}" if improved else ""
+        where = f"epoch {self.progress.epoch}/{self.config.epochs}  step {self.progress.global_step}"
+        tqdm.write(f"{where}  {values}  ({seconds:.1f} s){mark}")

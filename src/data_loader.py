@@ -1,0 +1,85 @@
+"""Your datasets. The `*_data_loader_type` keys of a config name classes of this file;
+`data_loader_parameters` (`all`, then `train`, `test` or `eval`) are their keyword arguments.
+
+Each item is a dict of tensors with a `supervision` entry (the target); the other
+entries go to the model's `forward` by name. `data_directory` holds `train/` and
+`test/`; the `train` phase reads `train/`, the validation and rollout phases `test/`.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from src.core.seeding import seed_worker
+
+
+class BaseDataset(Dataset):
+    """A dataset of one split, with the hooks the Trainer uses."""
+
+    def __init__(self, data_directory: str, split: str):
+        # The train phase reads train/; validation ("test") and rollout ("eval") read test/.
+        self.directory = Path(data_directory) / ("train" if split == "train" else "test")
+
+    def mini_subset(self) -> Dataset:
+        """What `--mini` trains on: by default the first 100 items."""
+        return Subset(self, range(min(100, len(self))))
+
+    @classmethod
+    def get_dataloader(cls, dataset, *, batch_size, sampler, num_workers, generator, pin_memory) -> DataLoader:
+        """Batch the dataset. Override to change batching (a `collate_fn`...), but keep
+        `sampler`, `generator` and `seed_worker`: they make runs resumable exactly."""
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            generator=generator,
+            worker_init_fn=seed_worker,
+            pin_memory=pin_memory,
+        )
+
+
+def load_trajectories(directory: Path) -> torch.Tensor:
+    """(trajectories, steps + 1, 2) states written by data/generate_pendulum.py."""
+    return torch.from_numpy(np.load(directory / "trajectories.npy", allow_pickle=False))
+
+
+class PendulumSteps(BaseDataset):
+    """One-step pairs (state, next state): training, and the cheap validation phase."""
+
+    def __init__(self, data_directory: str, split: str, input_noise: float = 0.0):
+        super().__init__(data_directory, split)
+        trajectories = load_trajectories(self.directory)
+        self.states = trajectories[:, :-1].reshape(-1, 2)
+        self.next_states = trajectories[:, 1:].reshape(-1, 2)
+        self.input_noise = input_noise  # an augmentation: random, so resume must replay it exactly
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, index: int) -> dict:
+        state = self.states[index]
+        if self.input_noise:
+            state = state + self.input_noise * torch.randn(2)
+        return {"state": state, "supervision": self.next_states[index]}
+
+
+class PendulumTrajectories(BaseDataset):
+    """Whole trajectories from their first state: the expensive rollout phase."""
+
+    def __init__(self, data_directory: str, split: str):
+        super().__init__(data_directory, split)
+        self.trajectories = load_trajectories(self.directory)
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def __getitem__(self, index: int) -> dict:
+        trajectory = self.trajectories[index]
+        return {
+            "state": trajectory[0],
+            "horizon": torch.tensor(len(trajectory) - 1),
+            "supervision": trajectory[1:],
+        }
