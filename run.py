@@ -146,20 +146,20 @@ def execute(config: Config, args, data_directory: Path, git: dict | None, resume
         resumes.append({"at": now(), "from_step": step, "from_checkpoint": found[0].name if found else None})
         update_metadata(run_directory, status="running", resumes=resumes, error=None, finished=None)
 
-    trainer = Trainer(
-        config,
-        model,
-        loss_function,
-        datasets,
-        device=device,
-        context=context,
-        run_directory=run_directory,
-        resume_state=resume_state,
-        commit=git["commit"] if git else None,
-        config_hash=config_hash(config, SCHEMA),
-        show_progress=config.progress_bar is True or (config.progress_bar == "auto" and sys.stderr.isatty()),
-    )
     try:
+        trainer = Trainer(
+            config,
+            model,
+            loss_function,
+            datasets,
+            device=device,
+            context=context,
+            run_directory=run_directory,
+            resume_state=resume_state,
+            commit=git["commit"] if git else None,
+            config_hash=config_hash(config, SCHEMA),
+            show_progress=config.progress_bar is True or (config.progress_bar == "auto" and sys.stderr.isatty()),
+        )
         trainer.fit()
     except BaseException as error:
         if run_directory is not None:

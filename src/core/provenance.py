@@ -206,7 +206,7 @@ def environment_provenance() -> dict:
     cuda = torch.cuda.is_available()
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass YAML cannot write
         "numpy": numpy.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
