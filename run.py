@@ -55,17 +55,17 @@ def train(args) -> int:
     if args.config is None:
         raise UserError("no config file given; usage: python run.py CONFIG.yaml [flags] (see --help)")
     config = load_config(args.config, args.edits, SCHEMA)
-    data_directory = check_config(config)
+    check_config_names(config)
     if args.print_config:
         print(dump_yaml(config.to_dict()), end="")
         return 0
+    data_directory = find_data_directory(config)
     git = logging_gate(args)  # None: this run logs nothing
     return execute(config, args, data_directory, git)
 
 
-def check_config(config: Config) -> Path:
-    """Everything that can be checked before anything runs: names, arguments, the data directory."""
-    check_config_names(config)
+def find_data_directory(config: Config) -> Path:
+    """`data_directory`, relative to the project root unless absolute; it must exist."""
     data_directory = Path(config.data_directory)
     if not data_directory.is_absolute():
         data_directory = provenance.PROJECT_ROOT / data_directory
@@ -207,7 +207,8 @@ def resume(args) -> int:
             "epochs, description and checkpoint timing may change.)"
         )
     args.mini = saved["flags"]["mini"]  # a result-affecting flag: always the run's own
-    return execute(config, args, check_config(config), git, resume_from=run_directory)
+    check_config_names(config)
+    return execute(config, args, find_data_directory(config), git, resume_from=run_directory)
 
 
 if __name__ == "__main__":

@@ -58,13 +58,18 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; `--a.b=value` arguments become `args.edits.overrides`."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    overrides = []
-    for argument in unknown:
+    flags = {option for action in parser._actions for option in action.option_strings}
+    # Take the overrides out first: argparse would read "--sizes=[1, 2]" (with a space) as a value.
+    overrides, rest = [], []
+    for argument in argv:
         match = OVERRIDE.fullmatch(argument)
-        if match:
+        if match and f"--{match.group(1)}" not in flags:
             overrides.append((match.group(1), match.group(2)))
-        elif argument.startswith("--"):
+        else:
+            rest.append(argument)
+    args, unknown = parser.parse_known_args(rest)
+    for argument in unknown:
+        if argument.startswith("--"):
             raise UserError(
                 f"unknown flag {argument!r}; to change a config key write {argument.split('=')[0]}=VALUE "
                 "(see python run.py --help for the flags)"

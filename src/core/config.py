@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cerberus
 import yaml
@@ -256,9 +256,19 @@ def _lookup(document: Any, dotted: str) -> Any:
     return document
 
 
+class _Validator(cerberus.Validator):
+    """cerberus, except that `true` is not a number (Python's bool is an int)."""
+
+    types_mapping: ClassVar[dict] = {
+        **cerberus.Validator.types_mapping,
+        "integer": cerberus.TypeDefinition("integer", (int,), (bool,)),
+        "float": cerberus.TypeDefinition("float", (float, int), (bool,)),
+    }
+
+
 def validate(document: dict, schema: dict) -> dict:
     """Check `document` against the cerberus schema; return the normalized document."""
-    validator = cerberus.Validator(schema, allow_unknown=False)
+    validator = _Validator(schema, allow_unknown=False)
     if validator.validate(document):
         return validator.document
     lines = []

@@ -130,6 +130,7 @@ class Trainer:
         while progress.epoch < config.epochs:
             started = time.monotonic()
             metrics = {"train/epoch_loss": self.train_one_epoch()}
+            self.log(progress.epoch + 1, metrics)
             metrics |= self.log_evaluation(epoch=progress.epoch + 1)
             progress.epoch += 1
             progress.batch_in_epoch = 0

@@ -1,0 +1,225 @@
+"""The config pipeline: loading, each command-line edit, defaults, validation, the frozen config."""
+
+import pytest
+
+from src.core.config import (
+    Config,
+    ConfigEdits,
+    apply_edits,
+    config_hash,
+    finalize,
+    load_config,
+    load_yaml_file,
+    parse_yaml,
+)
+from src.core.errors import UserError
+from src.schema import SCHEMA
+
+MINIMAL = """\
+description: test
+data_directory: data/pendulum
+model_type: PendulumModel
+loss_function: F.mse_loss
+train_data_loader_type: PendulumSteps
+epochs: 2
+batch_size: 8
+"""
+
+
+def write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(function, *args) -> str:
+    with pytest.raises(UserError) as caught:
+        function(*args)
+    return str(caught.value)
+
+
+# --- loading -------------------------------------------------------------------
+
+
+def test_scientific_notation_is_a_float():
+    assert parse_yaml("lr: 1e-3", "x") == {"lr": 0.001}
+    assert parse_yaml("a: 1E5\nb: -2.5e+3\nc: 3\nd: '1e-3'", "x") == {"a": 1e5, "b": -2500.0, "c": 3, "d": "1e-3"}
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = write(tmp_path, "description: ok\nepochs: [1, 2\nbatch_size: 3\n")
+    message = error_of(load_yaml_file, path)
+    assert str(path) in message and "line 3, column" in message
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    message = error_of(load_yaml_file, write(tmp_path, "epochs: 1\nbatch_size: 2\nepochs: 3\n"))
+    assert "duplicate key 'epochs'" in message and "line 1" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", "is empty"), ("# only a comment\n", "is empty"), ("- a\n- b\n", "holds a list"), ("3\n", "holds a int")],
+)
+def test_empty_or_not_a_mapping(tmp_path, text, expected):
+    assert expected in error_of(load_yaml_file, write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    assert "does not exist" in error_of(load_yaml_file, tmp_path / "nope.yaml")
+    assert "is a directory" in error_of(load_yaml_file, tmp_path)
+
+
+def test_saved_run_config_drops_its_provenance(tmp_path):
+    text = MINIMAL + "git: {commit: abc}\nflags: {cpu: true}\ncommand_line: x\nenvironment: {}\ndata_fingerprint: {}\n"
+    document = load_yaml_file(write(tmp_path, text))
+    assert not {"git", "flags", "command_line", "environment", "data_fingerprint"} & document.keys()
+
+
+# --- edits ---------------------------------------------------------------------
+
+DOCUMENT = {
+    "description": "data/ run",
+    "data_directory": "data/pendulum",
+    "model_parameters": {"hidden_size": 64, "names": ["data/a", {"deep": "data/b"}]},
+    "epochs": 2,
+}
+
+
+def test_find_replace_reaches_every_string_at_any_depth_but_not_keys():
+    edited = apply_edits({**DOCUMENT, "data/key": 1}, ConfigEdits(find_replace=[("data/", "/tmp/d/")]), SCHEMA)
+    assert edited["description"] == "/tmp/d/ run"
+    assert edited["data_directory"] == "/tmp/d/pendulum"
+    assert edited["model_parameters"]["names"] == ["/tmp/d/a", {"deep": "/tmp/d/b"}]
+    assert "data/key" in edited and edited["epochs"] == 2
+
+
+def test_edits_do_not_change_the_input():
+    document = {"model_parameters": {"hidden_size": 64}}
+    apply_edits(document, ConfigEdits(modify=[("model_parameters.hidden_size", "8")]), SCHEMA)
+    assert document == {"model_parameters": {"hidden_size": 64}}
+
+
+def test_delete_top_level_and_dotted():
+    edited = apply_edits(DOCUMENT, ConfigEdits(delete=["epochs", "model_parameters.hidden_size"]), SCHEMA)
+    assert "epochs" not in edited and "hidden_size" not in edited["model_parameters"]
+
+
+def test_delete_unknown_key_suggests():
+    message = error_of(apply_edits, DOCUMENT, ConfigEdits(delete=["epoch"]), SCHEMA)
+    assert "--delete epoch" in message and "did you mean 'epochs'" in message
+
+
+def test_modify_parses_yaml_and_replaces_whole_value():
+    edits = ConfigEdits(modify=[("epochs", "5"), ("model_parameters", "{hidden_size: 8}"), ("optimizer.lr", "1e-4")])
+    edited = apply_edits(DOCUMENT, edits, SCHEMA)
+    assert edited["epochs"] == 5
+    assert edited["model_parameters"] == {"hidden_size": 8}
+    assert edited["optimizer"] == {"lr": 1e-4}  # known to the schema, so it may be set
+
+
+def test_modify_unknown_key_is_an_error_with_suggestion():
+    message = error_of(apply_edits, DOCUMENT, ConfigEdits(modify=[("model_parameters.hiden_size", "3")]), SCHEMA)
+    assert "did you mean 'model_parameters.hidden_size'" in message
+    assert "no such key" in error_of(apply_edits, DOCUMENT, ConfigEdits(modify=[("brand_new", "3")]), SCHEMA)
+
+
+def test_overrides_apply_after_modify_and_parse_json_lists():
+    edits = ConfigEdits(modify=[("epochs", "5")], overrides=[("epochs", "7"), ("model_parameters.names", '["x", "y"]')])
+    edited = apply_edits(DOCUMENT, edits, SCHEMA)
+    assert edited["epochs"] == 7 and edited["model_parameters"]["names"] == ["x", "y"]
+
+
+def test_order_find_replace_then_delete_then_modify_then_override():
+    edits = ConfigEdits(
+        find_replace=[("pendulum", "other")],
+        delete=["data_directory"],
+        modify=[("data_directory", "modified")],
+        overrides=[("description", "pendulum stays, as overrides come after find-replace")],
+    )
+    edited = apply_edits(DOCUMENT, edits, SCHEMA)
+    assert edited["data_directory"] == "modified"
+    assert edited["description"] == "pendulum stays, as overrides come after find-replace"
+
+
+def test_setting_inside_a_non_section_is_an_error():
+    message = error_of(apply_edits, {"optimizer": 3}, ConfigEdits(overrides=[("optimizer.lr", "1")]), SCHEMA)
+    assert "'optimizer' holds a int, not a section" in message
+    message = error_of(apply_edits, {"epochs": 3}, ConfigEdits(overrides=[("epochs.x", "1")]), SCHEMA)
+    assert "no such key" in message and "did you mean 'epochs'" in message
+
+
+# --- defaults and validation -----------------------------------------------------
+
+
+def test_defaults_fill_nested_sections(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ConfigEdits(), SCHEMA)
+    assert config.optimizer.lr == 1e-3 and config.optimizer.type == "AdamW"
+    assert config.checkpoint.keep_recent == 2 and config.test_data_loader_type is None
+    assert config.data_loader_parameters.all == {}
+
+
+def test_integer_for_a_float_key_becomes_a_float(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "optimizer: {lr: 1}\n"), ConfigEdits(), SCHEMA)
+    assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("epoch: 3\n", "unknown key 'epoch'; did you mean 'epochs'?"),
+        ("optimizer: {lrr: 0.1}\n", "unknown key 'optimizer.lrr'; did you mean 'optimizer.lr'?"),
+        ("zzz_unrelated: 1\n", "unknown key 'zzz_unrelated' (not in src/schema.py)"),
+        ("optimizer: {lr: fast}\n", "key 'optimizer.lr': must be of float type, found 'fast' (str)"),
+        ("mixed_precision: fp8\n", "key 'mixed_precision': unallowed value fp8"),
+        ("optimizer: {lr: true}\n", "must be of float type, found True (bool)"),
+        ("seed: true\n", "key 'seed': must be of integer type, found True (bool)"),
+    ],
+)
+def test_validation_messages_name_key_expected_and_found(tmp_path, extra, expected):
+    message = error_of(load_config, write(tmp_path, MINIMAL + extra), ConfigEdits(), SCHEMA)
+    assert expected in message
+
+
+def test_missing_required_key_and_wrong_type_together(tmp_path):
+    text = MINIMAL.replace("description: test\n", "").replace("epochs: 2", "epochs: three")
+    message = error_of(load_config, write(tmp_path, text), ConfigEdits(), SCHEMA)
+    assert "missing required key 'description'" in message
+    assert "key 'epochs': must be of integer type, found 'three' (str)" in message
+
+
+def test_original_template_layout_is_valid(tmp_path):
+    original = MINIMAL + (
+        "test_data_loader_type: PendulumSteps\neval_data_loader_type: PendulumTrajectories\n"
+        "model_parameters: {hidden_size: 8}\ndata_loader_parameters: {all: {}, train: {}}\n"
+        "checkpoint_interval: 3600\nmultigpu_parameters:\n  ngpus_per_node: 2\n  num_nodes: 1\n"
+        "  node_idx: 0\n  backend: nccl\n  url: tcp://localhost:23456\n"
+    )
+    config = load_config(write(tmp_path, original), ConfigEdits(), SCHEMA)
+    assert config.multigpu_parameters.ngpus_per_node == 2 and config.checkpoint_interval == 3600.0
+
+
+# --- the frozen config ---------------------------------------------------------------
+
+
+def test_config_is_immutable_with_attribute_access(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "model_parameters: {sizes: [1, 2]}\n"), ConfigEdits(), SCHEMA)
+    assert config.model_parameters.sizes == (1, 2) and config["epochs"] == 2
+    with pytest.raises(AttributeError, match="read-only"):
+        config.epochs = 3
+    with pytest.raises(TypeError):
+        config.model_parameters["sizes"] = 3
+    with pytest.raises(AttributeError, match="no key 'nope'"):
+        _ = config.nope
+    plain = config.to_dict()
+    plain["epochs"] = 9
+    assert config.epochs == 2 and plain["model_parameters"]["sizes"] == [1, 2]
+
+
+def test_config_hash_ignores_keys_that_do_not_change_results():
+    base = finalize(parse_yaml(MINIMAL, "x"), SCHEMA)
+    longer = finalize({**base.to_dict(), "epochs": 50, "description": "other"}, SCHEMA)
+    other_lr = finalize({**base.to_dict(), "optimizer": {"lr": 0.5}}, SCHEMA)
+    assert config_hash(base, SCHEMA) == config_hash(longer, SCHEMA)
+    assert config_hash(base, SCHEMA) != config_hash(other_lr, SCHEMA)
+    assert isinstance(base, Config)

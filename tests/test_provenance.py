@@ -1,0 +1,195 @@
+"""The git gate on real repositories, and the provenance a run records."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import git
+
+from src.core import provenance
+from src.core.errors import Refusal
+
+
+def refusal(root) -> str:
+    with pytest.raises(Refusal) as caught:
+        provenance.gate(root)
+    assert caught.value.exit_code == 3
+    return str(caught.value)
+
+
+def test_clean_repository_passes_and_records_the_commit(repo):
+    section = provenance.gate(repo)
+    assert section["commit"] == git(repo, "rev-parse", "HEAD")
+    assert section["branch"] == "main" and section["detached"] is False
+    assert section["source"] == "git repository"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda r: (r / "a.txt").write_text("changed\n"), "modified: a.txt"),
+        (lambda r: ((r / "a.txt").write_text("staged\n"), git(r, "add", "a.txt")), "staged, modified: a.txt"),
+        (lambda r: (r / "a.txt").unlink(), "deleted: a.txt"),
+        (lambda r: git(r, "rm", "-q", "--cached", "a.txt"), "staged, deleted: a.txt"),
+        (lambda r: git(r, "mv", "a.txt", "renamed.txt"), "staged, renamed: renamed.txt (from a.txt)"),
+        (lambda r: (r / "new.txt").write_text("new\n"), "untracked: new.txt"),
+        (lambda r: ((r / "new").mkdir(), (r / "new" / "x.py").write_text("")), "untracked: new/"),
+    ],
+    ids=["modified", "staged", "deleted", "deleted-staged", "renamed", "untracked", "untracked-directory"],
+)
+def test_each_kind_of_change_is_refused_and_listed(repo, change, expected):
+    change(repo)
+    message = refusal(repo)
+    assert expected in message
+    assert "--allow-dirty-repo" in message and "Commit" in message
+
+
+def test_ignored_files_alone_do_not_count(repo):
+    (repo / "ignored").mkdir()
+    (repo / "ignored" / "data.bin").write_bytes(b"x")
+    (repo / "run.log").write_text("log")
+    assert provenance.gate(repo)["commit"]
+
+
+def test_long_lists_are_cut_at_twenty_with_a_count(repo):
+    for index in range(25):
+        (repo / f"file{index:02d}.txt").write_text("x")
+    message = refusal(repo)
+    assert message.count("untracked: file") == 20 and "... and 5 more" in message
+    assert "(25 in" in message
+
+
+@pytest.fixture
+def with_submodule(repo, tmp_path):
+    library = tmp_path / "library"
+    library.mkdir()
+    git(library, "init", "-q", "-b", "main")
+    (library / "lib.py").write_text("x = 1\n")
+    git(library, "add", "-A")
+    git(library, "commit", "-q", "-m", "lib")
+    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(library), "lib")
+    git(repo, "commit", "-q", "-m", "add submodule")
+    return repo
+
+
+def test_submodule_commits_are_recorded(with_submodule):
+    section = provenance.gate(with_submodule)
+    assert section["submodules"] == {"lib": git(with_submodule / "lib", "rev-parse", "HEAD")}
+
+
+def test_dirty_submodule_is_refused(with_submodule):
+    (with_submodule / "lib" / "lib.py").write_text("x = 2\n")
+    assert "submodule (modified content): lib" in refusal(with_submodule)
+
+
+def test_untracked_file_in_submodule_is_refused(with_submodule):
+    (with_submodule / "lib" / "extra.py").write_text("")
+    assert "submodule (untracked content): lib" in refusal(with_submodule)
+
+
+def test_submodule_at_another_commit_is_refused(with_submodule):
+    sub = with_submodule / "lib"
+    (sub / "lib.py").write_text("x = 3\n")
+    git(sub, "commit", "-q", "-am", "newer")
+    assert "submodule (new commits): lib" in refusal(with_submodule)
+
+
+def test_detached_head_works(repo):
+    (repo / "a.txt").write_text("second\n")
+    git(repo, "commit", "-q", "-am", "second")
+    first = git(repo, "rev-parse", "HEAD~1")
+    git(repo, "checkout", "-q", first)
+    section = provenance.gate(repo)
+    assert section["commit"] == first and section["branch"] is None and section["detached"] is True
+
+
+def test_not_a_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv(provenance.COMMIT_ENV_VARIABLE, raising=False)
+    message = refusal(tmp_path)
+    assert "is not inside a git repository" in message and "--no-logging" in message
+
+
+def test_repository_without_commits(tmp_path):
+    git(tmp_path, "init", "-q")
+    assert "has no commits yet" in refusal(tmp_path)
+
+
+def test_no_git_binary(repo, monkeypatch, tmp_path):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    message = refusal(repo)
+    assert "git is not installed" in message and "--no-logging" in message
+
+
+def test_commit_from_environment_outside_a_repository(tmp_path, monkeypatch):
+    monkeypatch.setenv(provenance.COMMIT_ENV_VARIABLE, "0123456789abcdef")
+    section = provenance.gate(tmp_path)
+    assert section["commit"] == "0123456789abcdef"
+    assert provenance.COMMIT_ENV_VARIABLE in section["source"]
+
+
+def test_environment_variable_does_not_override_a_real_repository(repo, monkeypatch):
+    monkeypatch.setenv(provenance.COMMIT_ENV_VARIABLE, "0123456789abcdef")
+    (repo / "a.txt").write_text("dirty\n")
+    refusal(repo)  # a repository is there: its state decides
+
+
+def test_remote_and_whether_the_commit_is_on_it(repo, tmp_path):
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", str(remote))
+    git(repo, "remote", "add", "origin", str(remote))
+    assert provenance.gate(repo)["commit_on_remote"] is False
+    git(repo, "push", "-q", "origin", "main")
+    git(repo, "fetch", "-q", "origin")
+    section = provenance.gate(repo)
+    assert section["remotes"] == {"origin": str(remote)} and section["commit_on_remote"] is True
+    (repo / "a.txt").write_text("local only\n")
+    git(repo, "commit", "-q", "-am", "local")
+    assert provenance.gate(repo)["commit_on_remote"] is False
+
+
+def test_environment_section_names_the_versions():
+    import numpy
+    import torch
+
+    section = provenance.environment_provenance()
+    assert section["torch"] == str(torch.__version__) and section["numpy"] == numpy.__version__
+    assert section["python"].count(".") == 2 and section["hostname"] and section["cpu_count"] >= 1
+    assert "cuda" in section and "cudnn" in section
+
+
+def test_installed_packages_match_pip_freeze():
+    freeze = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True
+    ).stdout
+    listed = {line.lower().split("==")[0].replace("_", "-") for line in provenance.installed_packages()}
+    for line in freeze.splitlines():
+        if "==" in line:
+            assert line.lower().split("==")[0].replace("_", "-") in listed
+
+
+def test_data_fingerprint_hashes_small_data_and_sees_changes(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "x.npy").write_bytes(b"1234")
+    first = provenance.data_fingerprint(data)
+    assert first["files"] == 1 and first["bytes"] == 4 and first["content_sha256"]
+    (data / "train" / "x.npy").write_bytes(b"1235")  # same size, other content
+    second = provenance.data_fingerprint(data)
+    assert second["listing_sha256"] == first["listing_sha256"]
+    assert second["content_sha256"] != first["content_sha256"]
+    monkeypatch.setattr(provenance, "DATA_HASH_LIMIT_BYTES", 3)
+    large = provenance.data_fingerprint(data)
+    assert large["content_sha256"] is None and large["listing_sha256"] == first["listing_sha256"]
+
+
+def test_data_fingerprint_does_not_depend_on_where_the_data_is(tmp_path):
+    data = tmp_path / "a"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "x.npy").write_bytes(b"1234")
+    shutil.copytree(data, tmp_path / "b")
+    first, second = provenance.data_fingerprint(data), provenance.data_fingerprint(Path(tmp_path / "b"))
+    assert (first["listing_sha256"], first["content_sha256"]) == (second["listing_sha256"], second["content_sha256"])

@@ -1,0 +1,88 @@
+"""Names in a config resolve by lookup only; arguments are checked before anything runs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.core.config import finalize, parse_yaml
+from src.core.errors import UserError
+from src.core.resolve import check_config_names, resolve_class, resolve_loss_function
+from src.data_loader import BaseDataset, PendulumSteps
+from src.model import BaseModel, PendulumModel, loss_function_example
+from src.schema import SCHEMA
+from tests.test_config import MINIMAL
+
+
+def config_with(extra: str):
+    return finalize(parse_yaml(MINIMAL + extra, "test"), SCHEMA)
+
+
+def message_of(function, *args) -> str:
+    with pytest.raises(UserError) as caught:
+        function(*args)
+    return str(caught.value)
+
+
+def test_loss_function_namespaces_and_user_functions():
+    assert resolve_loss_function("F.mse_loss") is F.mse_loss
+    assert resolve_loss_function("torch.nn.functional.l1_loss") is F.l1_loss
+    assert isinstance(resolve_loss_function("nn.SmoothL1Loss"), torch.nn.SmoothL1Loss)
+    assert resolve_loss_function("loss_function_example") is loss_function_example
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("F.mse_los", "did you mean 'F.mse_loss'"),
+        ("np.mean", "unknown namespace 'np'"),
+        ("torch.os.system", "no function called 'torch.os.system'"),
+        ("loss_function_exampel", "did you mean 'loss_function_example'"),
+        ("F._reduction", "is not a name"),
+    ],
+)
+def test_bad_loss_names(name, expected):
+    assert expected in message_of(resolve_loss_function, name)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "__import__('os').system('touch {marker}')",
+        "F.mse_loss; import os",
+        "(lambda: 0)()",
+        "eval('1')",
+    ],
+)
+def test_code_in_a_name_is_rejected_and_never_run(tmp_path, code):
+    marker = tmp_path / "ran"
+    code = code.format(marker=marker)
+    for key in ("loss_function", "model_type", "train_data_loader_type"):
+        config = finalize({**parse_yaml(MINIMAL, "t"), key: code}, SCHEMA)
+        assert "is not a name" in message_of(check_config_names, config)
+    assert not marker.exists()
+
+
+def test_classes_resolve_in_the_users_files():
+    assert resolve_class("model_type", "PendulumModel", "src.model", BaseModel) is PendulumModel
+    assert resolve_class("t", "PendulumSteps", "src.data_loader", BaseDataset) is PendulumSteps
+    message = message_of(resolve_class, "model_type", "PendulumModle", "src.model", BaseModel)
+    assert "did you mean 'PendulumModel'" in message and "src/model.py" in message
+    message = message_of(resolve_class, "model_type", "BaseDataset", "src.model", BaseModel)
+    assert "is not a BaseModel class" in message  # imported names that are not models do not count
+
+
+def test_model_parameters_are_checked_against_the_constructor():
+    message = message_of(check_config_names, config_with("model_parameters: {hiden_size: 3}\n"))
+    assert "'model_parameters.hiden_size'" in message and "did you mean 'hidden_size'" in message
+    assert "its parameters: hidden_size, num_layers" in message
+
+
+def test_dataset_parameters_are_checked_per_phase():
+    message = message_of(check_config_names, config_with("data_loader_parameters: {train: {input_nois: 0.1}}\n"))
+    assert "data_loader_parameters.train.input_nois" in message and "did you mean 'input_noise'" in message
+    check_config_names(config_with("data_loader_parameters: {all: {input_noise: 0.1}}\n"))
+
+
+def test_unknown_optimizer():
+    message = message_of(check_config_names, config_with("optimizer: {type: SGDD}\n"))
+    assert "'SGDD' is not an optimizer in torch.optim; did you mean 'SGD'?" in message

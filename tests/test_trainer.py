@@ -1,0 +1,272 @@
+"""The three-phase Trainer: end to end in a real clone, and its parts in-process."""
+
+import itertools
+import math
+import textwrap
+
+import pytest
+import torch
+import yaml
+from conftest import DATA, DELETE
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from src.core.checkpoint import read_checkpoint
+from src.core.config import finalize, parse_yaml
+from src.core.metrics import read_metrics
+from src.core.resolve import build_datasets, build_model, resolve_loss_function
+from src.core.seeding import seed_everything
+from src.core.trainer import Trainer
+from src.model import PendulumModel
+from src.schema import SCHEMA
+
+QUICK = ("--mini", "--cpu")
+
+
+def test_end_to_end_run_directory(project):
+    result = project.run("sample_runconfig.yaml", *QUICK, "--epochs=2", "--log_every_n_steps=1")
+    assert result.returncode == 0, result.stderr
+    (run,) = project.run_directories()
+    assert run.parent.name == "PendulumModel"
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["git"]["commit"] == project.git("rev-parse", "HEAD")
+    assert config["git"]["branch"] == "main"
+    assert config["flags"]["mini"] is True and config["flags"]["overrides"] == {"epochs": "2", "log_every_n_steps": "1"}
+    assert config["command_line"] == "python run.py sample_runconfig.yaml --mini --cpu --epochs=2 --log_every_n_steps=1"
+    assert config["epochs"] == 2 and config["environment"]["torch"] == str(torch.__version__)
+    assert config["data_fingerprint"]["files"] == 3 and config["data_fingerprint"]["content_sha256"]
+    assert "torch==" in (run / "packages.txt").read_text()
+
+    records = read_metrics(run)
+    assert {(r["phase"], r["name"]) for r in records} == {
+        ("train", "loss"),
+        ("train", "lr"),
+        ("train", "epoch_loss"),
+        ("val", "loss"),
+        ("rollout", "loss"),
+    }
+    assert all(set(r) == {"step", "epoch", "phase", "name", "value", "time"} for r in records)
+    baseline = [r for r in records if r["epoch"] == 0]
+    assert {r["phase"] for r in baseline} == {"val", "rollout"} and all(r["step"] == 0 for r in baseline)
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "train/epoch_loss", "val/loss", "rollout/loss"}
+    for record in records:
+        logged = {e.step: e.value for e in events.Scalars(f"{record['phase']}/{record['name']}")}
+        assert logged[record["step"]] == pytest.approx(record["value"], rel=1e-6)
+
+    metadata = yaml.safe_load((run / "metadata.yaml").read_text())
+    assert metadata["status"] == "finished" and metadata["epochs_done"] == 2
+    assert metadata["commit"] == config["git"]["commit"] and metadata["summary"] == ""
+    rollout = [r["value"] for r in records if r["phase"] == "rollout"]
+    assert metadata["best"]["metric"] == "rollout/loss" and metadata["best"]["value"] == min(rollout[1:])
+    assert metadata["last_checkpoint"] == "checkpoints/step-000000004.pt"  # 100 samples / batch 64: 2 steps an epoch
+
+    for name in ("best.pt", "last.pt"):
+        state = read_checkpoint(run / "checkpoints" / name)
+        model = PendulumModel(**config["model_parameters"])
+        model.load_state_dict(state["model"])
+        assert state["commit"] == config["git"]["commit"]
+    assert read_checkpoint(run / "checkpoints" / "last.pt")["progress"]["global_step"] == 4
+
+
+def test_project_name_and_run_name_choose_the_directory(project):
+    result = project.run("sample_runconfig.yaml", *QUICK, "--epochs=1", "--project_name=demo", "--run_name=first")
+    assert result.returncode == 0, result.stderr
+    result = project.run("sample_runconfig.yaml", *QUICK, "--epochs=1", "--project_name=demo", "--run_name=first")
+    assert result.returncode == 0, result.stderr  # never reused: the second gets a suffix
+    assert [path.name for path in project.run_directories()] == ["first", "first-2"]
+
+
+def test_a_forking_user_adds_a_model_and_a_dataset(project):
+    """Exactly what the README's "Add your own model" section says to do."""
+    with open(project.root / "src" / "model.py", "a") as stream:
+        stream.write(
+            textwrap.dedent(
+                '''
+
+                class LinearDynamics(BaseModel):
+                    """A linear next-state model."""
+
+                    def __init__(self, bias: bool = True):
+                        super().__init__()
+                        self.linear = nn.Linear(2, 2, bias=bias)
+
+                    def forward(self, position, velocity):
+                        return self.linear(torch.stack([position, velocity], dim=-1))
+                '''
+            )
+        )
+    with open(project.root / "src" / "data_loader.py", "a") as stream:
+        stream.write(
+            textwrap.dedent(
+                '''
+
+                class SplitStates(BaseDataset):
+                    """Angle and velocity as separate batch entries."""
+
+                    def __init__(self, data_directory, split, scale: float = 1.0):
+                        super().__init__(data_directory, split)
+                        trajectories = load_trajectories(self.directory)
+                        self.states = scale * trajectories[:, :-1].reshape(-1, 2)
+                        self.targets = scale * trajectories[:, 1:].reshape(-1, 2)
+
+                    def __len__(self):
+                        return len(self.states)
+
+                    def __getitem__(self, index):
+                        state = self.states[index]
+                        return {"position": state[0], "velocity": state[1], "supervision": self.targets[index]}
+                '''
+            )
+        )
+    project.write_config(
+        "linear.yaml",
+        model_type="LinearDynamics",
+        model_parameters={"bias": False},
+        train_data_loader_type="SplitStates",
+        test_data_loader_type="SplitStates",
+        eval_data_loader_type=DELETE,
+        data_loader_parameters={"all": {"scale": 0.5}},
+        loss_function="F.l1_loss",
+    )
+    project.commit("my model")
+    result = project.run("linear.yaml", *QUICK, "--epochs=2")
+    assert result.returncode == 0, result.stderr
+    (run,) = project.run_directories()
+    assert run.parent.name == "LinearDynamics"
+    assert {r["phase"] for r in read_metrics(run)} == {"train", "val"}
+    assert yaml.safe_load((run / "metadata.yaml").read_text())["best"]["metric"] == "val/loss"
+
+
+# --- in-process ----------------------------------------------------------------------
+
+BASE = f"""\
+description: unit
+data_directory: {DATA}
+model_type: PendulumModel
+model_parameters: {{hidden_size: 16}}
+loss_function: F.mse_loss
+train_data_loader_type: PendulumSteps
+test_data_loader_type: PendulumSteps
+eval_data_loader_type: PendulumTrajectories
+epochs: 2
+batch_size: 32
+"""
+
+
+def make_trainer(extra: str = "", mini: bool = True, **kwargs) -> Trainer:
+    config = finalize({**parse_yaml(BASE, "base"), **(parse_yaml(extra, "extra") or {})}, SCHEMA)
+    seed_everything(config.seed)
+    datasets = build_datasets(config, str(DATA), mini=mini)
+    model = build_model(config)
+    return Trainer(
+        config, model, resolve_loss_function(config.loss_function), datasets, device=torch.device("cpu"), **kwargs
+    )
+
+
+def test_rollout_mode_is_entered_for_the_rollout_phase_only_and_left():
+    trainer = make_trainer()
+    modes = []
+    original = PendulumModel.forward
+
+    def spy(self, state, horizon=None):
+        modes.append(("rollout" if self.rollout_mode else "step", horizon is not None))
+        return original(self, state, horizon)
+
+    trainer.model.forward = spy.__get__(trainer.model)
+    metrics, _ = trainer.evaluate("val")
+    assert set(modes) == {("step", False)} and set(metrics) == {"val/loss"}
+    modes.clear()
+    metrics, details = trainer.evaluate("rollout")
+    assert set(modes) == {("rollout", True)} and trainer.model.rollout_mode is False
+    assert sum(item["samples"] for item in details) == 64  # the 64 test trajectories
+
+
+def test_rollout_mode_is_left_even_when_the_rollout_fails():
+    trainer = make_trainer()
+
+    def broken(self, state, horizon=None):
+        raise RuntimeError("boom")
+
+    trainer.model.forward = broken.__get__(trainer.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.evaluate("rollout")
+    assert trainer.model.rollout_mode is False
+
+
+@pytest.mark.parametrize(
+    ("extra", "phases", "monitor"),
+    [
+        ("", {"train", "val", "rollout"}, "rollout/loss"),
+        ("eval_data_loader_type: null\n", {"train", "val"}, "val/loss"),
+        ("test_data_loader_type: null\n", {"train", "rollout"}, "rollout/loss"),
+        ("test_data_loader_type: null\neval_data_loader_type: null\n", {"train"}, "train/epoch_loss"),
+    ],
+)
+def test_each_evaluation_phase_can_be_switched_off(tmp_path, extra, phases, monitor):
+    trainer = make_trainer(extra, run_directory=tmp_path)
+    trainer.fit()
+    assert {r["phase"] for r in read_metrics(tmp_path)} == phases
+    assert trainer.monitor == monitor and trainer.best["value"] is not None
+
+
+def test_rollout_every_n_epochs_and_always_after_the_last(tmp_path):
+    trainer = make_trainer("epochs: 5\nrollout: {every_n_epochs: 2}\n", run_directory=tmp_path)
+    trainer.fit()
+    assert [r["epoch"] for r in read_metrics(tmp_path) if r["phase"] == "rollout"] == [2, 4, 5]
+
+
+def test_rollout_max_samples_bounds_the_expensive_phase():
+    _, details = make_trainer("rollout: {max_samples: 10}\n").evaluate("rollout")
+    assert sum(item["samples"] for item in details) == 10
+
+
+def test_evaluation_does_not_disturb_training(tmp_path):
+    """The evaluation phases run on their own random streams: training is the same with or without them."""
+    noisy = "data_loader_parameters: {train: {input_noise: 0.01}}\n"
+    with_evaluation = make_trainer(noisy)
+    with_evaluation.fit()
+    without = make_trainer(noisy + "test_data_loader_type: null\neval_data_loader_type: null\n")
+    without.fit()
+    for a, b in zip(with_evaluation.model.parameters(), without.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_learning_rate_warmup_and_cosine_schedule():
+    trainer = make_trainer("scheduler: {type: cosine, warmup_steps: 4, final_lr_fraction: 0.1}\n")
+    factors = [trainer.lr_factor(step) for step in range(trainer.schedule_steps + 3)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[trainer.schedule_steps] == pytest.approx(0.1) and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
+    linear = make_trainer("scheduler: {type: linear}\n")
+    middle = linear.schedule_steps // 2
+    assert linear.lr_factor(middle) == pytest.approx(1 - middle / linear.schedule_steps)
+
+
+def test_gradient_accumulation_matches_a_larger_batch():
+    """Two accumulated batches of 16 take the same step as one batch of 32 (up to float rounding)."""
+    accumulated = make_trainer("batch_size: 16\ngradient_accumulation_steps: 2\nepochs: 1\n")
+    whole = make_trainer("batch_size: 32\nepochs: 1\n")
+    assert accumulated.steps_per_epoch == whole.steps_per_epoch == 4
+    accumulated.train_one_epoch()
+    whole.train_one_epoch()
+    assert accumulated.progress.global_step == whole.progress.global_step == 4
+    for a, b in zip(accumulated.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_update():
+    trainer = make_trainer("gradient_clip_norm: 1.0e-6\noptimizer: {type: SGD, lr: 1.0}\nepochs: 1\n")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_one_epoch()
+    moved = math.sqrt(sum(((p - q) ** 2).sum().item() for p, q in zip(trainer.model.parameters(), before, strict=True)))
+    assert moved <= trainer.steps_per_epoch * 1e-6 * 1.01
+
+
+def test_the_example_really_learns(tmp_path):
+    trainer = make_trainer("epochs: 3\nevaluate_before_training: true\n", mini=False, run_directory=tmp_path)
+    trainer.fit()
+    rollout = [r["value"] for r in read_metrics(tmp_path) if r["phase"] == "rollout"]
+    assert rollout[-1] < rollout[0] / 10
