@@ -2,24 +2,29 @@
 
     python run.py CONFIG.yaml [flags] [--key.path=value ...]
     python run.py --resume RUN_DIR [--epochs=N]
+    python run.py --evaluate RUN_DIR [--checkpoints NAME ...]
 
-What happens, top to bottom (see README.md):
+What happens, top to bottom (README.md has the details):
   1. the config: YAML -> --find-replace -> --delete -> --modify -> --a.b=v -> defaults -> validation
-  2. the names in it resolve to your classes in src/model.py and src/data_loader.py
+  2. its names resolve to your classes in src/model.py and src/data_loader.py
   3. the git gate: logging needs a clean working tree, whose commit is recorded
   4. the model and the data are built, then the run directory is created
   5. the Trainer trains: per epoch, training, validation and the rollout phase
 
-Exit codes: 0 done, 2 bad command line or config, 3 refused (repository state), 1 training failed.
+Under torchrun, rank 0 alone does steps 1 to 3 and creates the run directory; every
+rank receives the result. Exit codes: 0 done, 2 bad command line or config,
+3 refused (repository state), 1 training failed.
 """
 
+import os
 import shlex
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import provenance
-from src.core.checkpoint import load_model_weights, newest_valid_checkpoint
+from src.core.checkpoint import CheckpointWriteError, load_model_weights, newest_valid_checkpoint, read_checkpoint
 from src.core.cli import parse_command_line, recorded_flags
 from src.core.config import (
     Config,
@@ -31,8 +36,9 @@ from src.core.config import (
     load_yaml_file,
     result_affecting_keys,
 )
-from src.core.distributed import choose_device, init_distributed, shutdown
+from src.core.distributed import DistContext, broadcast_object, choose_device, init_distributed, shutdown
 from src.core.errors import Refusal, UserError
+from src.core.evaluation import checkpoints_to_evaluate, evaluate_checkpoints, write_evaluation
 from src.core.resolve import build_datasets, build_model, check_config_names, resolve_loss_function
 from src.core.rundir import CONFIG_FILE, lock_run_directory, now, read_yaml, start_run, update_metadata
 from src.core.seeding import configure_determinism, seed_everything
@@ -43,25 +49,180 @@ from src.schema import SCHEMA
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_command_line(argv)
-        if args.resume:
-            return resume(args)
+        if args.evaluate:
+            return evaluate(args)
         return train(args)
     except UserError as error:  # the user's to fix: one message, no traceback
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+@dataclass
+class Plan:
+    """What rank 0 decides before anything is built, and every rank then follows."""
+
+    config: dict
+    data_directory: str
+    git: dict | None  # None: this run logs nothing
+    mini: bool  # --mini, or a resumed run's own setting
+    resume_from: str | None = None  # a run directory to continue
 
 
 def train(args) -> int:
+    context = init_distributed(cpu=args.cpu)
+    try:
+        plan = on_rank_zero(context, lambda: plan_resume(args) if args.resume else plan_new_run(args))
+        if plan is None:  # --print-config
+            return 0
+        return build_and_fit(plan, args, context)
+    finally:
+        shutdown(context)
+
+
+def plan_new_run(args) -> Plan | None:
     if args.config is None:
         raise UserError("no config file given; usage: python run.py CONFIG.yaml [flags] (see --help)")
     config = load_config(args.config, args.edits, SCHEMA)
     check_config_names(config)
     if args.print_config:
         print(dump_yaml(config.to_dict()), end="")
-        return 0
+        return None
     data_directory = find_data_directory(config)
-    git = logging_gate(args)  # None: this run logs nothing
-    return execute(config, args, data_directory, git)
+    return Plan(config.to_dict(), str(data_directory), logging_gate(args), args.mini)
+
+
+def plan_resume(args) -> Plan:
+    """Continue a logged run from its newest valid checkpoint, exactly as if never stopped."""
+    if args.no_logging or args.allow_dirty_repo:
+        raise UserError("--resume continues a logged run, so it cannot run with --no-logging or --allow-dirty-repo")
+    run_directory, saved, config = load_run(args.resume, args, "--resume")
+    git = provenance.gate()
+    check_same_commit(saved, git, "--resume", run_directory)
+    data_directory = str(find_data_directory(config))
+    return Plan(config.to_dict(), data_directory, git, saved["flags"]["mini"], resume_from=str(run_directory))
+
+
+def build_and_fit(plan: Plan, args, context: DistContext) -> int:
+    """Every rank: build the model and the data; rank 0: create (or reopen) the run directory; train."""
+    config = Config(plan.config)
+    device = choose_device(args.cpu, context)
+    model, datasets, loss_function = build_parts(config, plan.data_directory, plan.mini, device)
+    run_directory = lock = None
+    if context.is_main and plan.git is not None:
+        run_directory = Path(plan.resume_from) if plan.resume_from else create_run_directory(plan, args)
+        lock = lock_run_directory(run_directory)
+    run_directory = broadcast_object(run_directory, context)
+    checkpoint = on_rank_zero(context, lambda: start_resume(run_directory, context)) if plan.resume_from else None
+    try:
+        trainer = Trainer(
+            config,
+            model,
+            loss_function,
+            datasets,
+            device=device,
+            context=context,
+            run_directory=run_directory,
+            resume_state=(read_checkpoint(checkpoint) if checkpoint else {}) if plan.resume_from else None,
+            commit=plan.git["commit"] if plan.git else None,
+            config_hash=config_hash(config, SCHEMA),
+            show_progress=config.progress_bar is True or (config.progress_bar == "auto" and sys.stderr.isatty()),
+        )
+        trainer.fit()
+    except BaseException as error:
+        if run_directory is not None and context.is_main:
+            status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            update_metadata(run_directory, status=status, error=repr(error))
+        if isinstance(error, UserError | KeyboardInterrupt):
+            raise
+        if isinstance(error, CheckpointWriteError):  # the disk, not the code: no traceback
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        return 1
+    finally:
+        if lock is not None:
+            lock.close()
+    if run_directory is not None and context.is_main:
+        update_metadata(run_directory, status="finished", finished=now())
+        print(f"finished: {run_directory}")
+    return 0
+
+
+def build_parts(config: Config, data_directory: str, mini: bool, device):
+    """The model (seeded), its datasets and its loss function."""
+    seed_everything(config.seed)
+    configure_determinism(config.deterministic, device)
+    model = build_model(config)
+    if config.bootstrap_model_file:
+        model.load_state_dict(load_model_weights(config.bootstrap_model_file))
+    datasets = build_datasets(config, data_directory, mini=mini)
+    return model, datasets, resolve_loss_function(config.loss_function)
+
+
+def create_run_directory(plan: Plan, args) -> Path:
+    config = Config(plan.config)
+    log_root = Path(args.log_dir) if args.log_dir else provenance.PROJECT_ROOT / "logs"
+    run_directory = start_run(
+        log_root / (config.project_name or config.model_type),
+        config.run_name,
+        plan.config,
+        {
+            "git": plan.git,
+            "flags": recorded_flags(args),
+            "command_line": shlex.join(["python", "run.py", *args.argv]),
+            "environment": provenance.environment_provenance(),
+            "data_fingerprint": provenance.data_fingerprint(plan.data_directory),
+        },
+        provenance.installed_packages(),
+    )
+    print(f"logging to {run_directory}")
+    return run_directory
+
+
+def start_resume(run_directory: Path, context: DistContext) -> Path | None:
+    """Find the newest valid checkpoint and record the resume in metadata.yaml."""
+    found = newest_valid_checkpoint(run_directory / "checkpoints")
+    path, state = found if found else (None, None)
+    step = state["progress"]["global_step"] if state else 0
+    print(f"resuming {run_directory} from {path.name if path else 'the start (no valid checkpoint)'}")
+    resumes = (read_yaml(run_directory / "metadata.yaml") or {}).get("resumes") or []
+    resumes.append(
+        {
+            "at": now(),
+            "from_step": step,
+            "from_checkpoint": path.name if path else None,
+            "world_size": context.world_size,
+            "saved_world_size": state["world_size"] if state else None,
+        }
+    )
+    update_metadata(run_directory, status="running", resumes=resumes, error=None, finished=None)
+    return path
+
+
+def evaluate(args) -> int:
+    """Run the validation and rollout phases on a run's saved checkpoints (see src/core/evaluation.py)."""
+    run_directory, saved, config = load_run(args.evaluate, args, "--evaluate")
+    commit = None
+    if not args.no_logging:  # results written into the run must come from the run's own code
+        commit = provenance.gate()["commit"]
+        check_same_commit(saved, {"commit": commit}, "--evaluate", run_directory)
+    device = choose_device(args.cpu, DistContext())
+    data_directory = str(find_data_directory(config))
+    model, datasets, loss_function = build_parts(config, data_directory, saved["flags"]["mini"], device)
+    trainer = Trainer(config, model, loss_function, datasets, device=device)
+    paths = checkpoints_to_evaluate(run_directory / "checkpoints", args.checkpoints)
+    results = evaluate_checkpoints(trainer, paths)
+    if commit is not None:
+        print(f"wrote {write_evaluation(run_directory, results, commit)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Checks
 
 
 def find_data_directory(config: Config) -> Path:
@@ -90,10 +251,9 @@ def logging_gate(args) -> dict | None:
 def confirm_dirty_run(yes: bool) -> None:
     """--allow-dirty-repo: say what is uncommitted, and ask before running without logging."""
     try:
-        state = provenance.repository_state()
-        changes = state.changes
-    except Refusal as refusal:  # no git, no repository: nothing to log from either
-        changes = [str(refusal).split(".")[0]]
+        changes = provenance.repository_state().changes
+    except Refusal as refusal:  # no git, no repository: nothing could be logged either
+        changes = [str(refusal).split(", so")[0]]
     if changes:
         print("uncommitted changes:\n  " + "\n  ".join(changes[: provenance.MAX_LISTED_PATHS]), file=sys.stderr)
     print("--allow-dirty-repo: this run will log nothing (no run directory, metrics or checkpoints).", file=sys.stderr)
@@ -106,109 +266,52 @@ def confirm_dirty_run(yes: bool) -> None:
         raise Refusal("not confirmed; nothing was run")
 
 
-def execute(config: Config, args, data_directory: Path, git: dict | None, resume_from: Path | None = None) -> int:
-    """Build the model and the data, create (or reopen) the run directory, and train."""
-    context = init_distributed(cpu=args.cpu)
-    device = choose_device(args.cpu, context)
-    seed_everything(config.seed)
-    configure_determinism(config.deterministic, device)
-    model = build_model(config)
-    if config.bootstrap_model_file:
-        model.load_state_dict(load_model_weights(config.bootstrap_model_file))
-    datasets = build_datasets(config, str(data_directory), mini=args.mini)
-    loss_function = resolve_loss_function(config.loss_function)
-
-    run_directory, lock, resume_state = resume_from, None, None
-    if git is not None and resume_from is None:
-        run_directory = start_run(
-            Path(args.log_dir or provenance.PROJECT_ROOT / "logs") / (config.project_name or config.model_type),
-            config.run_name,
-            config.to_dict(),
-            {
-                "git": git,
-                "flags": recorded_flags(args),
-                "command_line": shlex.join(["python", "run.py", *args.argv]),
-                "environment": provenance.environment_provenance(),
-                "data_fingerprint": provenance.data_fingerprint(data_directory),
-            },
-            provenance.installed_packages(),
-        )
-        print(f"logging to {run_directory}")
-    if run_directory is not None:
-        lock = lock_run_directory(run_directory)
-    if resume_from is not None:
-        found = newest_valid_checkpoint(run_directory / "checkpoints")
-        resume_state = found[1] if found else {}
-        step = resume_state["progress"]["global_step"] if found else 0
-        print(f"resuming {run_directory} from {found[0].name if found else 'the start (no valid checkpoint)'}")
-        metadata = read_yaml(run_directory / "metadata.yaml") or {}
-        resumes = metadata.get("resumes") or []
-        resumes.append({"at": now(), "from_step": step, "from_checkpoint": found[0].name if found else None})
-        update_metadata(run_directory, status="running", resumes=resumes, error=None, finished=None)
-
-    try:
-        trainer = Trainer(
-            config,
-            model,
-            loss_function,
-            datasets,
-            device=device,
-            context=context,
-            run_directory=run_directory,
-            resume_state=resume_state,
-            commit=git["commit"] if git else None,
-            config_hash=config_hash(config, SCHEMA),
-            show_progress=config.progress_bar is True or (config.progress_bar == "auto" and sys.stderr.isatty()),
-        )
-        trainer.fit()
-    except BaseException as error:
-        if run_directory is not None:
-            interrupted = isinstance(error, KeyboardInterrupt)
-            update_metadata(run_directory, status="interrupted" if interrupted else "failed", error=repr(error))
-        if isinstance(error, UserError | KeyboardInterrupt):
-            raise
-        traceback.print_exc()
-        return 1
-    finally:
-        shutdown(context)
-        if lock is not None:
-            lock.close()
-    if run_directory is not None:
-        update_metadata(run_directory, status="finished", finished=now())
-        print(f"finished: {run_directory}")
-    return 0
-
-
-def resume(args) -> int:
-    """Continue a logged run from its newest valid checkpoint, exactly as if never stopped."""
-    run_directory = Path(args.resume)
+def load_run(run_directory: str, args, flag: str) -> tuple[Path, dict, Config]:
+    """A logged run's saved config, with the command line's edits if they leave results unchanged."""
+    run_directory = Path(run_directory)
     if not (run_directory / CONFIG_FILE).is_file():
-        raise UserError(f"--resume {run_directory}: no {CONFIG_FILE} there; expected a run directory under logs/")
+        raise UserError(f"{flag} {run_directory}: no {CONFIG_FILE} there; expected a run directory under logs/")
     if args.config is not None:
-        raise UserError("--resume takes the run's own config; drop the config file argument")
-    if args.no_logging or args.allow_dirty_repo:
-        raise UserError("--resume continues a logged run, so it cannot run with --no-logging or --allow-dirty-repo")
+        raise UserError(f"{flag} uses the run's own config; drop the config file argument")
     saved = read_yaml(run_directory / CONFIG_FILE)
-    recorded = saved["git"]["commit"]
-    git = provenance.gate()
-    if git["commit"] != recorded:
-        raise Refusal(
-            f"--resume {run_directory}: the run was made at commit {recorded[:12]}, but HEAD is "
-            f"{git['commit'][:12]}. Check out its commit first: git checkout {recorded[:12]}"
-        )
     original = finalize(load_yaml_file(run_directory / CONFIG_FILE), SCHEMA)
     config = finalize(apply_edits(original.to_dict(), args.edits, SCHEMA), SCHEMA)
     before, after = result_affecting_keys(original, SCHEMA), result_affecting_keys(config, SCHEMA)
     changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
     if changed:
         raise UserError(
-            f"--resume cannot change {', '.join(changed)}: they change what the run computes, so the "
-            "resumed run would not continue the original. Start a new run instead. (Keys such as "
+            f"{flag} cannot change {', '.join(changed)}: they change what the run computes, so the "
+            "result would not belong to this run. Start a new run instead. (Keys such as "
             "epochs, description and checkpoint timing may change.)"
         )
-    args.mini = saved["flags"]["mini"]  # a result-affecting flag: always the run's own
     check_config_names(config)
-    return execute(config, args, find_data_directory(config), git, resume_from=run_directory)
+    return run_directory, saved, config
+
+
+def check_same_commit(saved: dict, git: dict, flag: str, run_directory: Path) -> None:
+    recorded = saved["git"]["commit"]
+    if git["commit"] != recorded:
+        raise Refusal(
+            f"{flag} {run_directory}: the run was made at commit {recorded[:12]}, but HEAD is "
+            f"{git['commit'][:12]}. Check out its commit first: git checkout {recorded[:12]}"
+        )
+
+
+def on_rank_zero(context: DistContext, function):
+    """Run `function` on rank 0 only and hand its result to every rank.
+
+    A UserError on rank 0 stops every rank with the same exit code (rank 0 prints it).
+    """
+    outcome = None
+    if context.is_main:
+        try:
+            outcome = (function(), None)
+        except UserError as error:
+            outcome = (None, error)
+    result, error = broadcast_object(outcome, context)
+    if error is not None:
+        raise error
+    return result
 
 
 if __name__ == "__main__":

@@ -116,13 +116,25 @@ def write_checkpoint(directory: Path, state: dict, links: tuple[str, ...] = ()) 
             os.replace(temporary_link, link)
             _write_json_atomic(manifest_path(link), {**manifest, "file": link.name, "links_to": path.name})
         fsync_directory(directory)
-    except OSError as error:
+    except Exception as error:
         temporary.unlink(missing_ok=True)
+        cause = _os_error_in(error)
+        if cause is None:
+            raise
         raise CheckpointWriteError(
-            f"could not write checkpoint {path}: {error}. The previous checkpoints are intact; "
+            f"could not write checkpoint {path}: {cause}. The previous checkpoints are intact; "
             "free the space (or fix the permissions) and continue with --resume."
         ) from error
     return path
+
+
+def _os_error_in(error: BaseException | None) -> OSError | None:
+    """The OSError behind `error` (torch.save wraps a failed write in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

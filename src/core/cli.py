@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--print-config", action="store_true", help="print the resolved, validated config and exit")
     add("--log-dir", metavar="DIR", help="where run directories go (default: logs/ in the project)")
     add("--resume", metavar="RUN_DIR", help="continue a logged run from its newest valid checkpoint")
+    add("--evaluate", metavar="RUN_DIR", help="run validation and rollout on a run's saved checkpoints")
+    add("--checkpoints", nargs="+", metavar="NAME", help="with --evaluate: only these (best, last, step-N.pt, N)")
     return parser
 
 

@@ -1,7 +1,7 @@
 """Test-only fault injection: stop or fail the process at an exact point.
 
 The crash tests set `TEMPLATE_FAULT=<point>:<n>[:<action>]` to reach the n-th
-occurrence of a named point (`train_step`, `validation`, `rollout`,
+occurrence of a named point (`train_step`, `val` and `rollout` batches,
 `checkpoint_write`) and then `kill` (SIGKILL, the default: nothing is cleaned
 up, as with a node failure) or `enospc` (raise a disk-full error). Without the
 variable every call is a no-op costing one comparison.

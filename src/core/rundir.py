@@ -113,12 +113,14 @@ def lock_run_directory(run_directory: Path):
     """Hold an exclusive lock on the run for as long as the returned file stays open.
 
     A second process resuming the same run is refused instead of interleaving its
-    checkpoints. The kernel drops the lock when the holder dies, even by kill -9.
+    checkpoints. The kernel drops the lock when the holder dies, even by kill -9;
+    a POSIX lock (lockf) is not inherited by forked DataLoader workers, which may
+    outlive a killed trainer by a few seconds.
     """
     handle = open(run_directory / ".lock", "a+")  # noqa: SIM115 (held until the process ends)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         handle.close()
         raise Refusal(f"{run_directory} is in use by another process (still training?); wait for it to end") from None
     return handle

@@ -1,0 +1,87 @@
+"""Evaluation after the fact: the validation and rollout phases on a run's saved checkpoints.
+
+`python run.py --evaluate RUN_DIR` runs in its own process and only reads the
+training's files: it takes no lock, verifies each checkpoint as a resume would,
+and skips one that disappears (pruned) while it works, so it can run beside a
+training that is still going. It writes `RUN_DIR/evaluation.csv` (a row per
+checkpoint) and `RUN_DIR/evaluation/<checkpoint>.json` (each batch's loss).
+"""
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from src.core.checkpoint import DamagedCheckpoint, manifest_path, read_checkpoint, step_checkpoints
+from src.core.errors import UserError
+from src.core.rundir import write_text_atomic
+from src.core.trainer import Trainer
+
+
+def checkpoints_to_evaluate(directory: Path, names: list[str] | None) -> list[Path]:
+    """Every step checkpoint (and best.pt when its step file was pruned), or the ones named."""
+    if names:
+        paths = []
+        for name in names:
+            path = directory / (name if name.endswith(".pt") else f"{name}.pt")
+            if not path.exists() and name.isdigit():
+                path = directory / f"step-{int(name):09d}.pt"
+            if not path.exists():
+                available = ", ".join(p.name for p in sorted(directory.glob("*.pt"))) or "none"
+                raise UserError(f"--checkpoints: no checkpoint {name!r} in {directory} (available: {available})")
+            paths.append(path)
+        return paths
+    paths = [info.path for info in step_checkpoints(directory) if manifest_path(info.path).exists()]
+    best = directory / "best.pt"
+    if best.exists() and not any(best.samefile(path) for path in paths if path.exists()):
+        paths.append(best)
+    return paths
+
+
+def evaluate_checkpoints(trainer: Trainer, paths: list[Path]) -> list[dict]:
+    """Each checkpoint's metrics, computed exactly as training computes them."""
+    results = []
+    for path in paths:
+        try:
+            state = read_checkpoint(path)
+        except DamagedCheckpoint as error:
+            print(f"warning: skipping checkpoint {error}", file=sys.stderr)
+            continue
+        except FileNotFoundError:
+            print(f"note: {path.name} was pruned by the training meanwhile; skipped", file=sys.stderr)
+            continue
+        trainer.model.load_state_dict(state["model"])
+        progress = state["progress"]
+        row = {"checkpoint": path.name, "step": progress["global_step"], "epoch": progress["epoch"]}
+        details = {}
+        for phase, dataset_phase in (("val", "test"), ("rollout", "eval")):
+            if dataset_phase in trainer.datasets:
+                metrics, details[phase] = trainer.evaluate(phase)
+                row |= metrics
+        results.append({"row": row, "batches": details})
+        print(
+            "  ".join(
+                f"{key} {value:.6g}" if isinstance(value, float) else f"{key} {value}" for key, value in row.items()
+            )
+        )
+    return results
+
+
+def write_evaluation(run_directory: Path, results: list[dict], commit: str) -> Path:
+    """evaluation.csv and evaluation/<checkpoint>.json, each written atomically."""
+    columns = list(dict.fromkeys(key for result in results for key in result["row"]))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        writer.writerow(result["row"])
+    path = run_directory / "evaluation.csv"
+    write_text_atomic(path, table.getvalue())
+    details = run_directory / "evaluation"
+    details.mkdir(exist_ok=True)
+    for result in results:
+        name = Path(result["row"]["checkpoint"]).stem
+        document = {"commit": commit, **result}
+        write_text_atomic(details / f"{name}.json", json.dumps(document, indent=1) + "\n")
+    return path

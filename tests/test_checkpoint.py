@@ -1,0 +1,144 @@
+"""Checkpoint files: atomic writes, verification, safe loading, pruning."""
+
+import json
+import os
+import threading
+import zipfile
+
+import pytest
+import torch
+
+from src.core import checkpoint
+from src.core.checkpoint import (
+    CheckpointWriter,
+    DamagedCheckpoint,
+    newest_valid_checkpoint,
+    read_checkpoint,
+    step_checkpoints,
+    write_checkpoint,
+)
+
+
+def state(step: int) -> dict:
+    return {
+        "format": checkpoint.FORMAT_VERSION,
+        "model": {"weight": torch.full((64, 64), float(step))},
+        "progress": {"epoch": 0, "batch_in_epoch": step, "global_step": step},
+        "rng": {"python": (3, tuple(range(625)), None)},
+    }
+
+
+def test_round_trip_and_manifest(tmp_path):
+    path = write_checkpoint(tmp_path, state(7), links=("last",))
+    assert path.name == "step-000000007.pt"
+    manifest = json.loads((tmp_path / "step-000000007.json").read_text())
+    assert manifest["bytes"] == path.stat().st_size and len(manifest["sha256"]) == 64 and manifest["step"] == 7
+    loaded = read_checkpoint(path)
+    assert torch.equal(loaded["model"]["weight"], torch.full((64, 64), 7.0))
+    assert loaded["rng"]["python"][1][:3] == (0, 1, 2)
+    assert os.path.samefile(tmp_path / "last.pt", path)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["progress"]["global_step"] == 7  # plain torch.load
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_truncated_checkpoint_is_detected_and_skipped(tmp_path, capsys):
+    write_checkpoint(tmp_path, state(1))
+    newest = write_checkpoint(tmp_path, state(2))
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.raises(DamagedCheckpoint, match="truncated"):
+        read_checkpoint(newest)
+    path, loaded = newest_valid_checkpoint(tmp_path)
+    assert path.name == "step-000000001.pt" and loaded["progress"]["global_step"] == 1
+    assert "skipping checkpoint step-000000002.pt" in capsys.readouterr().err
+
+
+def test_one_flipped_byte_is_detected(tmp_path):
+    path = write_checkpoint(tmp_path, state(3))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedCheckpoint, match="SHA-256 does not match"):
+        read_checkpoint(path)
+    assert newest_valid_checkpoint(tmp_path) is None
+
+
+def test_checkpoint_without_manifest_is_incomplete(tmp_path):
+    path = write_checkpoint(tmp_path, state(4))
+    (tmp_path / "step-000000004.json").unlink()  # as if killed between the rename and the manifest
+    with pytest.raises(DamagedCheckpoint, match="no readable manifest"):
+        read_checkpoint(path)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "step-000000005.pt"
+    torch.save({"format": checkpoint.FORMAT_VERSION, "payload": RunsCode(marker)}, path)
+    # A valid manifest, as an attacker who can write the directory could also make:
+    (tmp_path / "step-000000005.json").write_text(
+        json.dumps({"bytes": path.stat().st_size, "sha256": checkpoint.hashlib.sha256(path.read_bytes()).hexdigest()})
+    )
+    with zipfile.ZipFile(path) as archive:  # the file really holds the os.system call
+        assert b"system" in archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    with pytest.raises(DamagedCheckpoint, match="weights_only"):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_write_failure_keeps_previous_checkpoints(tmp_path, monkeypatch):
+    write_checkpoint(tmp_path, state(1), links=("last",))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device"):
+        write_checkpoint(tmp_path, state(2), links=("last",))
+    assert [info.step for info in step_checkpoints(tmp_path)] == [1]
+    assert read_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_background_writer_reports_errors_and_prunes(tmp_path, monkeypatch):
+    written = []
+    writer = CheckpointWriter(tmp_path, keep_recent=2)
+    writer.save(state(1), ("last", "best"), written.append)
+    for step in range(2, 6):
+        writer.save(state(step), ("last",), written.append)
+    writer.wait()
+    assert [p.name for p in written] == [f"step-00000000{i}.pt" for i in range(1, 6)]
+    # best (step 1) is kept although older than the two most recent (4, 5).
+    assert [info.step for info in step_checkpoints(tmp_path)] == [1, 4, 5]
+    assert read_checkpoint(tmp_path / "best.pt")["progress"]["global_step"] == 1
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    writer.save(state(6), ("last",), written.append)
+    with pytest.raises(OSError, match="disk"):
+        writer.wait()
+
+
+def test_snapshot_is_independent_of_training(tmp_path, monkeypatch):
+    trained = threading.Event()
+    original = checkpoint.write_checkpoint
+
+    def write_after_training_moved_on(*args):
+        trained.wait(timeout=30)
+        return original(*args)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", write_after_training_moved_on)
+    weight = torch.zeros(3)
+    writer = CheckpointWriter(tmp_path, keep_recent=5)
+    snapshot_state = state(1)
+    snapshot_state["model"] = {"weight": weight}
+    writer.save(snapshot_state, (), lambda path: None)
+    weight += 1  # training goes on before the background write starts
+    trained.set()
+    writer.wait()
+    assert torch.equal(read_checkpoint(tmp_path / "step-000000001.pt")["model"]["weight"], torch.zeros(3))

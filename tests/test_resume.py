@@ -1,0 +1,159 @@
+"""Exact resume: kill -9 a real training process at exact points, resume it, and compare
+bitwise with a run that was never interrupted."""
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from src.core.checkpoint import read_checkpoint
+from src.core.metrics import read_metrics
+
+# 100 training pairs in batches of 8: 13 steps an epoch, 39 in all; a checkpoint every 5 steps
+# and at each epoch's end. Per pass, validation reads 13 batches and the rollout 8.
+RUN = (
+    "sample_runconfig.yaml",
+    "--mini",
+    "--cpu",
+    "--epochs=3",
+    "--batch_size=8",
+    "--log_every_n_steps=2",
+    "--checkpoint.every_n_steps=5",
+    "--modify",
+    "data_loader_parameters.train",
+    "{input_noise: 0.01}",  # a random augmentation: its random stream must resume exactly too
+)
+
+KILL_POINTS = {
+    "mid-epoch": "train_step:17",  # epoch 2, after the step-15 checkpoint
+    "checkpoint-write": "checkpoint_write:4",  # inside writing step 15's checkpoint
+    "validation": "val:30",  # epoch 2's validation pass
+    "rollout": "rollout:21",  # epoch 2's rollout pass
+}
+
+
+def final_state(run) -> dict:
+    return read_checkpoint(run / "checkpoints" / "last.pt")
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, where
+
+
+def logged_values(run) -> list[tuple]:
+    return [(r["step"], r["epoch"], r["phase"], r["name"], r["value"]) for r in read_metrics(run)]
+
+
+def tensorboard_values(run) -> dict:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_same_run(reference, resumed):
+    a, b = final_state(reference), final_state(resumed)
+    for part in ("model", "optimizer", "scheduler", "progress", "per_rank", "best"):
+        assert_same_tensors(a[part], b[part], part)
+    assert logged_values(resumed) == logged_values(reference)
+    assert tensorboard_values(resumed) == tensorboard_values(reference)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(project, point, workers):
+    args = (*RUN, f"--num_workers={workers}")
+    assert project.run(*args, "--run_name=reference").returncode == 0
+
+    killed = project.run(*args, "--run_name=killed", env={"TEMPLATE_FAULT": KILL_POINTS[point]})
+    assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup of any kind
+    run = project.root / "logs" / "PendulumModel" / "killed"
+    assert yaml.safe_load((run / "metadata.yaml").read_text())["status"] == "running"
+
+    resumed = project.run("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(project.root / "logs" / "PendulumModel" / "reference", run)
+    metadata = yaml.safe_load((run / "metadata.yaml").read_text())
+    assert metadata["status"] == "finished"
+    (entry,) = metadata["resumes"]
+    # The newest checkpoint on disk (a write in flight when killed does not count).
+    assert entry["from_step"] in (10, 13, 15, 20, 25) and entry["from_checkpoint"].startswith("step-")
+
+
+def test_damaged_newest_checkpoint_falls_back_and_still_ends_equal(project):
+    assert project.run(*RUN, "--run_name=reference").returncode == 0
+    assert project.run(*RUN, "--run_name=killed", env={"TEMPLATE_FAULT": "train_step:22"}).returncode == -9
+    run = project.root / "logs" / "PendulumModel" / "killed"
+    # The two newest complete checkpoints (a write in flight at the kill has no manifest).
+    previous, newest = [path.with_suffix(".pt") for path in sorted((run / "checkpoints").glob("step-*.json"))[-2:]]
+    data = bytearray(newest.read_bytes())
+    data[-100] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    resumed = project.run("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping checkpoint {newest.name}" in resumed.stderr
+    assert f"from {previous.name}" in resumed.stdout
+    assert_same_run(project.root / "logs" / "PendulumModel" / "reference", run)
+
+
+def test_resume_at_another_commit_is_refused_naming_both(project):
+    assert project.run(*RUN, "--run_name=first").returncode == 0
+    recorded = project.git("rev-parse", "HEAD")
+    (project.root / "src" / "model.py").write_text((project.root / "src" / "model.py").read_text() + "\n# later\n")
+    head = project.commit("later")
+    result = project.run("--resume", "logs/PendulumModel/first")
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert recorded[:12] in result.stderr and head[:12] in result.stderr and "git checkout" in result.stderr
+
+
+def test_resume_with_a_dirty_tree_is_refused(project):
+    assert project.run(*RUN, "--run_name=first").returncode == 0
+    (project.root / "scratch.py").write_text("")
+    result = project.run("--resume", "logs/PendulumModel/first")
+    assert result.returncode == 3 and "untracked: scratch.py" in result.stderr
+
+
+def test_resume_refuses_changes_that_alter_results_but_extends_epochs(project):
+    assert project.run(*RUN, "--run_name=first").returncode == 0
+    run = "logs/PendulumModel/first"
+    result = project.run("--resume", run, "--optimizer.lr=0.1", "--batch_size=4")
+    assert result.returncode == 2 and "cannot change batch_size, optimizer.lr" in result.stderr
+    metrics_before = logged_values(project.root / run)
+
+    result = project.run("--resume", run, "--epochs=4", "--description=longer")
+    assert result.returncode == 0, result.stderr
+    metadata = yaml.safe_load((project.root / run / "metadata.yaml").read_text())
+    assert metadata["epochs_done"] == 4 and metadata["resumes"][0]["from_step"] == 39
+    assert logged_values(project.root / run)[: len(metrics_before)] == metrics_before
+    assert max(r[1] for r in logged_values(project.root / run)) == 4
+
+
+def test_resume_needs_a_run_directory(project):
+    result = project.run("--resume", "logs/nothing")
+    assert result.returncode == 2 and "no config.yaml there" in result.stderr
+
+
+def test_disk_full_during_a_checkpoint_stops_cleanly_and_loses_nothing(project):
+    result = project.run(*RUN, "--run_name=full", env={"TEMPLATE_FAULT": "checkpoint_write:3:enospc"})
+    assert result.returncode == 1
+    assert "error: could not write checkpoint" in result.stderr and "No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr
+    run = project.root / "logs" / "PendulumModel" / "full"
+    assert yaml.safe_load((run / "metadata.yaml").read_text())["status"] == "failed"
+    assert [p.name for p in sorted((run / "checkpoints").glob("step-*.pt"))] == [
+        "step-000000005.pt",
+        "step-000000010.pt",
+    ]
+    assert read_checkpoint(run / "checkpoints" / "step-000000010.pt")["progress"]["global_step"] == 10
+    resumed = project.run("--resume", str(run))  # space freed: carry on
+    assert resumed.returncode == 0, resumed.stderr
