@@ -126,7 +126,9 @@ class Trainer:
         config, progress = self.config, self.progress
         metrics = {}
         if config.evaluate_before_training and progress == Progress():
-            self.log_evaluation(epoch=0)  # the baseline: step 0, epoch 0
+            started = time.monotonic()
+            baseline = self.log_evaluation(epoch=0)  # step 0, epoch 0
+            self.print_summary(baseline, False, time.monotonic() - started)
         while progress.epoch < config.epochs:
             started = time.monotonic()
             metrics = {"train/epoch_loss": self.train_one_epoch()}
