@@ -44,8 +44,15 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: $(INSTALLED) $(DATA)
-	$(PYTHON) benchmarks/run_all.py
+# The benchmarks run in their own environment: the same requirements plus Lightning, for its column.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: requirements.txt benchmarks/requirements-lightning.txt
+	test -d $(BENCH_VENV) || $(PYTHON_FOR_VENV) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements-lightning.txt
+	touch $@
+
+bench: $(BENCH_VENV)/.installed $(DATA)
+	$(BENCH_VENV)/bin/python benchmarks/run_all.py
 
 # An image of the current commit, refusing a dirty tree (the image has no .git: see Dockerfile).
 docker-build:
@@ -53,4 +60,4 @@ docker-build:
 	docker build --build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t pytorch-template:$$(git rev-parse --short HEAD) .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .ruff_cache

@@ -28,6 +28,7 @@ from src.core.checkpoint import CheckpointWriteError, load_model_weights, newest
 from src.core.cli import parse_command_line, recorded_flags
 from src.core.config import (
     Config,
+    ConfigEdits,
     apply_edits,
     config_hash,
     dump_yaml,
@@ -36,7 +37,18 @@ from src.core.config import (
     load_yaml_file,
     result_affecting_keys,
 )
-from src.core.distributed import DistContext, broadcast_object, choose_device, init_distributed, shutdown
+from src.core.distributed import (
+    DistContext,
+    broadcast_object,
+    choose_device,
+    connect,
+    init_process_group,
+    launch_settings,
+    launch_with_torchrun,
+    launched_by_torchrun,
+    share_from_rank_zero,
+    shutdown,
+)
 from src.core.errors import Refusal, UserError
 from src.core.evaluation import checkpoints_to_evaluate, evaluate_checkpoints, write_evaluation
 from src.core.resolve import build_datasets, build_model, check_config_names, resolve_loss_function
@@ -73,14 +85,26 @@ class Plan:
 
 
 def train(args) -> int:
-    context = init_distributed(cpu=args.cpu)
+    if not launched_by_torchrun():
+        settings = processes_requested(args)
+        if settings:  # several processes: start them through torchrun, each running this script
+            return launch_with_torchrun(settings, __file__, with_confirmation(args))
+    context = connect()
     try:
-        plan = on_rank_zero(context, lambda: plan_resume(args) if args.resume else plan_new_run(args))
+        plan = share_from_rank_zero(context, "plan", lambda: make_plan(args, context))
         if plan is None:  # --print-config
             return 0
         return build_and_fit(plan, args, context)
     finally:
         shutdown(context)
+
+
+def make_plan(args, context: DistContext) -> Plan | None:
+    previous = context.recall("run_directory") if context.restart_count else None
+    if previous:  # torchrun restarted the workers after a failure: continue the same run
+        print(f"restart {context.restart_count}: resuming {previous}")
+        args.resume, args.config, args.edits = previous, None, ConfigEdits()
+    return plan_resume(args) if args.resume else plan_new_run(args)
 
 
 def plan_new_run(args) -> Plan | None:
@@ -110,13 +134,19 @@ def build_and_fit(plan: Plan, args, context: DistContext) -> int:
     """Every rank: build the model and the data; rank 0: create (or reopen) the run directory; train."""
     config = Config(plan.config)
     device = choose_device(args.cpu, context)
+    init_process_group(context, config.distributed.backend, config.distributed.timeout_seconds, device)
     model, datasets, loss_function = build_parts(config, plan.data_directory, plan.mini, device)
     run_directory = lock = None
     if context.is_main and plan.git is not None:
-        run_directory = Path(plan.resume_from) if plan.resume_from else create_run_directory(plan, args)
+        run_directory = (
+            Path(plan.resume_from) if plan.resume_from else create_run_directory(plan, args, context.world_size)
+        )
         lock = lock_run_directory(run_directory)
+        context.remember("run_directory", str(run_directory))
     run_directory = broadcast_object(run_directory, context)
-    checkpoint = on_rank_zero(context, lambda: start_resume(run_directory, context)) if plan.resume_from else None
+    checkpoint = None
+    if plan.resume_from:
+        checkpoint = share_from_rank_zero(context, "checkpoint", lambda: start_resume(run_directory, context))
     try:
         trainer = Trainer(
             config,
@@ -163,7 +193,7 @@ def build_parts(config: Config, data_directory: str, mini: bool, device):
     return model, datasets, resolve_loss_function(config.loss_function)
 
 
-def create_run_directory(plan: Plan, args) -> Path:
+def create_run_directory(plan: Plan, args, world_size: int) -> Path:
     config = Config(plan.config)
     log_root = Path(args.log_dir) if args.log_dir else provenance.PROJECT_ROOT / "logs"
     run_directory = start_run(
@@ -174,7 +204,7 @@ def create_run_directory(plan: Plan, args) -> Path:
             "git": plan.git,
             "flags": recorded_flags(args),
             "command_line": shlex.join(["python", "run.py", *args.argv]),
-            "environment": provenance.environment_provenance(),
+            "environment": {**provenance.environment_provenance(), "world_size": world_size},
             "data_fingerprint": provenance.data_fingerprint(plan.data_directory),
         },
         provenance.installed_packages(),
@@ -297,21 +327,24 @@ def check_same_commit(saved: dict, git: dict, flag: str, run_directory: Path) ->
         )
 
 
-def on_rank_zero(context: DistContext, function):
-    """Run `function` on rank 0 only and hand its result to every rank.
+def processes_requested(args) -> dict | None:
+    """The `distributed` settings when the config asks for several processes, else None."""
+    if args.print_config or (args.config is None and args.resume is None):
+        return None
+    if args.resume:
+        config = load_run(args.resume, args, "--resume")[2]
+    else:
+        config = load_config(args.config, args.edits, SCHEMA)
+    settings = launch_settings(config)
+    return settings if settings["nproc_per_node"] * settings["nnodes"] > 1 else None
 
-    A UserError on rank 0 stops every rank with the same exit code (rank 0 prints it).
-    """
-    outcome = None
-    if context.is_main:
-        try:
-            outcome = (function(), None)
-        except UserError as error:
-            outcome = (None, error)
-    result, error = broadcast_object(outcome, context)
-    if error is not None:
-        raise error
-    return result
+
+def with_confirmation(args) -> list[str]:
+    """The workers' command line: an --allow-dirty-repo question is asked here, once, not by rank 0."""
+    if args.allow_dirty_repo and not args.y:
+        confirm_dirty_run(yes=False)
+        return [*args.argv, "--y"]
+    return args.argv
 
 
 if __name__ == "__main__":

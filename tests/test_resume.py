@@ -63,7 +63,7 @@ def tensorboard_values(run) -> dict:
 
 def assert_same_run(reference, resumed):
     a, b = final_state(reference), final_state(resumed)
-    for part in ("model", "optimizer", "scheduler", "progress", "per_rank", "best"):
+    for part in ("model", "optimizer", "schedule_steps", "progress", "per_rank", "best"):
         assert_same_tensors(a[part], b[part], part)
     assert logged_values(resumed) == logged_values(reference)
     assert tensorboard_values(resumed) == tensorboard_values(reference)

@@ -270,3 +270,26 @@ def test_the_example_really_learns(tmp_path):
     trainer.fit()
     rollout = [r["value"] for r in read_metrics(tmp_path) if r["phase"] == "rollout"]
     assert rollout[-1] < rollout[0] / 10
+
+
+def test_determinism_setting_reaches_torch_and_torch_compile():
+    import os
+    import subprocess
+    import sys
+
+    from src.core.seeding import configure_determinism
+
+    configure_determinism(True, torch.device("cpu"))
+    assert torch.are_deterministic_algorithms_enabled()
+    # torch.compile's flag, whether its config is imported before or after.
+    script = (
+        "import torch, sys; from src.core.seeding import configure_determinism;"
+        "configure_determinism(True, torch.device('cpu'));"
+        "import torch._inductor.config as c; sys.exit(0 if c.deterministic else 1)"
+    )
+    assert subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": "."}).returncode == 0
+    configure_determinism("auto", torch.device("cpu"))
+    assert torch.are_deterministic_algorithms_enabled()
+    configure_determinism(False, torch.device("cpu"))
+    assert not torch.are_deterministic_algorithms_enabled()
+    configure_determinism(True, torch.device("cpu"))

@@ -21,6 +21,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,21 +146,35 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except (OSError, ValueError) as error:
         raise DamagedCheckpoint(f"{path.name}: no readable manifest ({manifest_file.name}: {error})") from None
     try:
-        data = path.read_bytes()
+        stream = open(path, "rb")  # noqa: SIM115 (closed by the with below)
     except OSError as error:
         raise DamagedCheckpoint(f"{path.name}: cannot be read ({error})") from None
-    if len(data) != manifest.get("bytes"):
-        expected = manifest.get("bytes")
-        raise DamagedCheckpoint(f"{path.name}: {len(data)} bytes where the manifest says {expected} (truncated?)")
-    if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
-        raise DamagedCheckpoint(f"{path.name}: its SHA-256 does not match the manifest (the file was altered)")
-    try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as error:  # an unsafe pickle lands here, unexecuted
-        raise DamagedCheckpoint(f"{path.name}: refused by torch.load(weights_only=True): {error}") from None
+    with stream, ThreadPoolExecutor(max_workers=1) as pool:
+        size = os.fstat(stream.fileno()).st_size
+        if size != manifest.get("bytes"):
+            expected = manifest.get("bytes")
+            raise DamagedCheckpoint(f"{path.name}: {size} bytes where the manifest says {expected} (truncated?)")
+        # Hash (with pread, beside the loader's reads) while loading: hashlib releases the GIL,
+        # so a verified load costs about one hash rather than a hash plus a load.
+        digest = pool.submit(_sha256_of_descriptor, stream.fileno(), size)
+        try:
+            state, load_error = torch.load(stream, map_location=map_location, weights_only=True), None
+        except Exception as error:  # an unsafe pickle lands here, unexecuted
+            state, load_error = None, error
+        if digest.result() != manifest.get("sha256"):
+            raise DamagedCheckpoint(f"{path.name}: its SHA-256 does not match the manifest (the file was altered)")
+    if load_error is not None:
+        raise DamagedCheckpoint(f"{path.name}: refused by torch.load(weights_only=True): {load_error}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise DamagedCheckpoint(f"{path.name}: not a checkpoint of this template (format {FORMAT_VERSION})")
     return state
+
+
+def _sha256_of_descriptor(descriptor: int, size: int, chunk: int = 2**22) -> str:
+    digest = hashlib.sha256()
+    for offset in range(0, size, chunk):
+        digest.update(os.pread(descriptor, chunk, offset))
+    return digest.hexdigest()
 
 
 def step_checkpoints(directory: Path) -> list[CheckpointInfo]:

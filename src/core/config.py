@@ -309,21 +309,28 @@ def _thaw(value: Any) -> Any:
 
 
 class Config(Mapping):
-    """A read-only nested mapping: `config.optimizer.lr` or `config["optimizer"]["lr"]`."""
+    """A read-only nested mapping: `config.optimizer.lr` or `config["optimizer"]["lr"]`.
 
-    __slots__ = ("_data",)
+    Keys are also plain instance attributes, so reading them in a training loop costs
+    no more than any attribute (a key named like a method, such as `items`, stays
+    reachable as `config["items"]`).
+    """
 
     def __init__(self, data: Mapping):
-        object.__setattr__(self, "_data", {key: _freeze(value) for key, value in data.items()})
+        frozen = {key: _freeze(value) for key, value in data.items()}
+        object.__setattr__(self, "_data", frozen)
+        for key, value in frozen.items():
+            if isinstance(key, str) and not hasattr(Config, key):
+                object.__setattr__(self, key, value)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._data[name]
-        except KeyError:
-            raise AttributeError(f"config has no key {name!r}") from None
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not keys
+        raise AttributeError(f"config has no key {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("the config is read-only; change it in the YAML file or with --key=value")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("the config is read-only; change it in the YAML file or with --delete")
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]

@@ -1,17 +1,29 @@
 """Distributed set-up: one process per device, started by torchrun (README, "Scaling out").
 
-torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; this
-module joins the process group (NCCL on CUDA, gloo on the CPU), and gives the
-Trainer the few collectives it needs. In a single process every function here
-is a no-op, so the Trainer reads the same either way.
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT and keeps a
+key-value store (a TCPStore) that outlives worker restarts. Rank 0 decides the plan
+(config, git gate, run directory) and hands it to the other ranks through that store;
+then every rank joins the process group, with the backend and timeout the config
+asks for (NCCL on CUDA, gloo on the CPU by default). In a single process every
+function here is a no-op, so the Trainer reads the same either way.
+
+`python run.py cfg.yaml` with `distributed.nproc_per_node > 1` (or the original
+`multigpu_parameters`) starts itself through torchrun's own launcher.
 """
 
 import datetime
 import os
-from dataclasses import dataclass
+import pickle
+import socket
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from src.core.config import Config
+from src.core.errors import UserError
+
+STORE_PREFIX = "pytorch-template"
 
 
 @dataclass(frozen=True)
@@ -19,6 +31,8 @@ class DistContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    restart_count: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: 0 on the first attempt
+    store: object = field(default=None, compare=False, repr=False)  # torchrun's store, shared by all attempts
 
     @property
     def is_main(self) -> bool:
@@ -29,9 +43,65 @@ class DistContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def attempt_store(self):
+        """Keys of this attempt only: a restarted group must not read the last attempt's keys."""
+        return dist.PrefixStore(f"{STORE_PREFIX}/attempt-{self.restart_count}/", self.store)
+
+    def remember(self, key: str, value: str) -> None:
+        """Keep a value for later attempts (the run directory, so a restart resumes it)."""
+        if self.store is not None:
+            self.store.set(f"{STORE_PREFIX}/{key}", value)
+
+    def recall(self, key: str) -> str | None:
+        if self.store is None or not self.store.check([f"{STORE_PREFIX}/{key}"]):
+            return None
+        return self.store.get(f"{STORE_PREFIX}/{key}").decode()
+
 
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def connect(timeout_seconds: float = 1800.0) -> DistContext:
+    """Read torchrun's environment and connect to its store; no process group yet."""
+    if not launched_by_torchrun():
+        return DistContext()
+    rank = int(os.environ["RANK"])
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=not agent_hosts_store and rank == 0,  # without torchrun's agent, rank 0 hosts it
+        timeout=datetime.timedelta(seconds=timeout_seconds),
+        wait_for_workers=False,
+    )
+    return DistContext(
+        rank=rank,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        store=store,
+    )
+
+
+def share_from_rank_zero(context: DistContext, key: str, compute):
+    """`compute()` on rank 0, its result on every rank (through the store, before any process
+    group exists). A UserError on rank 0 stops every rank with the same exit code."""
+    if not context.enabled:
+        return compute()
+    store = context.attempt_store()
+    if context.is_main:
+        try:
+            outcome = (compute(), None)
+        except UserError as error:
+            outcome = (None, error)
+        store.set(key, pickle.dumps(outcome))
+    else:
+        outcome = pickle.loads(store.get(key))  # waits for rank 0
+    result, error = outcome
+    if error is not None:
+        raise error
+    return result
 
 
 def choose_device(cpu: bool, context: DistContext) -> torch.device:
@@ -42,17 +112,23 @@ def choose_device(cpu: bool, context: DistContext) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str = "auto", timeout_seconds: float = 600.0, cpu: bool = False) -> DistContext:
-    """Join the process group torchrun prepared; a single process when not under torchrun."""
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return DistContext()
+def init_process_group(context: DistContext, backend: str, timeout_seconds: float, device: torch.device) -> None:
+    """Join the process group: NCCL on CUDA, gloo on the CPU, unless the config names one.
+
+    A collective that waits longer than `timeout_seconds` (a dead rank) fails the job
+    instead of hanging it.
+    """
+    if not context.enabled:
+        return
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and not cpu else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds))
-    return DistContext(
-        rank=dist.get_rank(),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        world_size=dist.get_world_size(),
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend=backend,
+        store=context.attempt_store(),
+        rank=context.rank,
+        world_size=context.world_size,
+        timeout=datetime.timedelta(seconds=timeout_seconds),
+        device_id=device if device.type == "cuda" else None,
     )
 
 
@@ -64,7 +140,7 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
 
 
 def broadcast_object(value, context: DistContext):
-    """Rank 0's `value` on every rank (the config, the run directory...)."""
+    """Rank 0's `value` on every rank."""
     if not context.enabled:
         return value
     box = [value]
@@ -72,11 +148,81 @@ def broadcast_object(value, context: DistContext):
     return box[0]
 
 
-def barrier(context: DistContext) -> None:
-    if context.enabled:
-        dist.barrier()
+def all_gather_object(value, context: DistContext) -> list:
+    """Every rank's `value`, in rank order."""
+    if not context.enabled:
+        return [value]
+    gathered = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def shutdown(context: DistContext) -> None:
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# Starting the processes: `python run.py cfg.yaml` with several processes per node
+
+
+def launch_settings(config: Config) -> dict:
+    """The `distributed` section, or the original template's `multigpu_parameters` mapped onto it."""
+    settings = config.distributed.to_dict()
+    original = config.multigpu_parameters
+    if original:
+        settings["nproc_per_node"] = original.get("ngpus_per_node", 1)
+        settings["nnodes"] = original.get("num_nodes", 1)
+        settings["node_rank"] = original.get("node_idx", 0)
+        if original.get("backend"):
+            settings["backend"] = original["backend"]
+        if original.get("url"):  # tcp://host:port, the address of node 0
+            settings["rdzv_endpoint"] = original["url"].split("://", 1)[-1]
+    return settings
+
+
+def torchrun_arguments(settings: dict) -> list[str]:
+    """torchrun's flags for these settings: standalone on one node, else a c10d rendezvous."""
+    arguments = [f"--nproc-per-node={settings['nproc_per_node']}", f"--max-restarts={settings['max_restarts']}"]
+    if settings["nnodes"] == 1:
+        return [*arguments, "--standalone"]
+    if not settings.get("rdzv_endpoint"):
+        raise UserError("distributed.nnodes > 1 needs distributed.rdzv_endpoint (host:port of the first node)")
+    if "node_rank" in settings:  # the original template numbered its nodes: a static rendezvous
+        host, _, port = settings["rdzv_endpoint"].rpartition(":")
+        return [
+            *arguments,
+            f"--nnodes={settings['nnodes']}",
+            f"--node-rank={settings['node_rank']}",
+            f"--master-addr={host}",
+            f"--master-port={port}",
+        ]
+    return [
+        *arguments,
+        f"--nnodes={settings['nnodes']}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={settings['rdzv_endpoint']}",
+        f"--rdzv-id={settings.get('rdzv_id') or 'pytorch-template'}",
+    ]
+
+
+def launch_with_torchrun(settings: dict, script: str, argv: list[str]) -> int:
+    """Run `script argv` in torchrun's elastic agent; return rank 0's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    arguments = [*torchrun_arguments(settings), script, *argv]
+    print(f"starting {settings['nproc_per_node'] * settings['nnodes']} processes: torchrun {' '.join(arguments)}")
+    try:
+        run(get_args_parser().parse_args(arguments))
+    except ChildFailedError as error:
+        failures = error.failures
+        first = failures.get(0) or next(iter(failures.values()))
+        return first.exitcode if first.exitcode > 0 else 1
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]

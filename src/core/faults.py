@@ -1,19 +1,23 @@
 """Test-only fault injection: stop or fail the process at an exact point.
 
-The crash tests set `TEMPLATE_FAULT=<point>:<n>[:<action>]` to reach the n-th
+The crash tests set `TEMPLATE_FAULT=<point>:<n>[:<action>][@<rank>]` to reach the n-th
 occurrence of a named point (`train_step`, `val` and `rollout` batches,
-`checkpoint_write`) and then `kill` (SIGKILL, the default: nothing is cleaned
-up, as with a node failure) or `enospc` (raise a disk-full error). Without the
-variable every call is a no-op costing one comparison.
+`checkpoint_write`) and then `kill` (SIGKILL, the default: nothing is cleaned up, as
+with a node failure), `enospc` (raise a disk-full error) or `exit` (end the process at
+once with status 0: the start-up benchmark's stopwatch). `@<rank>` limits it to one
+rank of a distributed run. It acts in torchrun's first attempt only, so a restarted
+group runs clean. Without the variable every call is a no-op costing one comparison.
 """
 
 import errno
 import os
 import signal
 
-_SPEC = os.environ.get("TEMPLATE_FAULT", "")
+_SPEC, _, _RANK = os.environ.get("TEMPLATE_FAULT", "").partition("@")
 _POINT, _, _REST = _SPEC.partition(":")
 _COUNT, _, _ACTION = _REST.partition(":")
+if (_RANK and os.environ.get("RANK", "0") != _RANK) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    _POINT = ""
 _seen: dict[str, int] = {}
 
 
@@ -26,4 +30,6 @@ def maybe_fail(point: str) -> None:
         return
     if _ACTION == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if _ACTION == "exit":
+        os._exit(0)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -26,22 +26,29 @@ class MetricLogger:
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.buffer: list[str] = []
         self.last_flush = time.monotonic()
-        from torch.utils.tensorboard import SummaryWriter  # ~0.1 s to import: only when logging
+        # TensorBoard's own event writer (torch's SummaryWriter wraps it, at twice the cost per value),
+        # imported here so that a run without logging never loads TensorBoard.
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        # purge_step: TensorBoard hides values at and after it from earlier event files.
-        purge = None if resume_step is None else resume_step + 1
-        self.tensorboard = SummaryWriter(log_dir=str(run_directory), purge_step=purge)
+        self.Event, self.Summary = Event, Summary
+        self.tensorboard = EventFileWriter(str(run_directory))
+        if resume_step is not None:
+            # What SummaryWriter(purge_step=...) writes: TensorBoard then hides the values that
+            # earlier event files hold for this step and later ones.
+            start = SessionLog(status=SessionLog.START)
+            self.tensorboard.add_event(Event(wall_time=time.time(), step=resume_step + 1, session_log=start))
 
     def log(self, step: int, epoch: int, phase: str, values: dict[str, float]) -> None:
         wall_time = time.time()
+        summary = self.Summary()
         for name, value in values.items():
             value = float(value)
-            self.buffer.append(
-                json.dumps(
-                    {"step": step, "epoch": epoch, "phase": phase, "name": name, "value": value, "time": wall_time}
-                )
-            )
-            self.tensorboard.add_scalar(f"{phase}/{name}", value, step, walltime=wall_time)
+            record = {"step": step, "epoch": epoch, "phase": phase, "name": name, "value": value, "time": wall_time}
+            self.buffer.append(json.dumps(record))
+            summary.value.add(tag=f"{phase}/{name}", simple_value=value)
+        self.tensorboard.add_event(self.Event(wall_time=wall_time, step=step, summary=summary))
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 

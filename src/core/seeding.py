@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -41,7 +42,14 @@ def configure_determinism(deterministic: bool | str, device: torch.device) -> bo
     if enabled and device.type == "cuda":
         # cuBLAS needs this set before its first use to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
+    # torch.use_deterministic_algorithms() also sets torch.compile's flag, importing the compiler
+    # (0.8 s) to do so. Set the same two things without that import: the compiler reads its flag
+    # from this variable whenever it is first imported.
+    torch._C._set_deterministic_algorithms(enabled)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = enabled
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1" if enabled else "0"
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
     return enabled

@@ -86,14 +86,27 @@ TEMPLATE_SCHEMA = {
             "every_n_steps": {"type": "integer", "min": 1, "nullable": True, "default": None, "meta": NEUTRAL},
         }
     ),
-    "log_every_n_steps": {"type": "integer", "min": 1, "default": 10},
+    "log_every_n_steps": {"type": "integer", "min": 1, "default": 50},
     "progress_bar": {
         "type": ["boolean", "string"],
         "allowed": [True, False, "auto"],
         "default": "auto",
         "meta": NEUTRAL,
     },
-    # The original template's multi-GPU section; `distributed` is the clearer spelling.
+    # Several processes (GPUs, nodes): `python run.py` starts them through torchrun when
+    # nproc_per_node * nnodes > 1; a job started by torchrun itself uses backend and timeout.
+    "distributed": _section(
+        {
+            "nproc_per_node": {"type": "integer", "min": 1, "default": 1},
+            "nnodes": {"type": "integer", "min": 1, "default": 1},
+            "rdzv_endpoint": {"type": "string", "nullable": True, "default": None},  # host:port of node 0
+            "backend": {"type": "string", "allowed": ["auto", "nccl", "gloo"], "default": "auto"},
+            "timeout_seconds": _float(min=1.0, default=600.0),  # a dead rank fails the job after this
+            "max_restarts": {"type": "integer", "min": 0, "default": 0},  # torchrun restarts, which resume
+        },
+        meta=NEUTRAL,
+    ),
+    # The original template's multi-GPU section, mapped onto `distributed`.
     "multigpu_parameters": {
         "type": "dict",
         "nullable": True,

@@ -14,6 +14,7 @@ Logged values (step = optimizer steps so far; epoch counts from 1, 0 is before t
 """
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from src.core import faults
 from src.core.checkpoint import FORMAT_VERSION, CheckpointWriter, step_file_name
 from src.core.config import Config
 from src.core.data import EpochSampler, make_loader
-from src.core.distributed import DistContext, all_reduce_sum, broadcast_object
+from src.core.distributed import DistContext, all_gather_object, all_reduce_sum, broadcast_object
 from src.core.metrics import MetricLogger
 from src.core.rundir import update_metadata
 from src.core.seeding import derive_seed, isolated_rng, restore_rng_state, rng_state
@@ -76,6 +77,7 @@ class Trainer:
         self.loss_function = loss_function
         self.commit, self.config_hash = commit, config_hash
         self.logging = run_directory is not None  # the same on every rank
+        self.run_directory = run_directory
         self.show_progress = show_progress and context.is_main
 
         self.model = model.to(device)
@@ -88,10 +90,13 @@ class Trainer:
         self.batches_per_epoch = math.ceil(self._sampler("train").per_rank / config.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
         self.schedule_steps = self.steps_per_epoch * config.epochs  # kept from the first run on resume
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.lr_factor(step))
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # the schedule scales this
+        self.set_learning_rate(0)
         use_amp = device.type == "cuda" and config.mixed_precision != "off"
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=use_amp and config.mixed_precision == "fp16")
+        # float16 gradients need loss scaling against underflow; bfloat16 and float32 do not.
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp and config.mixed_precision == "fp16" else None
         self.use_amp = use_amp
         if config.mixed_precision != "off" and not use_amp:
             print(f"note: mixed_precision={config.mixed_precision} applies on CUDA only; training in float32")
@@ -142,7 +147,20 @@ class Trainer:
         if self.checkpoints:
             self.checkpoints.wait()
             self.logger.close()
+        if self.context.enabled:
+            self.check_replicas()
         return metrics
+
+    def check_replicas(self) -> None:
+        """Under DDP every rank must end with the same weights; record each rank's hash."""
+        digest = hashlib.sha256()
+        for parameter in self.model.parameters():
+            digest.update(parameter.detach().cpu().numpy().tobytes())
+        digests = all_gather_object(digest.hexdigest(), self.context)
+        if self.checkpoints:
+            update_metadata(self.run_directory, replica_parameters_sha256=digests)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the ranks' parameters differ after training (SHA-256 per rank: {digests})")
 
     def train_one_epoch(self) -> float:
         config, progress = self.config, self.progress
@@ -157,15 +175,15 @@ class Trainer:
             steps_now = batch_index + 1 == group_start + group_size  # the group's last batch
             with self.no_sync(not steps_now), self.autocast():
                 loss = self.compute_loss(self.train_model, batch)
-            self.scaler.scale(loss / group_size).backward()
-            self.interval_loss += loss.detach()
-            self.epoch_loss += loss.detach()
+            self.backward(loss / group_size if group_size > 1 else loss)
+            detached = loss.detach()
+            self.interval_loss += detached
+            self.epoch_loss += detached
             self.interval_batches += 1
             self.epoch_batches += 1
             progress.batch_in_epoch = batch_index + 1
             if steps_now:
                 self.optimizer_step()
-                progress.global_step += 1
                 faults.maybe_fail("train_step")
                 if progress.global_step % config.log_every_n_steps == 0:
                     self.log_training(bar)
@@ -185,14 +203,29 @@ class Trainer:
         prediction = model(**batch)
         return self.loss_function(prediction, self.model.transform(supervision))
 
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
     def optimizer_step(self) -> None:
-        if self.config.gradient_clip_norm is not None:
+        """One optimizer step (clipping first, when configured); then the next step's learning rate."""
+        if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        if self.config.gradient_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.gradient_clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.progress.global_step += 1
+        self.set_learning_rate(self.progress.global_step)
+
+    def set_learning_rate(self, step: int) -> None:
+        """The schedule, as nanoGPT sets it: a pure function of the step, so no state to save."""
+        factor = self.lr_factor(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
 
     def lr_factor(self, step: int) -> float:
         """The learning rate at optimizer step `step`, as a fraction of `optimizer.lr`."""
@@ -247,7 +280,7 @@ class Trainer:
         loss = self.reduce_mean(self.interval_loss, self.interval_batches)
         self.interval_loss.zero_()
         self.interval_batches = 0
-        self.log(self.progress.epoch + 1, {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]})
+        self.log(self.progress.epoch + 1, {"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
     def log_evaluation(self, epoch: int) -> dict[str, float]:
@@ -316,16 +349,12 @@ class Trainer:
             "rng": rng_state(),
             "running_loss": [self.interval_loss, self.interval_batches, self.epoch_loss, self.epoch_batches],
         }
-        per_rank = [own]
-        if self.context.enabled:
-            per_rank = [None] * self.context.world_size
-            torch.distributed.all_gather_object(per_rank, own)
+        per_rank = all_gather_object(own, self.context)  # every rank's random state, for an exact DDP resume
         return {
             "format": FORMAT_VERSION,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
             "progress": asdict(self.progress),
             "schedule_steps": self.schedule_steps,
             "best": dict(self.best),
@@ -339,10 +368,11 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         self.schedule_steps = state["schedule_steps"]
+        self.set_learning_rate(self.progress.global_step)
         self.best = dict(state["best"])
         own = state["per_rank"][self.context.rank % len(state["per_rank"])]
         interval_loss, self.interval_batches, epoch_loss, self.epoch_batches = own["running_loss"]
@@ -419,4 +449,4 @@ class Trainer:
         values = "  ".join(f"{key} {value:.4g}" for key, value in metrics.items())
         mark = f"  * best {self.monitor}" if improved else ""
         where = f"epoch {self.progress.epoch}/{self.config.epochs}  step {self.progress.global_step}"
-        tqdm.write(f"{where}  {values}  ({seconds:.1f} s){mark}")
+        tqdm.write(f"{where}  {values}  ({seconds:.3g} s){mark}")
