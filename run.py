@@ -53,7 +53,7 @@ from src.core.errors import Refusal, UserError
 from src.core.evaluation import checkpoints_to_evaluate, evaluate_checkpoints, write_evaluation
 from src.core.resolve import build_datasets, build_model, check_config_names, resolve_loss_function
 from src.core.rundir import CONFIG_FILE, lock_run_directory, now, read_yaml, start_run, update_metadata
-from src.core.seeding import configure_determinism, seed_everything
+from src.core.seeding import configure_determinism, derive_seed, seed_everything
 from src.core.trainer import Trainer
 from src.schema import SCHEMA
 
@@ -135,7 +135,7 @@ def build_and_fit(plan: Plan, args, context: DistContext) -> int:
     config = Config(plan.config)
     device = choose_device(args.cpu, context)
     init_process_group(context, config.distributed.backend, config.distributed.timeout_seconds, device)
-    model, datasets, loss_function = build_parts(config, plan.data_directory, plan.mini, device)
+    model, datasets, loss_function = build_parts(config, plan.data_directory, plan.mini, device, context.rank)
     run_directory = lock = None
     if context.is_main and plan.git is not None:
         run_directory = (
@@ -182,14 +182,15 @@ def build_and_fit(plan: Plan, args, context: DistContext) -> int:
     return 0
 
 
-def build_parts(config: Config, data_directory: str, mini: bool, device):
-    """The model (seeded), its datasets and its loss function."""
+def build_parts(config: Config, data_directory: str, mini: bool, device, rank: int = 0):
+    """The model (the same initial weights on every rank), its datasets and its loss function."""
     seed_everything(config.seed)
     configure_determinism(config.deterministic, device)
     model = build_model(config)
     if config.bootstrap_model_file:
         model.load_state_dict(load_model_weights(config.bootstrap_model_file))
     datasets = build_datasets(config, data_directory, mini=mini)
+    seed_everything(derive_seed(config.seed, "rank", rank))  # each rank its own dropout and augmentations
     return model, datasets, resolve_loss_function(config.loss_function)
 
 
