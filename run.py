@@ -52,7 +52,9 @@ from src.core.distributed import (
 from src.core.errors import Refusal, UserError
 from src.core.evaluation import checkpoints_to_evaluate, evaluate_checkpoints, write_evaluation
 from src.core.resolve import build_datasets, build_model, check_config_names, resolve_loss_function
+from src.core.reproduce import reproduce
 from src.core.rundir import CONFIG_FILE, lock_run_directory, now, read_yaml, start_run, update_metadata
+from src.core.runs import format_table, list_runs, set_note
 from src.core.seeding import configure_determinism, derive_seed, seed_everything
 from src.core.trainer import Trainer
 from src.schema import SCHEMA
@@ -61,6 +63,15 @@ from src.schema import SCHEMA
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_command_line(argv)
+        if args.runs is not None:
+            root = Path(args.runs) if args.runs else provenance.PROJECT_ROOT / "logs"
+            print(format_table(list_runs(root, args.filter, args.status), args.csv))
+            return 0
+        if args.note:
+            set_note(Path(args.note[0]), args.note[1])
+            return 0
+        if args.reproduce:
+            return reproduce(Path(args.reproduce), args.cpu, args.edits.overrides)
         if args.evaluate:
             return evaluate(args)
         return train(args)
@@ -198,7 +209,7 @@ def create_run_directory(plan: Plan, args, world_size: int) -> Path:
     config = Config(plan.config)
     log_root = Path(args.log_dir) if args.log_dir else provenance.PROJECT_ROOT / "logs"
     run_directory = start_run(
-        log_root / (config.project_name or config.model_type),
+        Path(args.run_parent) if args.run_parent else log_root / (config.project_name or config.model_type),
         config.run_name,
         plan.config,
         {

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", metavar="RUN_DIR", help="continue a logged run from its newest valid checkpoint")
     add("--evaluate", metavar="RUN_DIR", help="run validation and rollout on a run's saved checkpoints")
     add("--checkpoints", nargs="+", metavar="NAME", help="with --evaluate: only these (best, last, step-N.pt, N)")
+    add("--reproduce", metavar="RUN_DIR", help="re-run a logged run at its commit and compare the results")
+    add("--runs", nargs="?", const="", metavar="DIR", help="a table of logged runs (default: logs/)")
+    add("--filter", metavar="TEXT", help="with --runs: runs whose description or name contains TEXT")
+    add("--status", metavar="STATUS", help="with --runs: running, finished, failed, crashed or interrupted")
+    add("--csv", action="store_true", help="with --runs: print CSV")
+    add("--note", nargs=2, metavar=("RUN_DIR", "TEXT"), help="write TEXT as the run's summary in metadata.yaml")
+    add("--run-parent", metavar="DIR", help="create the run directory right under DIR (used by --reproduce)")
     return parser
 
 

@@ -62,6 +62,8 @@ TEMPLATE_SCHEMA = {
             "type": {"type": "string", "allowed": ["constant", "cosine", "linear"], "default": "constant"},
             "warmup_steps": {"type": "integer", "min": 0, "default": 0},
             "final_lr_fraction": _float(min=0.0, max=1.0, default=0.0),
+            # The schedule's length in optimizer steps; null: every step of `epochs` epochs.
+            "total_steps": {"type": "integer", "min": 1, "nullable": True, "default": None},
         }
     ),
     "gradient_accumulation_steps": {"type": "integer", "min": 1, "default": 1},

@@ -89,7 +89,8 @@ class Trainer:
         self.optimizer = model.configure_optimizer(config.optimizer)
         self.batches_per_epoch = math.ceil(self._sampler("train").per_rank / config.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
-        self.schedule_steps = self.steps_per_epoch * config.epochs  # kept from the first run on resume
+        # The schedule's length: kept from the first attempt when a resume extends `epochs`.
+        self.schedule_steps = config.scheduler.total_steps or self.steps_per_epoch * config.epochs
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the schedule scales this
         self.set_learning_rate(0)
@@ -333,6 +334,7 @@ class Trainer:
         metadata = {
             "epochs_done": self.progress.epoch,
             "global_step": self.progress.global_step,
+            "schedule_steps": self.schedule_steps,
             "best": dict(self.best),
         }
 
