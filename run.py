@@ -51,8 +51,8 @@ from src.core.distributed import (
 )
 from src.core.errors import Refusal, UserError
 from src.core.evaluation import checkpoints_to_evaluate, evaluate_checkpoints, write_evaluation
-from src.core.resolve import build_datasets, build_model, check_config_names, resolve_loss_function
 from src.core.reproduce import reproduce
+from src.core.resolve import build_datasets, build_model, check_config_names, resolve_loss_function
 from src.core.rundir import CONFIG_FILE, lock_run_directory, now, read_yaml, start_run, update_metadata
 from src.core.runs import format_table, list_runs, set_note
 from src.core.seeding import configure_determinism, derive_seed, seed_everything

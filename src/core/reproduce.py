@@ -40,6 +40,7 @@ def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
     Values the original logged up to the reproduction's last step must all be there;
     a reproduction cut short (--epochs=1) is compared on the steps it ran.
     """
+
     def keyed(records):
         return {(r["step"], r["epoch"], r["phase"], r["name"]): r["value"] for r in records}
 
@@ -113,7 +114,8 @@ def environment_differences(saved: dict, run_directory: Path, data_directory: Pa
         after = set(provenance.installed_packages())
         changed = sorted({line.split("==")[0] for line in before ^ after})
         if changed:
-            notes.append(f"installed packages differ: {', '.join(changed[:10])}" + (" ..." if len(changed) > 10 else ""))
+            more = " ..." if len(changed) > 10 else ""
+            notes.append(f"installed packages differ: {', '.join(changed[:10])}{more}")
     recorded_data = saved.get("data_fingerprint") or {}
     if data_directory.is_dir() and recorded_data:
         now = provenance.data_fingerprint(data_directory)
@@ -139,7 +141,7 @@ def run_at_commit(run_directory: Path, saved: dict, flags: list[str], overrides:
     worktree = scratch / "worktree"
     config_file = scratch / "config.yaml"  # outside the worktree, which must stay clean
     config_file.write_text(dump_yaml({k: v for k, v in saved.items() if k not in PROVENANCE_KEYS}))
-    parent = run_directory / "reproductions"
+    parent = run_directory.resolve() / "reproductions"
     before = set(parent.iterdir()) if parent.exists() else set()
     provenance.run_git(["worktree", "add", "--detach", "--quiet", str(worktree), commit])
     try:
@@ -162,7 +164,8 @@ def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) 
     data_directory = Path(saved["data_fingerprint"]["directory"])
     flags = ["--cpu"] if cpu or recorded_flags.get("cpu") else []
     flags += ["--mini"] if recorded_flags.get("mini") else []
-    extra = [f"--data_directory={data_directory}"]  # the data lives outside git, at its recorded place
+    # The data lives outside git, at its recorded place; the reproduction is named by its start time.
+    extra = [f"--data_directory={data_directory}", "--run_name=null"]
     if any(key == "epochs" for key, _ in overrides):  # a shorter check keeps the original schedule
         schedule_steps = (read_yaml(run_directory / METADATA_FILE) or {}).get("schedule_steps")
         if schedule_steps:
