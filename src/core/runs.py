@@ -39,6 +39,7 @@ def summarize(run_directory: Path, root: Path) -> dict:
     resumes = len(metadata.get("resumes") or [])
     best = metadata.get("best") or {}
     return {
+        "order": (str(metadata.get("started", "")), (run_directory / CONFIG_FILE).stat().st_mtime),
         "run": str(run_directory.relative_to(root)),
         "started": str(metadata.get("started", "")),
         "commit": (git.get("commit") or "")[:10] + ("" if git.get("commit_on_remote") else "*"),
@@ -58,7 +59,7 @@ def list_runs(root: Path, text: str | None = None, status: str | None = None) ->
         rows = [row for row in rows if text.lower() in (row["description"] + " " + row["run"]).lower()]
     if status:
         rows = [row for row in rows if row["status"].split()[0] == status]
-    return sorted(rows, key=lambda row: row["started"], reverse=True)
+    return sorted(rows, key=lambda row: row.pop("order"), reverse=True)
 
 
 def format_table(rows: list[dict], as_csv: bool = False) -> str:

@@ -143,6 +143,7 @@ ReturnToService=2
 JobRequeue=1
 MaxArraySize=10001
 MinJobAge=300
+MailProg=/bin/true
 
 # Timers
 MessageTimeout=10
@@ -154,8 +155,7 @@ Waittime=0
 
 # No accounting daemon
 AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=30
+JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 
 NodeName=$HOST NodeAddr=127.0.0.1 $(node_hw) State=UNKNOWN
@@ -208,6 +208,7 @@ if ! munge_ok; then
         sleep 1
     fi
     rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock /run/munge/munged.pid
+    log "starting munged (as $MUNGE_USER)"
     if [[ $MUNGE_USER == munge ]]; then
         runuser -u munge -- munged --force \
             || die "munged failed to start (as user munge)"
