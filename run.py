@@ -18,6 +18,7 @@ rank receives the result. Exit codes: 0 done, 2 bad command line or config,
 
 import os
 import shlex
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -56,7 +57,9 @@ from src.core.resolve import build_datasets, build_model, check_config_names, re
 from src.core.rundir import CONFIG_FILE, lock_run_directory, now, read_yaml, start_run, update_metadata
 from src.core.runs import format_table, list_runs, set_note
 from src.core.seeding import configure_determinism, derive_seed, seed_everything
-from src.core.trainer import Trainer
+from src.core.sweep import create as create_sweep
+from src.core.sweep import expand, requeue_this_job, run_locally, submit, write_slurm_script
+from src.core.trainer import Preempted, Trainer
 from src.schema import SCHEMA
 
 
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             return reproduce(Path(args.reproduce), args.cpu, args.edits.overrides)
         if args.evaluate:
             return evaluate(args)
+        if args.config and not args.resume:
+            document = apply_edits(load_yaml_file(args.config), args.edits, SCHEMA)
+            if document.get("sweep") is not None or args.slurm or args.submit:
+                return run_sweep(args, document)
         return train(args)
     except UserError as error:  # the user's to fix: one message, no traceback
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
@@ -172,7 +179,15 @@ def build_and_fit(plan: Plan, args, context: DistContext) -> int:
             config_hash=config_hash(config, SCHEMA),
             show_progress=config.progress_bar is True or (config.progress_bar == "auto" and sys.stderr.isatty()),
         )
+        if args.requeue:  # Slurm's warning before the time limit
+            trainer.handles_preemption = True
+            signal.signal(signal.SIGUSR1, trainer.request_stop)
         trainer.fit()
+    except Preempted as preempted:
+        if run_directory is not None and context.is_main:
+            update_metadata(run_directory, status="preempted", error=None)
+            print(f"{preempted}; {requeue_this_job()}")
+        return 0
     except BaseException as error:
         if run_directory is not None and context.is_main:
             status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
@@ -260,6 +275,33 @@ def evaluate(args) -> int:
     results = evaluate_checkpoints(trainer, paths)
     if commit is not None:
         print(f"wrote {write_evaluation(run_directory, results, commit)}")
+    return 0
+
+
+def run_sweep(args, document: dict) -> int:
+    """A sweep (or, with --slurm, any config): every combination, pinned to this commit."""
+    members = expand(document, SCHEMA)
+    if args.print_config:
+        for member in members:
+            print(f"{member.name}: {member.parameters}")
+        return 0
+    if args.no_logging or args.allow_dirty_repo:
+        raise UserError("a sweep logs every run it makes, so it cannot run with --no-logging or --allow-dirty-repo")
+    for member in members:  # the sub-runs run in a worktree without the data: give them its real place
+        member.config["data_directory"] = str(find_data_directory(Config(member.config)))
+    git = provenance.gate()
+    first = Config(members[0].config)
+    log_root = Path(args.log_dir) if args.log_dir else provenance.PROJECT_ROOT / "logs"
+    sweep = create_sweep(log_root / (first.project_name or first.model_type), first.run_name, document, members, git)
+    print(f"sweep of {len(members)} run(s) at commit {git['commit'][:12]}: {sweep.directory}")
+    flags = [flag for flag, on in (("--cpu", args.cpu), ("--mini", args.mini)) if on]
+    if not (args.slurm or args.submit):
+        return run_locally(sweep, flags)
+    script = write_slurm_script(sweep, first.slurm.to_dict(), flags, args.requeue)
+    if args.submit:
+        print(f"submitted job {submit(script)} ({script})")
+    else:
+        print(f"wrote {script}\nsubmit it with: sbatch {script}")
     return 0
 
 

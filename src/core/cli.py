@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--csv", action="store_true", help="with --runs: print CSV")
     add("--note", nargs=2, metavar=("RUN_DIR", "TEXT"), help="write TEXT as the run's summary in metadata.yaml")
     add("--run-parent", metavar="DIR", help="create the run directory right under DIR (used by --reproduce)")
+    add("--slurm", action="store_true", help="write the sweep's Slurm array script instead of running it here")
+    add("--submit", action="store_true", help="with --slurm: also submit it with sbatch")
+    add("--requeue", action="store_true", help="on SIGUSR1 (Slurm's warning): checkpoint, requeue, later resume")
     return parser
 
 

@@ -188,6 +188,24 @@ def gate(root: Path | str = PROJECT_ROOT) -> dict:
     return git_provenance(state)
 
 
+def add_worktree(commit: str, path: Path, purpose: str) -> None:
+    """A clean checkout of `commit` at `path` (submodules included), sharing this repository's
+    objects: code that later edits, checkouts or commits in the working tree cannot change."""
+    if run_git(["cat-file", "-e", f"{commit}^{{commit}}"], check=False).returncode != 0:
+        raise Refusal(
+            f"{purpose}: commit {commit[:12]} is not in this repository (not fetched, or history was "
+            "rewritten). Fetch it (git fetch --all) and try again."
+        )
+    run_git(["worktree", "add", "--detach", "--quiet", str(path), commit])
+    if (path / ".gitmodules").exists():
+        run_git(["submodule", "update", "--init", "--recursive", "--quiet"], cwd=path)
+
+
+def remove_worktree(path: Path) -> None:
+    run_git(["worktree", "remove", "--force", str(path)], check=False)
+    run_git(["worktree", "prune"], check=False)
+
+
 def installed_packages() -> list[str]:
     """`pip freeze` without starting pip: every installed distribution as name==version."""
     packages = {

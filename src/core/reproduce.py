@@ -20,7 +20,7 @@ from pathlib import Path
 from src.core import provenance
 from src.core.checkpoint import DamagedCheckpoint, read_checkpoint, step_checkpoints
 from src.core.config import PROVENANCE_KEYS, dump_yaml
-from src.core.errors import Refusal, UserError
+from src.core.errors import UserError
 from src.core.metrics import read_metrics
 from src.core.rundir import CONFIG_FILE, METADATA_FILE, read_yaml
 
@@ -132,25 +132,19 @@ def run_at_commit(run_directory: Path, saved: dict, flags: list[str], overrides:
     """Run the recorded config at the recorded commit in a temporary worktree; return
     the exit code and the reproduction's run directory."""
     commit = saved["git"]["commit"]
-    if provenance.run_git(["cat-file", "-e", f"{commit}^{{commit}}"], check=False).returncode != 0:
-        raise Refusal(
-            f"--reproduce {run_directory}: commit {commit[:12]} is not in this repository (not fetched, "
-            "or history was rewritten). Fetch it (git fetch --all) and try again."
-        )
     scratch = Path(tempfile.mkdtemp(prefix="reproduce-"))
     worktree = scratch / "worktree"
     config_file = scratch / "config.yaml"  # outside the worktree, which must stay clean
     config_file.write_text(dump_yaml({k: v for k, v in saved.items() if k not in PROVENANCE_KEYS}))
     parent = run_directory.resolve() / "reproductions"
     before = set(parent.iterdir()) if parent.exists() else set()
-    provenance.run_git(["worktree", "add", "--detach", "--quiet", str(worktree), commit])
     try:
+        provenance.add_worktree(commit, worktree, f"--reproduce {run_directory}")
         print(f"reproducing {run_directory} at commit {commit[:12]} in a temporary worktree")
         command = [sys.executable, "run.py", str(config_file), *flags, "--run-parent", str(parent), *overrides]
         returncode = subprocess.run(command, cwd=worktree).returncode
     finally:
-        provenance.run_git(["worktree", "remove", "--force", str(worktree)], check=False)
-        provenance.run_git(["worktree", "prune"], check=False)
+        provenance.remove_worktree(worktree)
         shutil.rmtree(scratch, ignore_errors=True)
     created = sorted(set(parent.iterdir()) - before) if parent.exists() else []
     return returncode, (created[-1] if created else None)

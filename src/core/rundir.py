@@ -30,14 +30,14 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def create_run_directory(parent: Path, name: str | None) -> Path:
-    """Make a new directory under `parent`, named `name` or a timestamp.
+def create_run_directory(parent: Path, name: str | None, prefix: str = "") -> Path:
+    """Make a new directory under `parent`, named `prefix` + (`name` or a timestamp).
 
     `mkdir` is atomic: when two runs pick the same name in the same second, one
     gets the name and the other a `-2` suffix, so a directory is never shared.
     """
     parent.mkdir(parents=True, exist_ok=True)
-    base = name or datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    base = prefix + (name or datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     for attempt in range(1, 10_000):
         path = parent / (base if attempt == 1 else f"{base}-{attempt}")
         try:

@@ -108,6 +108,33 @@ TEMPLATE_SCHEMA = {
         },
         meta=NEUTRAL,
     ),
+    # A sweep: dotted keys mapped to lists of values; the run expands to their cartesian product.
+    "sweep": {
+        "type": "dict",
+        "nullable": True,
+        "default": None,
+        "keysrules": {"type": "string"},
+        "valuesrules": {"type": "list", "minlength": 1},
+        "meta": NEUTRAL,
+    },
+    # How --slurm writes a sweep's array script (one task per member).
+    "slurm": _section(
+        {
+            "partition": {"type": "string", "nullable": True, "default": None},
+            "time": {"type": "string", "default": "01:00:00"},
+            "nodes": {"type": "integer", "min": 1, "default": 1},
+            "gpus_per_node": {"type": "integer", "min": 0, "default": 0},
+            "cpus_per_task": {"type": "integer", "min": 1, "default": 1},
+            "mem": {"type": "string", "nullable": True, "default": None},
+            "account": {"type": "string", "nullable": True, "default": None},
+            "qos": {"type": "string", "nullable": True, "default": None},
+            "parallel": {"type": "integer", "min": 1, "nullable": True, "default": None},  # the array's %N
+            "extra_sbatch": {"type": "list", "schema": {"type": "string"}, "default": []},  # "--constraint=a100"
+            "setup": {"type": "list", "schema": {"type": "string"}, "default": []},  # "module load cuda"
+            "signal_seconds": {"type": "integer", "min": 1, "default": 120},  # --requeue's warning
+        },
+        meta=NEUTRAL,
+    ),
     # The original template's multi-GPU section, mapped onto `distributed`.
     "multigpu_parameters": {
         "type": "dict",

@@ -38,6 +38,10 @@ SINGLE_PROCESS = DistContext()
 EVALUATION_PHASES = {"val": "test", "rollout": "eval"}  # logged phase -> dataset phase
 
 
+class Preempted(Exception):
+    """A preemption warning arrived (--requeue): the run saved a checkpoint and stops here."""
+
+
 @dataclass
 class Progress:
     """Where training stands: what a resumed run continues from."""
@@ -110,6 +114,9 @@ class Trainer:
         self.epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.interval_batches = self.epoch_batches = 0
         self.last_checkpoint_time = time.monotonic()
+        self.handles_preemption = False  # run.py sets it with --requeue, and a signal sets stop_requested
+        self.stop_requested = False
+        self.checkpointed_step = -1
 
         resuming = resume_state is not None
         if resume_state:
@@ -145,6 +152,8 @@ class Trainer:
             improved = self.update_best(metrics)
             self.save_checkpoint(links=("last", "best") if improved else ("last",))
             self.print_summary(metrics, improved, time.monotonic() - started)
+            if self.stop_due(at_epoch_end=True):
+                self.stop_here()
         if self.checkpoints:
             self.checkpoints.wait()
             self.logger.close()
@@ -188,8 +197,11 @@ class Trainer:
                 faults.maybe_fail("train_step")
                 if progress.global_step % config.log_every_n_steps == 0:
                     self.log_training(bar)
-                if progress.batch_in_epoch < self.batches_per_epoch and self.interval_checkpoint_due():
-                    self.save_checkpoint(links=())  # mid-epoch; the epoch's end saves anyway
+                if progress.batch_in_epoch < self.batches_per_epoch:  # the epoch's end saves anyway
+                    if self.stop_due():
+                        self.stop_here()
+                    if self.interval_checkpoint_due():
+                        self.save_checkpoint(links=())
             bar.update()
         bar.close()
         loss = self.reduce_mean(self.epoch_loss, self.epoch_batches)
@@ -321,6 +333,27 @@ class Trainer:
             return False
         return broadcast_object(time.monotonic() - self.last_checkpoint_time >= interval, self.context)
 
+    def request_stop(self, *signal_arguments) -> None:
+        """The SIGUSR1 handler under --requeue: stop at the next step, after a checkpoint."""
+        self.stop_requested = True
+
+    def stop_due(self, at_epoch_end: bool = False) -> bool:
+        """Whether to stop now for a preemption; under DDP rank 0 decides, at logging steps."""
+        if not self.handles_preemption:
+            return False
+        if not self.context.enabled:
+            return self.stop_requested
+        if not at_epoch_end and self.progress.global_step % self.config.log_every_n_steps:
+            return False
+        return broadcast_object(self.stop_requested, self.context)
+
+    def stop_here(self) -> None:
+        if self.logging and self.progress.global_step != self.checkpointed_step:  # the epoch's end may have saved
+            self.save_checkpoint(links=())
+        if self.checkpoints:
+            self.checkpoints.wait()
+        raise Preempted(f"stopped for preemption at step {self.progress.global_step}, after a checkpoint")
+
     def save_checkpoint(self, links: tuple[str, ...]) -> None:
         if not self.logging:
             return
@@ -329,6 +362,7 @@ class Trainer:
             self.best["step_file"] = f"checkpoints/{step_file_name(self.progress.global_step)}"
         state = self.state_dict()  # a collective under DDP: every rank gives its random state
         self.last_checkpoint_time = time.monotonic()
+        self.checkpointed_step = self.progress.global_step
         if not self.context.is_main:
             return
         metadata = {

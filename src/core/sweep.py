@@ -1,0 +1,290 @@
+"""Sweeps: a `sweep:` section maps dotted keys to lists of values; the run expands to their
+cartesian product. Lists anywhere else in a config are ordinary values.
+
+A sweep is pinned to the commit it started at: the gate runs once, then every sub-run
+runs from a git worktree of that commit made inside the sweep directory, so edits,
+checkouts or commits in the working tree afterwards change nothing. Sub-runs are normal
+runs, named by their index and parameters, grouped in the sweep directory:
+
+    logs/<project>/sweep-<timestamp>/
+        sweep.yaml            the sweep's config (with its sweep: section) and git commit
+        code/                 the worktree at that commit, where every sub-run runs
+        configs/03-lr=3e-4,hidden=64.yaml
+        03-lr=3e-4,hidden=64/ the sub-run's run directory
+        sweep.csv             the sub-runs with their status and final metrics
+        sweep.sbatch, slurm/  with --slurm: the array script and the tasks' output
+"""
+
+import copy
+import csv
+import io
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.core import provenance
+from src.core.config import dump_yaml, finalize, set_key
+from src.core.errors import UserError
+from src.core.resolve import check_config_names
+from src.core.rundir import CONFIG_FILE, METADATA_FILE, create_run_directory, read_yaml, write_text_atomic
+
+UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+
+
+@dataclass
+class SweepMember:
+    index: int
+    name: str  # "03-lr=3e-4,hidden=64"
+    parameters: dict  # dotted key -> value
+    config: dict  # the resolved, validated config of this sub-run
+
+
+def format_value(value) -> str:
+    """Short and readable: 3e-4 rather than 0.0003, [1,2] rather than [1, 2]."""
+    if isinstance(value, float):
+        text = f"{value:.3g}"
+        if "e" in text:
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}e{int(exponent)}"
+        return text
+    if isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def member_name(index: int, count: int, parameters: dict) -> str:
+    """`03-lr=3e-4,hidden=64`: the index, then each key's last part (the whole key where
+    two would read the same) and its value."""
+    short = [key.rsplit(".", 1)[-1] for key in parameters]
+    labels = [s if short.count(s) == 1 else key for s, key in zip(short, parameters, strict=True)]
+    text = ",".join(f"{label}={format_value(value)}" for label, value in zip(labels, parameters.values(), strict=True))
+    return f"{index:0{len(str(count - 1))}d}-{UNSAFE.sub('_', text)}"[:120]
+
+
+def expand(document: dict, schema: dict) -> list[SweepMember]:
+    """Every combination of the `sweep:` section's values, each validated as a whole config.
+    A config without a sweep section is a sweep of one (for --slurm)."""
+    sweep = document.get("sweep")
+    if sweep is None:
+        config = finalize(document, schema)
+        check_config_names(config)
+        return [SweepMember(0, "0-run", {}, config.to_dict())]
+    if not isinstance(sweep, dict) or not sweep:
+        raise UserError("config key 'sweep': expected a mapping of dotted keys to lists of values")
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(
+                f"config key 'sweep.{key}': expected a non-empty list of values, found {values!r} "
+                "(a sweep runs every combination of these lists)"
+            )
+    combinations = list(itertools.product(*sweep.values()))
+    members = []
+    for index, values in enumerate(combinations):
+        parameters = dict(zip(sweep, values, strict=True))
+        name = member_name(index, len(combinations), parameters)
+        member = copy.deepcopy({key: value for key, value in document.items() if key != "sweep"})
+        for key, value in parameters.items():
+            set_key(member, key, value, schema, "sweep key")
+        try:
+            config = finalize(member, schema)
+            check_config_names(config)
+        except UserError as error:
+            raise UserError(f"sweep member {name}: {error}") from None
+        members.append(SweepMember(index, name, parameters, config.to_dict()))
+    return members
+
+
+@dataclass
+class Sweep:
+    directory: Path
+    code: Path  # the worktree at the sweep's commit
+    members: list[SweepMember]
+    commit: str
+
+
+def create(parent: Path, run_name: str | None, document: dict, members: list[SweepMember], git: dict) -> Sweep:
+    """The sweep directory, its worktree at the gated commit, and one config file per member."""
+    directory = create_run_directory(parent, run_name, prefix="sweep-")
+    write_text_atomic(directory / "sweep.yaml", dump_yaml({**document, "git": git}))
+    code = directory / "code"
+    provenance.add_worktree(git["commit"], code, "sweep")
+    (directory / "configs").mkdir()
+    for member in members:
+        config = {**member.config, "run_name": member.name}
+        (directory / "configs" / f"{member.name}.yaml").write_text(dump_yaml(config))
+    sweep = Sweep(directory, code, members, git["commit"])
+    write_table(sweep)
+    return sweep
+
+
+def member_command(sweep: Sweep, member: SweepMember, flags: list[str]) -> list[str]:
+    """What runs one member: a new run named after it, or a resume if its directory exists
+    (a requeued Slurm task)."""
+    run_directory = sweep.directory / member.name
+    if (run_directory / CONFIG_FILE).exists():
+        return ["run.py", "--resume", str(run_directory), *[f for f in flags if f == "--cpu"]]
+    config = sweep.directory / "configs" / f"{member.name}.yaml"
+    return ["run.py", str(config), "--run-parent", str(sweep.directory), *flags]
+
+
+def run_locally(sweep: Sweep, flags: list[str]) -> int:
+    """Every member in turn, each in its own process; a failure does not stop the others."""
+    failed = []
+    for member in sweep.members:
+        print(f"\n=== sweep member {member.index + 1}/{len(sweep.members)}: {member.name}", flush=True)
+        returncode = subprocess.run([sys.executable, *member_command(sweep, member, flags)], cwd=sweep.code).returncode
+        if returncode != 0:
+            failed.append(f"{member.name} (exit code {returncode})")
+        write_table(sweep)
+    print(f"\nsweep {sweep.directory}: {len(sweep.members) - len(failed)} of {len(sweep.members)} finished")
+    for name in failed:
+        print(f"  failed: {name}")
+    print(f"table: {sweep.directory / 'sweep.csv'}")
+    provenance.remove_worktree(sweep.code)
+    return 1 if failed else 0
+
+
+def member_rows(sweep_directory: Path) -> list[dict]:
+    """A row per member: its parameters, status, and the metrics its run logged last."""
+    from src.core.metrics import read_metrics
+
+    rows = []
+    for config_file in sorted((sweep_directory / "configs").glob("*.yaml")):
+        run_directory = sweep_directory / config_file.stem
+        metadata = read_yaml(run_directory / METADATA_FILE) if (run_directory / METADATA_FILE).exists() else {}
+        row = {"member": config_file.stem, "status": metadata.get("status", "not started")}
+        final = {}
+        for record in read_metrics(run_directory):
+            if record["phase"] != "train" or record["name"] == "epoch_loss":
+                final[f"{record['phase']}/{record['name']}"] = record["value"]
+        best = metadata.get("best") or {}
+        if best.get("value") is not None:
+            row[f"best {best['metric']}"] = best["value"]
+        rows.append(row | final)
+    return rows
+
+
+def write_table(sweep: Sweep) -> None:
+    rows = member_rows(sweep.directory)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    stream = io.StringIO()
+    writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(sweep.directory / "sweep.csv", stream.getvalue())
+
+
+# ---------------------------------------------------------------------------------------
+# Slurm
+
+
+def slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) -> str:
+    """One array job, a task per member, each running in the sweep's worktree."""
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={sweep.directory.parent.name}-{sweep.directory.name}"[:64],
+        f"#SBATCH --array=0-{len(sweep.members) - 1}" + (f"%{settings['parallel']}" if settings["parallel"] else ""),
+        f"#SBATCH --output={sweep.directory}/slurm/%A_%a.out",
+        f"#SBATCH --time={settings['time']}",
+        f"#SBATCH --nodes={settings['nodes']}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --cpus-per-task={settings['cpus_per_task']}",
+    ]
+    optional = {
+        "partition": "--partition={}",
+        "mem": "--mem={}",
+        "account": "--account={}",
+        "qos": "--qos={}",
+        "gpus_per_node": "--gpus-per-node={}",
+    }
+    lines += [f"#SBATCH {option.format(settings[key])}" for key, option in optional.items() if settings[key]]
+    if requeue:  # a warning signal before the time limit: checkpoint, requeue, resume
+        lines += ["#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{settings['signal_seconds']}"]
+    lines += [f"#SBATCH {line}" for line in settings["extra_sbatch"]]
+    names = " ".join(shlex.quote(member.name) for member in sweep.members)
+    processes = max(1, settings["gpus_per_node"] or 1)
+    run_flags = " ".join(shlex.quote(flag) for flag in [*flags, *(["--requeue"] if requeue else [])])
+    lines += [
+        "",
+        "# Every task runs the commit the sweep was submitted at, whatever happens to the working tree.",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(sweep.code))}",
+        *settings["setup"],
+        f"PYTHON=${{PYTHON:-{shlex.quote(sys.executable)}}}",
+        f"NAMES=({names})",
+        'NAME="${NAMES[$SLURM_ARRAY_TASK_ID]}"',
+        f"SWEEP={shlex.quote(str(sweep.directory))}",
+        'if [ -e "$SWEEP/$NAME/config.yaml" ]; then  # requeued: continue the task\'s own run',
+        '    ARGS=(--resume "$SWEEP/$NAME")',
+        "else",
+        '    ARGS=("$SWEEP/configs/$NAME.yaml" --run-parent "$SWEEP")',
+        "fi",
+    ]
+    if settings["nodes"] == 1 and processes == 1:
+        lines.append(f'exec "$PYTHON" run.py "${{ARGS[@]}}" {run_flags}')  # exec: the signal reaches Python
+    else:
+        lines += [
+            'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            f'srun "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc-per-node={processes} \\',
+            '    --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:29500" --rdzv-id="$SLURM_JOB_ID" \\',
+            f'    run.py "${{ARGS[@]}}" {run_flags}',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) -> Path:
+    (sweep.directory / "slurm").mkdir(exist_ok=True)
+    path = sweep.directory / "sweep.sbatch"
+    path.write_text(slurm_script(sweep, settings, flags, requeue))
+    return path
+
+
+def submit(script: Path) -> str:
+    """sbatch the script; return the job id."""
+    try:
+        result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("--submit: sbatch is not on PATH (is this a Slurm login node?); submit it yourself") from None
+    if result.returncode != 0:
+        raise UserError(f"--submit: sbatch refused {script}: {result.stderr.strip()}")
+    job = result.stdout.strip().split(";")[0]
+    write_text_atomic(script.parent / "slurm.json", json.dumps({"job_id": job, "script": str(script)}) + "\n")
+    return job
+
+
+def requeue_this_job() -> str:
+    """Put this Slurm job back in the queue; it will resume its run when it starts again."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not a Slurm job: continue it with --resume"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"scontrol requeue {job} failed ({result.stderr.strip()}): continue it with --resume"
+    return f"requeued Slurm job {job}"
+
+
+def slurm_states(sweep_directory: Path) -> dict[str, str]:
+    """member name -> Slurm state (PENDING, RUNNING...) of a submitted sweep's live tasks."""
+    info = sweep_directory / "slurm.json"
+    if not info.exists():
+        return {}
+    job = json.loads(info.read_text())["job_id"]
+    try:
+        listing = subprocess.run(
+            ["squeue", "-h", "-r", "-j", job, "-o", "%K %T"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return {}
+    names = sorted(path.stem for path in (sweep_directory / "configs").glob("*.yaml"))
+    states = {}
+    for line in listing.splitlines():
+        task, _, state = line.partition(" ")
+        if task.isdigit() and int(task) < len(names):
+            states[names[int(task)]] = state
+    return states
