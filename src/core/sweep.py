@@ -48,11 +48,10 @@ class SweepMember:
 def format_value(value) -> str:
     """Short and readable: 3e-4 rather than 0.0003, [1,2] rather than [1, 2]."""
     if isinstance(value, float):
-        text = f"{value:.3g}"
-        if "e" in text:
-            mantissa, exponent = text.split("e")
-            text = f"{mantissa}e{int(exponent)}"
-        return text
+        if value and not 1e-2 <= abs(value) < 1e5:
+            mantissa, exponent = f"{value:.3e}".split("e")
+            return f"{float(mantissa):g}e{int(exponent)}"
+        return f"{value:.4g}"
     if isinstance(value, list | dict):
         return json.dumps(value, separators=(",", ":"))
     return str(value)

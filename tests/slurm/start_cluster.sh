@@ -62,12 +62,18 @@ HOST=$(hostname -s)
 [[ -n $HOST ]] || { echo "[start_cluster] ERROR: hostname -s returned nothing" >&2; exit 1; }
 
 # ---------------------------------------------------------------- helpers
+proc_alive() {  # running and not a zombie (a killed daemon can linger as
+                # a zombie until init reaps it, which passes kill -0)
+    kill -0 "$1" 2>/dev/null \
+        && ! grep -qE '^State:[[:space:]]+[ZX]' "/proc/$1/status" 2>/dev/null
+}
+
 pid_alive() {  # pidfile [expected-name]
     local pf=$1 name=${2:-} pid
     [[ -r $pf ]] || return 1
     pid=$(cat "$pf" 2>/dev/null) || return 1
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
+    proc_alive "$pid" || return 1
     if [[ -n $name && -r /proc/$pid/comm ]]; then
         [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name"* ]] || return 1
     fi
@@ -185,7 +191,9 @@ fi
 if [[ $CONF_CHANGED -eq 0 ]] && munge_ok && pid_alive "$CTLD_PID" slurmctld \
    && pid_alive "$SLURMD_PID" slurmd; then
     st=$(node_state)
-    if state_usable "$st"; then
+    # 'scontrol show slurmd' talks to the local slurmd directly, so a dead
+    # slurmd is noticed before slurmctld marks the node as not responding.
+    if state_usable "$st" && timeout 5 scontrol show slurmd >/dev/null 2>&1; then
         log "cluster already running (node $HOST: $st)"
         exit 0
     fi
@@ -206,7 +214,10 @@ if [[ ! -s $MUNGE_KEY ]]; then
 fi
 MUNGE_USER=root
 if id munge >/dev/null 2>&1; then MUNGE_USER=munge; fi
-chown "$MUNGE_USER:" "$MUNGE_KEY" /etc/munge /var/lib/munge /var/log/munge /run/munge
+chown "$MUNGE_USER:" "$MUNGE_KEY" /etc/munge
+# -R: a munged once started as root leaves root-owned log/seed files that a
+# munged running as user munge cannot open.
+chown -R "$MUNGE_USER:" /var/lib/munge /var/log/munge /run/munge
 chmod 0400 "$MUNGE_KEY"
 chmod 0700 /etc/munge /var/log/munge
 chmod 0711 /var/lib/munge
@@ -251,8 +262,8 @@ stop_daemon() {  # pidfile name
     pid=$(cat "$pf")
     log "stopping $name (pid $pid)"
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
+    for _ in $(seq 1 50); do proc_alive "$pid" || break; sleep 0.2; done
+    proc_alive "$pid" && kill -9 "$pid" 2>/dev/null
     rm -f "$pf"
     return 0
 }
