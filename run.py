@@ -58,17 +58,22 @@ from src.core.rundir import CONFIG_FILE, lock_run_directory, now, read_yaml, sta
 from src.core.runs import format_table, list_runs, set_note
 from src.core.seeding import configure_determinism, derive_seed, seed_everything
 from src.core.sweep import create as create_sweep
-from src.core.sweep import expand, requeue_this_job, run_locally, submit, write_slurm_script
-from src.core.trainer import Preempted, Trainer
+from src.core.sweep import expand, member_rows, requeue_this_job, run_locally, submit, write_slurm_script
+from src.core.trainer import PREEMPTION_REQUESTED, Preempted, Trainer
 from src.schema import SCHEMA
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_command_line(argv)
+        if args.requeue:  # Slurm's warning before the time limit: checkpoint at the next step, then requeue
+            signal.signal(signal.SIGUSR1, lambda *_: PREEMPTION_REQUESTED.set())
         if args.runs is not None:
             root = Path(args.runs) if args.runs else provenance.PROJECT_ROOT / "logs"
-            print(format_table(list_runs(root, args.filter, args.status), args.csv))
+            if (root / "sweep.yaml").exists():  # a sweep: its members, with their Slurm state
+                print(format_table(member_rows(root), args.csv))
+            else:
+                print(format_table(list_runs(root, args.filter, args.status), args.csv))
             return 0
         if args.note:
             set_note(Path(args.note[0]), args.note[1])
@@ -179,9 +184,7 @@ def build_and_fit(plan: Plan, args, context: DistContext) -> int:
             config_hash=config_hash(config, SCHEMA),
             show_progress=config.progress_bar is True or (config.progress_bar == "auto" and sys.stderr.isatty()),
         )
-        if args.requeue:  # Slurm's warning before the time limit
-            trainer.handles_preemption = True
-            signal.signal(signal.SIGUSR1, trainer.request_stop)
+        trainer.handles_preemption = args.requeue
         trainer.fit()
     except Preempted as preempted:
         if run_directory is not None and context.is_main:

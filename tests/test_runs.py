@@ -59,7 +59,7 @@ def test_runs_table_shows_finished_failed_running_crashed_and_resumed_runs(proje
     assert [row["run"] for row in table(project, "--status", "failed")] == ["PendulumModel/broken"]
     assert [row["run"] for row in table(project, "--filter", "FINISHED RUN")] == ["PendulumModel/done"]
     readable = project.run("--runs")
-    assert readable.returncode == 0 and "5 run(s)" in readable.stdout and "crashed" in readable.stdout
+    assert readable.returncode == 0 and "5 row(s)" in readable.stdout and "crashed" in readable.stdout
 
 
 def test_note_sets_the_summary_and_keeps_the_rest(project):

@@ -63,18 +63,28 @@ def list_runs(root: Path, text: str | None = None, status: str | None = None) ->
 
 
 def format_table(rows: list[dict], as_csv: bool = False) -> str:
+    """Aligned columns for people, or CSV for scripts."""
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or list(COLUMNS)
     if as_csv:
         stream = io.StringIO()
-        writer = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         return stream.getvalue()
-    shown = [{**row, "description": row["description"][:50], "started": row["started"][:16]} for row in rows]
-    widths = {column: max([len(column)] + [len(str(row[column])) for row in shown]) for column in COLUMNS}
-    lines = ["  ".join(column.ljust(widths[column]) for column in COLUMNS)]
-    lines += ["  ".join(str(row[column]).ljust(widths[column]) for column in COLUMNS) for row in shown]
-    lines.append(f"{len(rows)} run(s); * marks a commit that no remote-tracking branch contains")
+    shown = [{key: _cell(key, row.get(key, "")) for key in columns} for row in rows]
+    widths = {column: max([len(column)] + [len(row[column]) for row in shown]) for column in columns}
+    lines = ["  ".join(column.ljust(widths[column]) for column in columns)]
+    lines += ["  ".join(row[column].ljust(widths[column]) for column in columns) for row in shown]
+    note = "; * marks a commit that no remote-tracking branch contains" if "commit" in columns else ""
+    lines.append(f"{len(rows)} row(s){note}")
     return "\n".join(lines)
+
+
+def _cell(column: str, value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    limit = {"description": 50, "started": 16}.get(column)
+    return str(value)[:limit] if limit else str(value)
 
 
 def set_note(run_directory: Path, text: str) -> None:

@@ -154,10 +154,13 @@ def member_rows(sweep_directory: Path) -> list[dict]:
     from src.core.metrics import read_metrics
 
     rows = []
+    slurm = slurm_states(sweep_directory)
     for config_file in sorted((sweep_directory / "configs").glob("*.yaml")):
         run_directory = sweep_directory / config_file.stem
         metadata = read_yaml(run_directory / METADATA_FILE) if (run_directory / METADATA_FILE).exists() else {}
         row = {"member": config_file.stem, "status": metadata.get("status", "not started")}
+        if (sweep_directory / "slurm.json").exists():
+            row["slurm"] = slurm.get(config_file.stem, "-")
         final = {}
         for record in read_metrics(run_directory):
             if record["phase"] != "train" or record["name"] == "epoch_loss":
@@ -204,7 +207,11 @@ def slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) 
     }
     lines += [f"#SBATCH {option.format(settings[key])}" for key, option in optional.items() if settings[key]]
     if requeue:  # a warning signal before the time limit: checkpoint, requeue, resume
-        lines += ["#SBATCH --requeue", f"#SBATCH --signal=B:USR1@{settings['signal_seconds']}"]
+        lines += [
+            "#SBATCH --requeue",
+            f"#SBATCH --signal=B:USR1@{settings['signal_seconds']}",
+            "#SBATCH --open-mode=append",  # keep the output of the attempts before a requeue
+        ]
     lines += [f"#SBATCH {line}" for line in settings["extra_sbatch"]]
     names = " ".join(shlex.quote(member.name) for member in sweep.members)
     processes = max(1, settings["gpus_per_node"] or 1)

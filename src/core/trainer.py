@@ -16,6 +16,7 @@ Logged values (step = optimizer steps so far; epoch counts from 1, 0 is before t
 import contextlib
 import hashlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,6 +41,10 @@ EVALUATION_PHASES = {"val": "test", "rollout": "eval"}  # logged phase -> datase
 
 class Preempted(Exception):
     """A preemption warning arrived (--requeue): the run saved a checkpoint and stops here."""
+
+
+# Set by run.py's SIGUSR1 handler under --requeue (installed at start-up, so that no warning is lost).
+PREEMPTION_REQUESTED = threading.Event()
 
 
 @dataclass
@@ -114,8 +119,7 @@ class Trainer:
         self.epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.interval_batches = self.epoch_batches = 0
         self.last_checkpoint_time = time.monotonic()
-        self.handles_preemption = False  # run.py sets it with --requeue, and a signal sets stop_requested
-        self.stop_requested = False
+        self.handles_preemption = False  # run.py sets it with --requeue
         self.checkpointed_step = -1
 
         resuming = resume_state is not None
@@ -333,19 +337,15 @@ class Trainer:
             return False
         return broadcast_object(time.monotonic() - self.last_checkpoint_time >= interval, self.context)
 
-    def request_stop(self, *signal_arguments) -> None:
-        """The SIGUSR1 handler under --requeue: stop at the next step, after a checkpoint."""
-        self.stop_requested = True
-
     def stop_due(self, at_epoch_end: bool = False) -> bool:
         """Whether to stop now for a preemption; under DDP rank 0 decides, at logging steps."""
         if not self.handles_preemption:
             return False
         if not self.context.enabled:
-            return self.stop_requested
+            return PREEMPTION_REQUESTED.is_set()
         if not at_epoch_end and self.progress.global_step % self.config.log_every_n_steps:
             return False
-        return broadcast_object(self.stop_requested, self.context)
+        return broadcast_object(PREEMPTION_REQUESTED.is_set(), self.context)
 
     def stop_here(self) -> None:
         if self.logging and self.progress.global_step != self.checkpointed_step:  # the epoch's end may have saved

@@ -29,9 +29,9 @@ MUNGE_LOG=/var/log/munge/munged.log
 START_TIMEOUT=${SLURM_START_TIMEOUT:-60}
 
 export SLURM_CONF   # make every client/daemon use the same file
+cd /                # daemons must not keep the caller's directory busy
 
 log()  { echo "[start_cluster] $*"; }
-warn() { echo "[start_cluster] WARNING: $*" >&2; }
 
 dump_logs() {
     local f
@@ -154,8 +154,13 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerTimeSlice=5
 # Start batch jobs right after submission instead of after up to 3 s
-# (default batch_sched_delay=3); no throttling of the scheduler loop.
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+# (default batch_sched_delay=3); no throttling of the scheduler loop; a full
+# scheduling pass every second (default 60 s) so that jobs whose BeginTime has
+# passed (e.g. requeued jobs) start promptly; backfill every second.
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1,bf_interval=1
+# A requeued job stays PENDING (Reason=BeginTime) for cred_expire+1 seconds
+# (default 120 s); 10 s is ample for launching on localhost (minimum is 5).
+AuthInfo=cred_expire=10
 ReturnToService=2
 JobRequeue=1
 MaxArraySize=10001
@@ -327,9 +332,11 @@ state_usable "$st" && slurmd_registered || die "node $HOST not usable after ${ST
 log "node $HOST is $st"
 
 # ---------------------------------------------------------------- smoke test
-if [[ ${SLURM_SKIP_SMOKE:-0} != 1 ]]; then
+if [[ ${SLURM_SKIP_SMOKE:-0} != 1 && $st == allocated* ]]; then
+    log "node fully allocated by running jobs; skipping smoke test"
+elif [[ ${SLURM_SKIP_SMOKE:-0} != 1 ]]; then
     log "smoke test: srun -N1 -n1 hostname"
-    out=$(cd /tmp && timeout 60 srun -N1 -n1 hostname 2>&1) || die "srun failed: $out"
+    out=$(cd /tmp && timeout 60 srun -N1 -n1 -t 1 hostname 2>&1) || die "srun failed: $out"
     [[ $out == *"$(hostname)"* || $out == *"$HOST"* ]] || die "srun printed '$out', expected '$HOST'"
     # A freshly started slurmctld runs its first batch scheduling pass ~3 s
     # after start-up; sbatch --wait polls after 2 s and then only after 8 s
@@ -339,7 +346,7 @@ if [[ ${SLURM_SKIP_SMOKE:-0} != 1 ]]; then
     tmpd=$(mktemp -d /tmp/slurm_smoke.XXXXXX)
     chmod 0755 "$tmpd"
     printf '#!/bin/bash\necho smoke-ok\n' > "$tmpd/job.sh"
-    out=$(cd "$tmpd" && timeout 120 sbatch --wait -o "$tmpd/out.txt" -J smoke "$tmpd/job.sh" 2>&1) \
+    out=$(cd "$tmpd" && timeout 120 sbatch --wait -t 1 -o "$tmpd/out.txt" -J smoke "$tmpd/job.sh" 2>&1) \
         || die "sbatch --wait failed: $out"
     grep -q smoke-ok "$tmpd/out.txt" 2>/dev/null || die "sbatch job output missing ($tmpd/out.txt)"
     rm -rf "$tmpd"

@@ -1,0 +1,108 @@
+"""Sweeps on a real single-node Slurm cluster on localhost (tests/slurm/start_cluster.sh)."""
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import yaml
+from conftest import REPO
+from test_resume import assert_same_run
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if shutil.which("sbatch") is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install slurm-wlm and munge and run as root (see .ci/run)")
+        pytest.skip("needs Debian's slurm-wlm and munge, as root (see .ci/run)")
+    started = subprocess.run(
+        ["bash", str(REPO / "tests" / "slurm" / "start_cluster.sh")], capture_output=True, text=True
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+
+
+def wait_for_job(job: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not subprocess.run(["squeue", "-h", "-r", "-j", job], capture_output=True, text=True).stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"job {job} did not finish in {timeout} s")
+
+
+def submit_sweep(project, *args, **sweep) -> tuple[str, object]:
+    config = yaml.safe_load((project.root / "sample_runconfig.yaml").read_text())
+    config.update(epochs=2, batch_size=8, sweep=sweep, slurm={"time": "00:20:00", "cpus_per_task": 1, "parallel": 2})
+    (project.root / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    project.commit("a sweep")
+    result = project.run("sweep.yaml", "--mini", "--cpu", "--submit", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = result.stdout.split("submitted job ")[1].split()[0]
+    (sweep_directory,) = (project.root / "logs" / "PendulumModel").glob("sweep-*")
+    return job, sweep_directory
+
+
+def test_submitted_sweep_runs_its_commit_although_the_tree_moves_on(project):
+    job, sweep = submit_sweep(project, **{"optimizer.lr": [1.0e-3, 3.0e-4], "model_parameters.hidden_size": [16, 32]})
+    submitted = project.git("rev-parse", "HEAD")  # the commit holding sweep.yaml
+    model = project.root / "src" / "model.py"
+    model.write_text(model.read_text().replace("0.1 * self.net(state)", "0.5 * self.net(state)"))
+    project.commit("changed right after submission")
+
+    script = (sweep / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-3%2" in script and "#SBATCH --time=00:20:00" in script
+    states = project.run("--runs", str(sweep), "--csv")
+    assert states.returncode == 0 and "slurm" in states.stdout.splitlines()[0]
+
+    wait_for_job(job)
+    expected = {
+        "0-lr=1e-3,hidden_size=16": (1e-3, 16),
+        "1-lr=1e-3,hidden_size=32": (1e-3, 32),
+        "2-lr=3e-4,hidden_size=16": (3e-4, 16),
+        "3-lr=3e-4,hidden_size=32": (3e-4, 32),
+    }
+    for name, (lr, hidden) in expected.items():
+        run = sweep / name
+        assert yaml.safe_load((run / "metadata.yaml").read_text())["status"] == "finished", (sweep / "slurm").iterdir()
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["git"]["commit"] == submitted
+        assert (config["optimizer"]["lr"], config["model_parameters"]["hidden_size"]) == (lr, hidden)
+        assert config["flags"]["mini"] and config["flags"]["cpu"]
+    table = project.run("--runs", str(sweep), "--csv").stdout
+    assert table.count(",finished,") == 4
+
+
+def test_a_preempted_task_requeues_and_ends_like_an_uninterrupted_one(project):
+    job, sweep = submit_sweep(
+        project,
+        "--requeue",
+        "--epochs=60",
+        "--modify",
+        "data_loader_parameters.train",
+        "{input_noise: 0.01}",
+        seed=[7, 7],  # two identical members: one is preempted, the other is the reference
+    )
+    preempted = sweep / "1-seed=7"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until task 1 is well into training
+        metadata = preempted / "metadata.yaml"
+        if metadata.exists() and (yaml.safe_load(metadata.read_text()).get("global_step") or 0) >= 13:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("task 1 did not start training")
+    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_1"], capture_output=True, text=True)
+    assert signalled.returncode == 0, signalled.stderr
+    wait_for_job(job)
+
+    metadata = yaml.safe_load((preempted / "metadata.yaml").read_text())
+    assert metadata["status"] == "finished"
+    (resume,) = metadata["resumes"]
+    assert resume["from_step"] > 0
+    output = "".join(path.read_text() for path in (sweep / "slurm").glob(f"{job}_1.out"))
+    assert "stopped for preemption" in output and "requeued Slurm job" in output
+    assert_same_run(sweep / "0-seed=7", preempted)
