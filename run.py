@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import provenance
-from src.core.checkpoint import CheckpointWriteError, load_model_weights, newest_valid_checkpoint, read_checkpoint
+from src.core.checkpoint import (
+    CheckpointWriteError,
+    load_model_weights,
+    newest_valid_checkpoint,
+    read_checkpoint,
+    set_aside_newer_than,
+    warn,
+)
 from src.core.cli import parse_command_line, recorded_flags
 from src.core.config import (
     Config,
@@ -111,7 +118,8 @@ def train(args) -> int:
     if not launched_by_torchrun():
         settings = processes_requested(args)
         if settings:  # several processes: start them through torchrun, each running this script
-            return launch_with_torchrun(settings, __file__, with_confirmation(args))
+            make_plan(args, DistContext())  # refuse bad input here, once, not once per torchrun restart
+            return launch_with_torchrun(settings, __file__, [*args.argv, "--y"] if args.allow_dirty_repo else args.argv)
     context = connect()
     try:
         plan = share_from_rank_zero(context, "plan", lambda: make_plan(args, context))
@@ -126,7 +134,9 @@ def make_plan(args, context: DistContext) -> Plan | None:
     previous = context.recall("run_directory") if context.restart_count else None
     if previous:  # torchrun restarted the workers after a failure: continue the same run
         print(f"restart {context.restart_count}: resuming {previous}")
-        args.resume, args.config, args.edits = previous, None, ConfigEdits()
+        if not args.resume:  # a new run's edits are in its config.yaml already; a resume's (--epochs=N) are not
+            args.edits = ConfigEdits()
+        args.resume, args.config = previous, None
     return plan_resume(args) if args.resume else plan_new_run(args)
 
 
@@ -150,6 +160,7 @@ def plan_resume(args) -> Plan:
     git = provenance.gate()
     check_same_commit(saved, git, "--resume", run_directory)
     data_directory = str(find_data_directory(config))
+    check_same_data(saved.get("data_fingerprint"), data_directory, run_directory)
     return Plan(config.to_dict(), data_directory, git, saved["flags"]["mini"], resume_from=str(run_directory))
 
 
@@ -169,7 +180,9 @@ def build_and_fit(plan: Plan, args, context: DistContext) -> int:
     run_directory = broadcast_object(run_directory, context)
     checkpoint = None
     if plan.resume_from:
-        checkpoint = share_from_rank_zero(context, "checkpoint", lambda: start_resume(run_directory, context))
+        checkpoint = share_from_rank_zero(
+            context, "checkpoint", lambda: start_resume(run_directory, context, config, plan.git["commit"])
+        )
     try:
         trainer = Trainer(
             config,
@@ -243,11 +256,24 @@ def create_run_directory(plan: Plan, args, world_size: int) -> Path:
     return run_directory
 
 
-def start_resume(run_directory: Path, context: DistContext) -> Path | None:
-    """Find the newest valid checkpoint and record the resume in metadata.yaml."""
+def start_resume(run_directory: Path, context: DistContext, config: Config, commit: str) -> Path | None:
+    """Find the newest valid checkpoint, check that it belongs to this config and commit,
+    and record the resume in metadata.yaml."""
     found = newest_valid_checkpoint(run_directory / "checkpoints")
     path, state = found if found else (None, None)
     step = state["progress"]["global_step"] if state else 0
+    if state and state["config_hash"] != config_hash(config, SCHEMA):
+        raise UserError(
+            f"--resume {run_directory}: {path.name} was made with another config than the run's "
+            f"{CONFIG_FILE} (was it edited by hand?). Restore that file, or start a new run."
+        )
+    if state and state["commit"] != commit:
+        raise Refusal(
+            f"--resume {run_directory}: {path.name} was made at commit {str(state['commit'])[:12]}, "
+            f"but HEAD is {commit[:12]}. Check out its commit first: git checkout {str(state['commit'])[:12]}"
+        )
+    for name in set_aside_newer_than(run_directory / "checkpoints", step):
+        warn(f"warning: moved {name}, newer than the checkpoint resumed from, to checkpoints/discarded/")
     print(f"resuming {run_directory} from {path.name if path else 'the start (no valid checkpoint)'}")
     resumes = (read_yaml(run_directory / "metadata.yaml") or {}).get("resumes") or []
     resumes.append(
@@ -384,6 +410,20 @@ def check_same_commit(saved: dict, git: dict, flag: str, run_directory: Path) ->
         )
 
 
+def check_same_data(recorded: dict | None, data_directory: str, run_directory: Path) -> None:
+    """A resumed run must read the data it started with: the data lives outside git."""
+    if not recorded:
+        return
+    current = provenance.data_fingerprint(data_directory)
+    for key, what in (("listing_sha256", "file names or sizes"), ("content_sha256", "file contents")):
+        if recorded.get(key) and current.get(key) and recorded[key] != current[key]:
+            raise UserError(
+                f"--resume {run_directory}: the data in {data_directory} differs from the run's "
+                f"({what} changed since it started), so the run could not continue as it began. "
+                "Restore the data, or start a new run."
+            )
+
+
 def processes_requested(args) -> dict | None:
     """The `distributed` settings when the config asks for several processes, else None."""
     if args.print_config or (args.config is None and args.resume is None):
@@ -394,14 +434,6 @@ def processes_requested(args) -> dict | None:
         config = load_config(args.config, args.edits, SCHEMA)
     settings = launch_settings(config)
     return settings if settings["nproc_per_node"] * settings["nnodes"] > 1 else None
-
-
-def with_confirmation(args) -> list[str]:
-    """The workers' command line: an --allow-dirty-repo question is asked here, once, not by rank 0."""
-    if args.allow_dirty_repo and not args.y:
-        confirm_dirty_run(yes=False)
-        return [*args.argv, "--y"]
-    return args.argv
 
 
 if __name__ == "__main__":

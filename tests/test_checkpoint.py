@@ -142,3 +142,35 @@ def test_snapshot_is_independent_of_training(tmp_path, monkeypatch):
     trained.set()
     writer.wait()
     assert torch.equal(read_checkpoint(tmp_path / "step-000000001.pt")["model"]["weight"], torch.zeros(3))
+
+
+def test_the_writer_reports_a_failure_before_anyone_waits(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "write_checkpoint", lambda *a: (_ for _ in ()).throw(OSError("disk")))
+    writer = CheckpointWriter(tmp_path, keep_recent=2)
+    writer.save(state(1), ("last",), lambda path: None)
+    writer._thread.join()
+    assert writer.failed  # what training checks after every step
+    with pytest.raises(OSError, match="disk"):
+        writer.wait()
+    assert not writer.failed
+
+
+def test_leftovers_of_a_killed_run_never_push_out_the_only_valid_checkpoint(tmp_path):
+    write_checkpoint(tmp_path, state(20))
+    leftover = write_checkpoint(tmp_path, state(30))
+    (tmp_path / "step-000000030.json").unlink()  # killed between the rename and the manifest
+    (tmp_path / ".step-000000035.pt.tmp").write_bytes(b"partial")  # killed mid-write
+    path, loaded = newest_valid_checkpoint(tmp_path)
+    assert path.name == "step-000000020.pt"
+
+    # What a resume from step 20 does first: the later leftovers go aside, the partial file goes.
+    assert checkpoint.set_aside_newer_than(tmp_path, loaded["progress"]["global_step"]) == [leftover.name]
+    assert (tmp_path / "discarded" / leftover.name).exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    # Even had a leftover stayed, pruning counts only complete checkpoints as recent.
+    (tmp_path / "step-000000040.pt").write_bytes(b"no manifest")
+    writer = CheckpointWriter(tmp_path, keep_recent=1, background=False)
+    writer.save(state(25), (), lambda path: None)
+    assert newest_valid_checkpoint(tmp_path)[0].name == "step-000000025.pt"
+    assert [info.step for info in step_checkpoints(tmp_path)] == [25, 40]

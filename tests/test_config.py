@@ -119,9 +119,21 @@ def test_modify_parses_yaml_and_replaces_whole_value():
 
 
 def test_modify_unknown_key_is_an_error_with_suggestion():
-    message = error_of(apply_edits, DOCUMENT, ConfigEdits(modify=[("model_parameters.hiden_size", "3")]), SCHEMA)
-    assert "did you mean 'model_parameters.hidden_size'" in message
+    message = error_of(apply_edits, DOCUMENT, ConfigEdits(modify=[("optimizer.lrr", "3")]), SCHEMA)
+    assert "did you mean 'optimizer.lr'" in message
     assert "no such key" in error_of(apply_edits, DOCUMENT, ConfigEdits(modify=[("brand_new", "3")]), SCHEMA)
+    assert "no such key" in error_of(apply_edits, DOCUMENT, ConfigEdits(overrides=[("rollout.new", "3")]), SCHEMA)
+
+
+def test_keys_may_be_added_to_free_sections_which_the_constructors_check():
+    edits = ConfigEdits(
+        overrides=[("model_parameters.num_layers", "3"), ("optimizer.parameters.betas", "[0.8, 0.9]")],
+        modify=[("data_loader_parameters.train.input_noise", "0.1")],
+    )
+    edited = apply_edits(DOCUMENT, edits, SCHEMA)
+    assert edited["model_parameters"]["num_layers"] == 3
+    assert edited["optimizer"]["parameters"] == {"betas": [0.8, 0.9]}
+    assert edited["data_loader_parameters"]["train"] == {"input_noise": 0.1}
 
 
 def test_overrides_apply_after_modify_and_parse_json_lists():

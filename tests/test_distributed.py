@@ -55,8 +55,11 @@ def metadata(run) -> dict:
 
 
 def test_two_processes_train_like_one_process_with_the_same_global_batch(project):
-    """Without random augmentation (each rank draws its own), 2 ranks x 8 is one process x 16."""
-    result = torchrun(project, *RUN[:-3], "--run_name=ddp")
+    """Without random augmentation (each rank draws its own), 2 ranks x 8 is one process x 16.
+    17 rollout samples in batches of 8 split unevenly (9 in 2 batches on rank 0, 8 in 1 on rank 1):
+    the sample-weighted mean must still equal one process's, and nothing may hang."""
+    uneven = ("--rollout.max_samples=17", "--eval_batch_size=8")
+    result = torchrun(project, *RUN[:-3], *uneven, "--run_name=ddp")
     assert result.returncode == 0, result.stderr
     assert [path.name for path in project.run_directories()] == ["ddp"]  # rank 0 alone made one
     run = run_directory(project, "ddp")
@@ -65,7 +68,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(project
     assert yaml.safe_load((run / "config.yaml").read_text())["environment"]["world_size"] == 2
     assert result.stdout.count("epoch 3/3") == 1  # one progress report, from rank 0
 
-    single = project.run(*RUN[:-3], "--batch_size=16", "--run_name=single")
+    single = project.run(*RUN[:-3], *uneven, "--batch_size=16", "--run_name=single")
     assert single.returncode == 0, single.stderr
     distributed_values, single_values = logged_values(run), logged_values(run_directory(project, "single"))
     assert [v[:4] for v in distributed_values] == [v[:4] for v in single_values]  # same steps, phases, names
@@ -102,6 +105,17 @@ def test_a_killed_worker_restarts_the_group_which_resumes_the_run(project):
     (entry,) = metadata(run)["resumes"]
     assert entry["from_step"] > 0 and metadata(run)["status"] == "finished"
     assert_same_run(run_directory(project, "reference"), run)  # exact, even across the restart
+
+    # A restart during a resume that extends the run keeps the extension (--epochs=4).
+    extend = ("--resume", str(run), "--epochs=4")
+    assert torchrun(project, "--resume", str(run_directory(project, "reference")), "--epochs=4").returncode == 0
+    killed = torchrun(
+        project, *extend, launcher=("--standalone", "--max-restarts=1"), env={"TEMPLATE_FAULT": "train_step:3@1"}
+    )
+    assert killed.returncode == 0, killed.stderr
+    assert [entry["from_step"] for entry in metadata(run)["resumes"]][1:] == [21, 21]  # epoch 3 ended at step 21
+    assert metadata(run)["epochs_done"] == 4
+    assert_same_run(run_directory(project, "reference"), run)
 
 
 def test_two_nodes_with_c10d_rendezvous(project):
@@ -146,8 +160,12 @@ def test_a_refusal_on_rank_zero_stops_every_rank_with_its_exit_code(project):
     assert result.returncode == 3
     assert result.stderr.count("refusing to log") == 1 and "untracked: notes.txt" in result.stderr
     assert project.written_files() == ["notes.txt"]
+    assert "starting 2 processes" not in result.stdout  # refused before any worker started
+    retried = project.run(*RUN, "--distributed.nproc_per_node=2", "--distributed.max_restarts=2")
+    assert retried.returncode == 3 and retried.stderr.count("refusing to log") == 1  # not once per restart
     direct = torchrun(project, *RUN, timeout=120)  # under torchrun itself: fails, never hangs
     assert direct.returncode != 0 and direct.stderr.count("refusing to log") == 1
+    assert direct.stderr.count("exitcode  : 3") == 2, direct.stderr  # both ranks stopped with the refusal's code
 
 
 def test_a_dead_rank_fails_the_job_instead_of_hanging(project):

@@ -1,5 +1,6 @@
 """The git gate on real repositories, and the provenance a run records."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,23 @@ def test_not_a_repository(tmp_path, monkeypatch):
     monkeypatch.delenv(provenance.COMMIT_ENV_VARIABLE, raising=False)
     message = refusal(tmp_path)
     assert "is not inside a git repository" in message and "--no-logging" in message
+
+
+def test_the_gate_reads_git_in_any_locale(tmp_path, repo, monkeypatch):
+    monkeypatch.setenv("LANGUAGE", "de")
+    translated = subprocess.run(["git", "status"], cwd=tmp_path, capture_output=True, text=True).stderr
+    if "not a git repository" in translated:
+        pytest.skip("this git has no German messages installed")
+    assert "is not inside a git repository" in refusal(tmp_path)
+    (repo / "a.txt").write_text("changed\n")
+    assert "modified: a.txt" in refusal(repo)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a repository away")
+def test_a_repository_owned_by_another_user_gets_a_safe_directory_hint(repo):
+    shutil.chown(repo, "nobody")
+    message = refusal(repo)
+    assert "belongs to another user" in message and "safe.directory" in message
 
 
 def test_repository_without_commits(tmp_path):

@@ -35,7 +35,11 @@ def test_loss_function_namespaces_and_user_functions():
     [
         ("F.mse_los", "did you mean 'F.mse_loss'"),
         ("np.mean", "unknown namespace 'np'"),
-        ("torch.os.system", "no function called 'torch.os.system'"),
+        ("torch.os.system", "'torch.os.system' is not a loss function"),
+        ("torch.save", "'torch.save' is not a loss function"),  # in torch, but not a loss
+        ("torch.hub.load", "is not a loss function"),
+        ("PendulumModel", "is not a loss function"),  # a model, not a loss
+        ("nn.Linear", "cannot be built without arguments"),
         ("loss_function_exampel", "did you mean 'loss_function_example'"),
         ("F._reduction", "is not a name"),
     ],
@@ -86,3 +90,17 @@ def test_dataset_parameters_are_checked_per_phase():
 def test_unknown_optimizer():
     message = message_of(check_config_names, config_with("optimizer: {type: SGDD}\n"))
     assert "'SGDD' is not an optimizer in torch.optim; did you mean 'SGD'?" in message
+
+
+def test_optimizer_must_be_an_optimizer_that_takes_the_parameters():
+    message = message_of(check_config_names, config_with("optimizer: {type: lr_scheduler}\n"))
+    assert "'lr_scheduler' is not an optimizer in torch.optim" in message and "AdamW" in message
+    message = message_of(check_config_names, config_with("optimizer: {type: AdamW, parameters: {momentum: 0.9}}\n"))
+    assert "'optimizer.parameters.momentum': AdamW has no parameter 'momentum'" in message
+    check_config_names(config_with("optimizer: {type: SGD, parameters: {momentum: 0.9, nesterov: true}}\n"))
+
+
+def test_checkpoint_monitor_must_be_a_logged_metric():
+    message = message_of(check_config_names, config_with("checkpoint: {monitor: val/los}\n"))
+    assert "'val/los' is not a metric this run logs" in message
+    check_config_names(config_with("checkpoint: {monitor: train/epoch_loss, mode: max}\n"))

@@ -24,11 +24,14 @@ RUN = (
     "{input_noise: 0.01}",  # a random augmentation: its random stream must resume exactly too
 )
 
+# point: (TEMPLATE_FAULT, extra flags, the step of the newest complete checkpoint at the kill)
 KILL_POINTS = {
-    "mid-epoch": "train_step:17",  # epoch 2, after the step-15 checkpoint
-    "checkpoint-write": "checkpoint_write:4",  # inside writing step 15's checkpoint
-    "validation": "val:30",  # epoch 2's validation pass
-    "rollout": "rollout:21",  # epoch 2's rollout pass
+    "mid-epoch": ("train_step:22", (), 20),  # epoch 2 (steps 14 to 26), two steps after a checkpoint
+    "checkpoint-write": ("checkpoint_write:4", (), 13),  # inside writing step 15's checkpoint (5, 10, 13, 15)
+    "validation": ("val:30", (), 25),  # epoch 2's validation pass (13 batches a pass, after a baseline)
+    "rollout": ("rollout:21", (), 25),  # epoch 2's rollout pass (8 batches a pass, after a baseline)
+    # 13 batches in groups of 3: 5 optimizer steps an epoch; the step-6 checkpoint is 3 batches into epoch 2.
+    "accumulation": ("train_step:8", ("--gradient_accumulation_steps=3", "--checkpoint.every_n_steps=3"), 6),
 }
 
 
@@ -72,22 +75,27 @@ def assert_same_run(reference, resumed):
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(project, point, workers):
-    args = (*RUN, f"--num_workers={workers}")
+    fault, extra, from_step = KILL_POINTS[point]
+    args = (*RUN, f"--num_workers={workers}", *extra)
     assert project.run(*args, "--run_name=reference").returncode == 0
 
-    killed = project.run(*args, "--run_name=killed", env={"TEMPLATE_FAULT": KILL_POINTS[point]})
+    killed = project.run(*args, "--run_name=killed", env={"TEMPLATE_FAULT": fault})
     assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup of any kind
     run = project.root / "logs" / "PendulumModel" / "killed"
     assert yaml.safe_load((run / "metadata.yaml").read_text())["status"] == "running"
+    partial = list((run / "checkpoints").glob(".*.tmp"))
+    if point == "checkpoint-write":  # the killed write left part of a file, which the resume removes
+        assert [path.name for path in partial] == [".step-000000015.pt.tmp"] and partial[0].stat().st_size > 0
 
     resumed = project.run("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(project.root / "logs" / "PendulumModel" / "reference", run)
+    assert not list((run / "checkpoints").glob(".*.tmp"))
     metadata = yaml.safe_load((run / "metadata.yaml").read_text())
     assert metadata["status"] == "finished"
     (entry,) = metadata["resumes"]
-    # The newest checkpoint on disk (a write in flight when killed does not count).
-    assert entry["from_step"] in (10, 13, 15, 20, 25) and entry["from_checkpoint"].startswith("step-")
+    # The newest complete checkpoint (a write in flight at the kill does not count).
+    assert (entry["from_step"], entry["from_checkpoint"]) == (from_step, f"step-{from_step:09d}.pt")
 
 
 def test_damaged_newest_checkpoint_falls_back_and_still_ends_equal(project):
@@ -157,3 +165,23 @@ def test_disk_full_during_a_checkpoint_stops_cleanly_and_loses_nothing(project):
     assert read_checkpoint(run / "checkpoints" / "step-000000010.pt")["progress"]["global_step"] == 10
     resumed = project.run("--resume", str(run))  # space freed: carry on
     assert resumed.returncode == 0, resumed.stderr
+
+
+def test_resume_refuses_a_hand_edited_config_and_changed_data(project):
+    assert project.run(*RUN, "--epochs=1", "--run_name=first", env={"TEMPLATE_FAULT": "train_step:7"}).returncode == -9
+    run = project.root / "logs" / "PendulumModel" / "first"
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(saved.replace("lr: 0.003", "lr: 0.1"))
+    result = project.run("--resume", str(run))
+    assert result.returncode == 2 and "was made with another config than the run's config.yaml" in result.stderr
+    (run / "config.yaml").write_text(saved)
+
+    trajectories = project.root / "data" / "pendulum" / "train" / "trajectories.npy"
+    data = bytearray(trajectories.read_bytes())
+    data[-1] ^= 0xFF
+    trajectories.write_bytes(bytes(data))
+    result = project.run("--resume", str(run))
+    assert result.returncode == 2 and "file contents changed since it started" in result.stderr
+    assert "Traceback" not in result.stderr
+    metadata = yaml.safe_load((run / "metadata.yaml").read_text())
+    assert (metadata["status"], metadata["resumes"]) == ("running", [])  # nothing recorded

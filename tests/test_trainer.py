@@ -15,7 +15,7 @@ from src.core.config import finalize, parse_yaml
 from src.core.metrics import read_metrics
 from src.core.resolve import build_datasets, build_model, resolve_loss_function
 from src.core.seeding import seed_everything
-from src.core.trainer import Trainer
+from src.core.trainer import Trainer, rescaled_position
 from src.model import PendulumModel
 from src.schema import SCHEMA
 
@@ -23,7 +23,8 @@ QUICK = ("--mini", "--cpu")
 
 
 def test_end_to_end_run_directory(project):
-    result = project.run("sample_runconfig.yaml", *QUICK, "--epochs=2", "--log_every_n_steps=1")
+    edits = ("--find-replace", "Pendulum", "Pendulum", "--delete", "rollout", "--modify", "seed", "0")
+    result = project.run("sample_runconfig.yaml", *QUICK, *edits, "--epochs=2", "--log_every_n_steps=1")
     assert result.returncode == 0, result.stderr
     (run,) = project.run_directories()
     assert run.parent.name == "PendulumModel"
@@ -31,8 +32,24 @@ def test_end_to_end_run_directory(project):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["git"]["commit"] == project.git("rev-parse", "HEAD")
     assert config["git"]["branch"] == "main"
-    assert config["flags"]["mini"] is True and config["flags"]["overrides"] == {"epochs": "2", "log_every_n_steps": "1"}
-    assert config["command_line"] == "python run.py sample_runconfig.yaml --mini --cpu --epochs=2 --log_every_n_steps=1"
+    assert config["flags"] == {
+        "cpu": True,
+        "mini": True,
+        "no_logging": False,
+        "allow_dirty_repo": False,
+        "y": False,
+        "log_dir": None,
+        "run_parent": None,
+        "requeue": False,
+        "find_replace": [["Pendulum", "Pendulum"]],
+        "delete": ["rollout"],
+        "modify": [["seed", "0"]],
+        "overrides": {"epochs": "2", "log_every_n_steps": "1"},
+    }
+    assert config["command_line"] == (
+        "python run.py sample_runconfig.yaml --mini --cpu --find-replace Pendulum Pendulum --delete rollout "
+        "--modify seed 0 --epochs=2 --log_every_n_steps=1"
+    )
     assert config["epochs"] == 2 and config["environment"]["torch"] == str(torch.__version__)
     assert config["data_fingerprint"]["files"] == 3 and config["data_fingerprint"]["content_sha256"]
     assert "torch==" in (run / "packages.txt").read_text()
@@ -293,3 +310,33 @@ def test_determinism_setting_reaches_torch_and_torch_compile():
     configure_determinism(False, torch.device("cpu"))
     assert not torch.are_deterministic_algorithms_enabled()
     configure_determinism(True, torch.device("cpu"))
+
+
+def test_a_position_saved_with_another_world_size_keeps_the_share_of_the_epoch():
+    assert rescaled_position(9, saved_world_size=1, world_size=2, accumulation=1, batches=7) == 4
+    assert rescaled_position(4, saved_world_size=2, world_size=1, accumulation=1, batches=13) == 8
+    assert rescaled_position(5, saved_world_size=2, world_size=1, accumulation=4, batches=13) == 8
+    assert rescaled_position(12, saved_world_size=4, world_size=1, accumulation=1, batches=40) == 40
+
+
+def test_checkpoint_interval_in_seconds_saves_mid_epoch(tmp_path):
+    extra = "epochs: 1\nlog_every_n_steps: 1\ncheckpoint: {keep_recent: 100}\n"
+    (tmp_path / "often").mkdir()
+    (tmp_path / "never").mkdir()
+    make_trainer(extra + "checkpoint_interval: 1.0e-6\n", run_directory=tmp_path / "often").fit()
+    steps = sorted(int(path.stem[5:]) for path in (tmp_path / "often" / "checkpoints").glob("step-*.pt"))
+    assert steps == [1, 2, 3, 4]  # 100 mini items in batches of 32: three mid-epoch, one at the end
+    make_trainer(extra + "checkpoint_interval: 0\n", run_directory=tmp_path / "never").fit()
+    assert [path.name for path in (tmp_path / "never" / "checkpoints").glob("step-*.pt")] == ["step-000000004.pt"]
+
+
+@pytest.mark.parametrize(("mode", "best_epoch"), [("min", 3), ("max", 1)])
+def test_the_monitored_metric_and_mode_choose_the_best_checkpoint(tmp_path, mode, best_epoch):
+    extra = f"epochs: 3\ncheckpoint: {{monitor: train/epoch_loss, mode: {mode}}}\n"
+    trainer = make_trainer(extra, run_directory=tmp_path)
+    trainer.fit()  # the training loss falls epoch after epoch
+    losses = [r["value"] for r in read_metrics(tmp_path) if r["name"] == "epoch_loss"]
+    assert losses == sorted(losses, reverse=True)
+    assert (trainer.best["metric"], trainer.best["epoch"]) == ("train/epoch_loss", best_epoch)
+    best = read_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["progress"]["epoch"] == best_epoch

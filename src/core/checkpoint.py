@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -69,11 +70,12 @@ class _HashingFile(io.RawIOBase):
         return True
 
     def write(self, data):
-        if self.size < 4096 <= self.size + len(data):
-            faults.maybe_fail("checkpoint_write")  # a crash test stops here, mid-file
+        written = self.stream.write(data)
+        if self.size < 4096 <= self.size + len(data):  # a crash test stops here, with part of the file on disk
+            faults.maybe_fail("checkpoint_write", settle=self.stream.flush)
         self.hash.update(data)
         self.size += len(data)
-        return self.stream.write(data)
+        return written
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -113,7 +115,10 @@ def write_checkpoint(directory: Path, state: dict, links: tuple[str, ...] = ()) 
             link = directory / f"{name}.pt"
             temporary_link = directory / f".{name}.pt.tmp"
             temporary_link.unlink(missing_ok=True)
-            os.link(path, temporary_link)
+            try:
+                os.link(path, temporary_link)
+            except OSError:  # a filesystem without hard links: a copy does the same job
+                shutil.copyfile(path, temporary_link)
             os.replace(temporary_link, link)
             _write_json_atomic(manifest_path(link), {**manifest, "file": link.name, "links_to": path.name})
         fsync_directory(directory)
@@ -204,13 +209,33 @@ def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict] | None:
 
 
 def prune_checkpoints(directory: Path, keep_recent: int, protected: set[str]) -> None:
-    """Delete step files beyond the `keep_recent` newest, never one in `protected` (best, last)."""
-    infos = step_checkpoints(directory)
+    """Delete complete step files beyond the `keep_recent` newest, never one in `protected`
+    (best, last). Only files with a manifest count as recent, so a leftover without one
+    can never push the only valid checkpoint out."""
+    infos = [info for info in step_checkpoints(directory) if manifest_path(info.path).exists()]
     for info in infos[: max(0, len(infos) - keep_recent)]:
         if info.path.name in protected:
             continue
         manifest_path(info.path).unlink(missing_ok=True)
         info.path.unlink(missing_ok=True)
+
+
+def set_aside_newer_than(directory: Path, step: int) -> list[str]:
+    """Before a resume from `step`: move the killed run's later step files (damaged or incomplete,
+    or they would have been chosen) to `checkpoints/discarded/`, and delete unfinished temporary
+    files. The resumed run writes those steps again; nothing it keeps can be confused with them."""
+    moved = []
+    for info in step_checkpoints(directory):
+        if info.step > step:
+            discarded = directory / "discarded"
+            discarded.mkdir(exist_ok=True)
+            for path in (info.path, manifest_path(info.path)):
+                if path.exists():
+                    os.replace(path, discarded / path.name)
+            moved.append(info.path.name)
+    for temporary in directory.glob(".*.tmp") if directory.is_dir() else []:
+        temporary.unlink()
+    return moved
 
 
 def snapshot(state: dict) -> dict:
@@ -271,6 +296,11 @@ class CheckpointWriter:
             self._write(state, links, on_written)
         except BaseException as error:  # handed to the training thread
             self._error = error
+
+    @property
+    def failed(self) -> bool:
+        """Whether a background write failed (checked after every step: one attribute read)."""
+        return self._error is not None
 
     def wait(self) -> None:
         """Block until the write in flight is on disk; raise its error if it failed."""

@@ -151,7 +151,7 @@ def nearest(word: str, candidates) -> str:
     return f"; did you mean {matches[0]!r}?" if matches else ""
 
 
-def _walk(document: dict, path: list[str], flag: str, create: bool) -> dict | None:
+def _walk(document: dict, path: list[str], where: str, create: bool) -> dict | None:
     """The dict that holds the last key of `path`, or None where a section is missing."""
     node = document
     for depth, name in enumerate(path[:-1]):
@@ -162,9 +162,7 @@ def _walk(document: dict, path: list[str], flag: str, create: bool) -> dict | No
             return None
         if not isinstance(child, dict):
             section = ".".join(path[: depth + 1])
-            raise UserError(
-                f"{flag} {'.'.join(path)}: {section!r} holds a {type(child).__name__}, not a section of keys"
-            )
+            raise UserError(f"{where}: {section!r} holds a {type(child).__name__}, not a section of keys")
         node = child
     return node
 
@@ -185,21 +183,30 @@ def delete_key(document: dict, dotted: str, schema: dict) -> None:
             f"--delete {dotted}: no such key in the config or the schema"
             + nearest(dotted, _all_paths(document, schema))
         )
-    parent = _walk(document, path, "--delete", create=False)
+    parent = _walk(document, path, f"--delete {dotted}", create=False)
     if parent is not None:
         parent.pop(path[-1], None)
 
 
-def set_key(document: dict, dotted: str, value: Any, schema: dict, flag: str) -> None:
-    """Set an existing key (in the config, or known to the schema) to `value`."""
+def _in_free_section(schema: dict, path: list[str]) -> bool:
+    """Whether `path` lies in a section of free keys (`model_parameters`, `optimizer.parameters`...),
+    whose keys are checked later against the constructors they are passed to."""
+    rule = _schema_rule(schema, path[:-1]) if len(path) > 1 else None
+    return bool(rule) and rule.get("type") == "dict" and "schema" not in rule and "keysrules" not in rule
+
+
+def set_key(document: dict, dotted: str, value: Any, schema: dict, where: str) -> None:
+    """Set an existing key (in the config, or known to the schema) to `value`; in a section of
+    free keys such as `model_parameters`, a new key may be added."""
     path = dotted.split(".")
-    if not all(path) or not _key_exists(document, schema, path):
+    if not all(path) or not (_key_exists(document, schema, path) or _in_free_section(schema, path)):
         raise UserError(
-            f"{flag} {dotted}: no such key in the config or the schema"
+            f"{where}: no such key in the config or the schema"
             + nearest(dotted, _all_paths(document, schema))
-            + " (keys can only be changed, not added, from the command line)"
+            + " (from the command line, keys can only be changed, or added in model_parameters,"
+            " data_loader_parameters.* and optimizer.parameters)"
         )
-    _walk(document, path, flag, create=True)[path[-1]] = value
+    _walk(document, path, where, create=True)[path[-1]] = value
 
 
 def apply_edits(document: dict, edits: ConfigEdits, schema: dict) -> dict:
@@ -210,9 +217,9 @@ def apply_edits(document: dict, edits: ConfigEdits, schema: dict) -> dict:
     for dotted in edits.delete:
         delete_key(document, dotted, schema)
     for dotted, text in edits.modify:
-        set_key(document, dotted, parse_yaml(text, f"--modify {dotted}"), schema, "--modify")
+        set_key(document, dotted, parse_yaml(text, f"--modify {dotted}"), schema, f"--modify {dotted}")
     for dotted, text in edits.overrides:
-        set_key(document, dotted, parse_yaml(text, f"--{dotted}"), schema, f"--{dotted}=")
+        set_key(document, dotted, parse_yaml(text, f"--{dotted}"), schema, f"--{dotted}={text}")
     return document
 
 

@@ -34,9 +34,16 @@ def checkpoints_to_evaluate(directory: Path, names: list[str] | None) -> list[Pa
         return paths
     paths = [info.path for info in step_checkpoints(directory) if manifest_path(info.path).exists()]
     best = directory / "best.pt"
-    if best.exists() and not any(best.samefile(path) for path in paths if path.exists()):
+    if best.exists() and not any(_same_file(best, path) for path in paths):
         paths.append(best)
     return paths
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except FileNotFoundError:  # pruned by the training meanwhile
+        return False
 
 
 def evaluate_checkpoints(trainer: Trainer, paths: list[Path]) -> list[dict]:

@@ -21,13 +21,17 @@ if (_RANK and os.environ.get("RANK", "0") != _RANK) or os.environ.get("TORCHELAS
 _seen: dict[str, int] = {}
 
 
-def maybe_fail(point: str) -> None:
-    """Count an occurrence of `point`; act when it is the one TEMPLATE_FAULT names."""
+def maybe_fail(point: str, settle=None) -> None:
+    """Count an occurrence of `point`; act when it is the one TEMPLATE_FAULT names.
+    `settle` (waiting for checkpoint writes in flight) runs first, so that a test knows
+    which checkpoint is the newest at the kill (`checkpoint_write` kills inside a write)."""
     if point != _POINT:
         return
     _seen[point] = _seen.get(point, 0) + 1
     if _seen[point] != int(_COUNT or 1):
         return
+    if settle is not None:
+        settle()
     if _ACTION == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if _ACTION == "exit":

@@ -10,8 +10,11 @@ neither holds values from the killed process's lost work.
 """
 
 import json
+import os
 import time
 from pathlib import Path
+
+from src.core.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 FLUSH_SECONDS = 10.0
@@ -22,6 +25,13 @@ class MetricLogger:
         self.path = Path(run_directory) / METRICS_FILE
         if resume_from_byte is not None:
             with open(self.path, "r+b") as stream:
+                size = os.fstat(stream.fileno()).st_size
+                if size < resume_from_byte:  # truncate() would pad with NUL bytes
+                    raise UserError(
+                        f"{self.path} holds {size} bytes, but the checkpoint resumed from covers "
+                        f"{resume_from_byte}: logged values were lost (the file was edited or the disk "
+                        "lost writes). Restore the file, or start a new run."
+                    )
                 stream.truncate(resume_from_byte)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.buffer: list[str] = []
@@ -52,13 +62,16 @@ class MetricLogger:
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
-    def flush(self) -> int:
-        """Write buffered lines; return the file's length (what a checkpoint records)."""
+    def flush(self, durable: bool = False) -> int:
+        """Write buffered lines; return the file's length (what a checkpoint records).
+        `durable`: also fsync, so that a checkpoint never covers bytes a power cut could lose."""
         if self.buffer:
             self.file.write("\n".join(self.buffer) + "\n")
             self.buffer.clear()
         self.file.flush()
         self.tensorboard.flush()
+        if durable:
+            os.fsync(self.file.fileno())
         self.last_flush = time.monotonic()
         return self.file.tell()
 

@@ -37,7 +37,9 @@ def run_git(args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True)
             "git is not installed (no 'git' on PATH): the template records the commit of "
             "every logged run and needs git to do so. Install git, or run with --no-logging."
         )
-    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    # Git's messages in English whatever the user's locale: the gate reads some of them.
+    environment = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C"}
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=environment)
     if check and result.returncode != 0:
         raise RuntimeError(f"'git {' '.join(args)}' failed in {cwd}: {result.stderr.strip()}")
     return result
@@ -82,6 +84,11 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
     if result.returncode != 0:
         if "not a git repository" in result.stderr:
             raise NotARepository(root)
+        if "dubious ownership" in result.stderr:  # a checkout owned by another user (a mounted volume)
+            raise Refusal(
+                f"git refuses to read {root}: it belongs to another user ('dubious ownership'). If you "
+                f"trust it, run: git config --global --add safe.directory {Path(root).resolve()}"
+            )
         raise RuntimeError(f"'git status' failed in {root}: {result.stderr.strip()}")
     state = RepositoryState(root=Path(root), commit=None, branch=None)
     records = iter(result.stdout.split("\0"))

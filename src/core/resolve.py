@@ -68,6 +68,25 @@ def _lookup_within(module: ModuleType, parts: list[str]) -> object:
     return value if defined_in.startswith(package) and not inspect.ismodule(value) else None
 
 
+def _is_loss(value: object) -> bool:
+    """A function, or an nn.Module class that is not a model (`nn.MSELoss`), from torch.nn or your files."""
+    from src.model import BaseModel
+
+    defined_in = getattr(value, "__module__", None) or ""
+    if not (defined_in.startswith("torch.nn") or defined_in in USER_MODULES):
+        return False  # not torch.save, torch.hub.load...
+    if inspect.isclass(value):
+        return issubclass(value, torch.nn.Module) and not issubclass(value, BaseModel)
+    return inspect.isfunction(value) or inspect.isbuiltin(value)
+
+
+def _instantiate_loss(name: str, loss_class: type) -> Callable:
+    try:
+        return loss_class()
+    except TypeError as error:
+        raise UserError(f"config key 'loss_function': {name} cannot be built without arguments: {error}") from None
+
+
 def resolve_loss_function(name: str) -> Callable:
     """The loss function a config names; a class such as `nn.MSELoss` is instantiated."""
     parts = _check_name("loss_function", name)
@@ -83,11 +102,15 @@ def resolve_loss_function(name: str) -> Callable:
         )
     for module in modules:
         value = _lookup_within(module, parts)
-        if callable(value):
-            return value() if inspect.isclass(value) else value
+        if _is_loss(value):
+            return _instantiate_loss(name, value) if inspect.isclass(value) else value
     choices = [f"F.{n}" for n in dir(torch.nn.functional) if not n.startswith("_")]
     choices += [n for m in USER_MODULES for n in _public_names(importlib.import_module(m), inspect.isfunction)]
-    raise UserError(f"config key 'loss_function': no function called {name!r}" + nearest(name, choices))
+    raise UserError(
+        f"config key 'loss_function': {name!r} is not a loss function; expected a function of "
+        "torch.nn.functional ('F.mse_loss'), a loss class of torch.nn ('nn.MSELoss') or a function "
+        "in src/model.py" + nearest(name, choices)
+    )
 
 
 def check_arguments(key: str, cls: type, arguments: Mapping, given_elsewhere: tuple[str, ...] = ()) -> None:
@@ -131,11 +154,50 @@ def check_config_names(config: Config) -> None:
                 dataset_arguments(config, phase),
                 given_elsewhere=("data_directory", "split"),
             )
-    if not hasattr(torch.optim, config.optimizer.type) or config.optimizer.type.startswith("_"):
-        choices = [n for n in dir(torch.optim) if inspect.isclass(getattr(torch.optim, n)) and n[0].isupper()]
+    check_optimizer(config.optimizer)
+    check_monitor(config)
+
+
+def check_optimizer(optimizer: Config) -> None:
+    """`optimizer.type` must be a torch.optim optimizer that takes `optimizer.parameters`."""
+    optimizer_class = getattr(torch.optim, optimizer.type, None) if not optimizer.type.startswith("_") else None
+    if not (inspect.isclass(optimizer_class) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        choices = [
+            name
+            for name, value in vars(torch.optim).items()
+            if inspect.isclass(value)
+            and issubclass(value, torch.optim.Optimizer)
+            and value is not torch.optim.Optimizer
+        ]
         raise UserError(
-            f"config key 'optimizer.type': {config.optimizer.type!r} is not an optimizer in torch.optim"
-            + nearest(config.optimizer.type, choices)
+            f"config key 'optimizer.type': {optimizer.type!r} is not an optimizer in torch.optim"
+            + nearest(optimizer.type, choices)
+            + f" (found: {', '.join(sorted(choices))})"
+        )
+    check_arguments(
+        "optimizer.parameters", optimizer_class, optimizer.parameters, given_elsewhere=("params", "lr", "weight_decay")
+    )
+
+
+def logged_metrics(config: Config) -> list[str]:
+    """The metrics a run with this config logs (src/core/trainer.py): the candidates for `checkpoint.monitor`."""
+    names = ["train/loss", "train/lr", "train/epoch_loss"]
+    if config.test_data_loader_type:
+        names.append("val/loss")
+    if config.eval_data_loader_type:
+        names.append("rollout/loss")
+    return names
+
+
+def check_monitor(config: Config) -> None:
+    """A `checkpoint.monitor` that is never logged would silently never pick a best checkpoint."""
+    monitor = config.checkpoint.monitor
+    if monitor is not None and monitor not in logged_metrics(config):
+        names = logged_metrics(config)
+        raise UserError(
+            f"config key 'checkpoint.monitor': {monitor!r} is not a metric this run logs"
+            + nearest(monitor, names)
+            + f" (it logs: {', '.join(names)})"
         )
 
 

@@ -63,6 +63,13 @@ def default_monitor(datasets: dict) -> str:
     return "val/loss" if "test" in datasets else "train/epoch_loss"
 
 
+def rescaled_position(batch_in_epoch: int, saved_world_size: int, world_size: int, accumulation: int, batches: int):
+    """A position in the epoch saved with another number of processes, in this run's batches:
+    as many samples seen, rounded down to a whole accumulation group (a few repeat, none is skipped)."""
+    position = batch_in_epoch * saved_world_size // world_size
+    return min(position - position % accumulation, batches)
+
+
 class Trainer:
     def __init__(
         self,
@@ -198,14 +205,16 @@ class Trainer:
             progress.batch_in_epoch = batch_index + 1
             if steps_now:
                 self.optimizer_step()
-                faults.maybe_fail("train_step")
+                faults.maybe_fail("train_step", settle=self.wait_for_checkpoints)
+                if self.checkpoints is not None and self.checkpoints.failed:
+                    self.checkpoints.wait()  # a background write failed (disk full): stop now, with its error
                 if progress.global_step % config.log_every_n_steps == 0:
                     self.log_training(bar)
                 if progress.batch_in_epoch < self.batches_per_epoch:  # the epoch's end saves anyway
                     if self.stop_due():
                         self.stop_here()
                     if self.interval_checkpoint_due():
-                        self.save_checkpoint(links=())
+                        self.save_checkpoint(links=("last",))
             bar.update()
         bar.close()
         loss = self.reduce_mean(self.epoch_loss, self.epoch_batches)
@@ -274,7 +283,7 @@ class Trainer:
                 loss = self.compute_loss(self.model, batch).double()
                 sums += torch.stack([loss * samples, torch.tensor(float(samples), device=self.device)])
                 batch_results.append({"samples": samples, "loss": loss})
-                faults.maybe_fail(phase)
+                faults.maybe_fail(phase, settle=self.wait_for_checkpoints)
         self.model.train()
         all_reduce_sum(sums, self.context)
         details = [{"samples": item["samples"], "loss": item["loss"].item()} for item in batch_results]
@@ -349,10 +358,14 @@ class Trainer:
 
     def stop_here(self) -> None:
         if self.logging and self.progress.global_step != self.checkpointed_step:  # the epoch's end may have saved
-            self.save_checkpoint(links=())
+            self.save_checkpoint(links=("last",))
         if self.checkpoints:
             self.checkpoints.wait()
         raise Preempted(f"stopped for preemption at step {self.progress.global_step}, after a checkpoint")
+
+    def wait_for_checkpoints(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.wait()
 
     def save_checkpoint(self, links: tuple[str, ...]) -> None:
         if not self.logging:
@@ -395,7 +408,7 @@ class Trainer:
             "schedule_steps": self.schedule_steps,
             "best": dict(self.best),
             "per_rank": per_rank,
-            "logging": {"metrics_bytes": self.logger.flush() if self.logger else 0},
+            "logging": {"metrics_bytes": self.logger.flush(durable=True) if self.logger else 0},
             "world_size": self.context.world_size,
             "commit": self.commit,
             "config_hash": self.config_hash,
@@ -407,6 +420,14 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        if state["world_size"] != self.context.world_size:  # not exact: continue at the same share of the epoch
+            self.progress.batch_in_epoch = rescaled_position(
+                self.progress.batch_in_epoch,
+                state["world_size"],
+                self.context.world_size,
+                self.config.gradient_accumulation_steps,
+                self.batches_per_epoch,
+            )
         self.schedule_steps = state["schedule_steps"]
         self.set_learning_rate(self.progress.global_step)
         self.best = dict(state["best"])
