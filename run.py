@@ -62,7 +62,7 @@ from src.core.evaluation import checkpoints_to_evaluate, evaluate_checkpoints, w
 from src.core.reproduce import reproduce
 from src.core.resolve import build_datasets, build_model, check_config_names, resolve_loss_function
 from src.core.rundir import CONFIG_FILE, lock_run_directory, now, read_yaml, start_run, update_metadata
-from src.core.runs import format_table, list_runs, set_note
+from src.core.runs import filter_rows, format_table, list_runs, set_note
 from src.core.seeding import configure_determinism, derive_seed, seed_everything
 from src.core.sweep import create as create_sweep
 from src.core.sweep import expand, member_rows, requeue_this_job, run_locally, submit, write_slurm_script
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs is not None:
             root = Path(args.runs) if args.runs else provenance.PROJECT_ROOT / "logs"
             if (root / "sweep.yaml").exists():  # a sweep: its members, with their Slurm state
-                print(format_table(member_rows(root), args.csv))
+                print(format_table(filter_rows(member_rows(root), args.filter, args.status), args.csv))
             else:
                 print(format_table(list_runs(root, args.filter, args.status), args.csv))
             return 0

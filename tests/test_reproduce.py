@@ -26,7 +26,8 @@ def test_reproduction_at_the_recorded_commit_is_identical_despite_later_commits(
 
     result = project.run("--reproduce", ORIGINAL)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "identical (bitwise)" in result.stdout and "parameters at step 26: identical (bitwise)" in result.stdout
+    assert "up to step 26 of the original's 26: identical (bitwise)" in result.stdout
+    assert "parameters at step 26: identical (bitwise)" in result.stdout
     (reproduction,) = (project.root / ORIGINAL / "reproductions").iterdir()
     config = yaml.safe_load((reproduction / "config.yaml").read_text())
     assert config["git"]["commit"] != project.git("rev-parse", "HEAD")  # it ran the original's commit
@@ -34,11 +35,75 @@ def test_reproduction_at_the_recorded_commit_is_identical_despite_later_commits(
     assert len(worktrees(project)) == 1  # the temporary worktree is gone
 
 
-def test_a_quick_check_of_the_first_epoch_keeps_the_schedule(project):
+def test_a_quick_check_of_the_first_epoch_keeps_the_schedule_and_says_it_is_partial(project):
     assert project.run(*RUN, "--run_name=original", "--scheduler.type=cosine").returncode == 0
     result = project.run("--reproduce", ORIGINAL, "--epochs=1")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "identical (bitwise)" in result.stdout and "parameters at step 13: identical" in result.stdout
+    assert "up to step 13 of the original's 26: identical over the first 1 epoch(s) (the original ran 2)" in (
+        result.stdout
+    )
+    assert "26: identical (bitwise)" not in result.stdout  # never plainly identical
+    assert "parameters at step 13: identical" in result.stdout
+    (reproduction,) = (project.root / ORIGINAL / "reproductions").iterdir()
+    comparison = json.loads((reproduction / "comparison.json").read_text())
+    assert comparison["complete"] is False and comparison["compared_up_to_step"] == 13
+
+
+def test_a_run_extended_by_resume_is_reproduced_to_its_last_epoch(project):
+    assert project.run(*RUN, "--run_name=original", "--scheduler.type=cosine").returncode == 0
+    assert project.run("--resume", ORIGINAL, "--epochs=3").returncode == 0  # config.yaml still says 2
+    assert yaml.safe_load((project.root / ORIGINAL / "config.yaml").read_text())["epochs"] == 2
+
+    result = project.run("--reproduce", ORIGINAL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "extended to 3 epochs" in result.stdout
+    assert "up to step 39 of the original's 39: identical (bitwise)" in result.stdout
+    assert "parameters at step 39: identical (bitwise)" in result.stdout
+    (reproduction,) = (project.root / ORIGINAL / "reproductions").iterdir()
+    assert yaml.safe_load((reproduction / "config.yaml").read_text())["epochs"] == 3
+    assert json.loads((reproduction / "comparison.json").read_text())["complete"] is True
+
+
+def test_a_run_started_by_torchrun_is_reproduced_with_as_many_processes(project):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "run.py"]
+    original = subprocess.run(
+        [*torchrun, *RUN, "--run_name=original"],
+        cwd=project.root,
+        capture_output=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},  # as project.run, which runs the reproduction
+    )
+    assert original.returncode == 0, original.stderr
+    config = yaml.safe_load((project.root / ORIGINAL / "config.yaml").read_text())
+    assert config["environment"]["world_size"] == 2 and config["distributed"]["nproc_per_node"] == 1
+
+    result = project.run("--reproduce", ORIGINAL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the original ran 2 processes: starting 2" in result.stdout
+    assert "identical (bitwise)" in result.stdout and "world size" not in result.stdout
+    (reproduction,) = (project.root / ORIGINAL / "reproductions").iterdir()
+    assert yaml.safe_load((reproduction / "config.yaml").read_text())["environment"]["world_size"] == 2
+
+
+def test_a_different_environment_and_world_size_are_named(project):
+    assert project.run(*RUN, "--run_name=original").returncode == 0
+    config_file, packages_file = project.root / ORIGINAL / "config.yaml", project.root / ORIGINAL / "packages.txt"
+    config = yaml.safe_load(config_file.read_text())
+    config["environment"] |= {"torch": "1.0.0", "world_size": 2}
+    config_file.write_text(yaml.safe_dump(config))
+    packages = [line for line in packages_file.read_text().splitlines() if not line.startswith("numpy==")]
+    packages_file.write_text("\n".join([*packages, "numpy==0.0.1"]) + "\n")
+
+    result = project.run("--reproduce", ORIGINAL, "--distributed.nproc_per_node=1")  # one process, as asked
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning: torch: 1.0.0 when recorded" in result.stdout
+    assert "warning: installed packages differ: numpy" in result.stdout
+    assert (
+        "warning: world size: the original ran 2 process(es), the reproduction 1; "
+        "the results are not expected to be bitwise equal"
+    ) in result.stdout
+    (reproduction,) = (project.root / ORIGINAL / "reproductions").iterdir()
+    warnings = json.loads((reproduction / "comparison.json").read_text())["environment_warnings"]
+    assert any(warning.startswith("world size") for warning in warnings)
 
 
 def test_changed_data_is_reported_with_the_first_differing_step(project):

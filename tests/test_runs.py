@@ -8,6 +8,8 @@ import time
 
 import yaml
 
+from src.core.runs import filter_rows
+
 RUN = ("sample_runconfig.yaml", "--mini", "--cpu", "--epochs=2", "--batch_size=8", "--checkpoint.every_n_steps=5")
 
 
@@ -72,3 +74,50 @@ def test_note_sets_the_summary_and_keeps_the_rest(project):
     assert after == {**before, "summary": "rollout error flat after epoch 1: try a smaller lr"}
     missing = project.run("--note", "logs/nowhere", "x")
     assert missing.returncode == 2 and "no metadata.yaml there" in missing.stderr
+
+
+def fake_run(project, name: str, commit: str, recorded_on_remote: bool | None) -> None:
+    """A run directory as --runs reads it, without training one."""
+    run = project.root / "logs" / "PendulumModel" / name
+    run.mkdir(parents=True)
+    git = {"commit": commit, "commit_on_remote": recorded_on_remote}
+    (run / "config.yaml").write_text(yaml.safe_dump({"description": name, "epochs": 1, "git": git}))
+    (run / "metadata.yaml").write_text(yaml.safe_dump({"status": "finished", "started": name, "epochs_done": 1}))
+
+
+def test_the_no_remote_mark_is_checked_when_listing_not_when_the_run_started(project, tmp_path):
+    head = project.git("rev-parse", "HEAD")
+    fake_run(project, "a-head", head, recorded_on_remote=False)
+    fake_run(project, "b-unknown-pushed", "0123456789abcdef0123456789abcdef01234567", recorded_on_remote=True)
+    fake_run(project, "c-unknown", "fedcba9876543210fedcba9876543210fedcba98", recorded_on_remote=False)
+
+    def marks() -> dict[str, str]:
+        return {row["run"].split("/")[1]: row["commit"] for row in table(project)}
+
+    assert marks() == {"a-head": head[:10] + "*", "b-unknown-pushed": "0123456789", "c-unknown": "fedcba9876*"}
+
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "remote.git")], check=True)
+    project.git("remote", "add", "origin", str(tmp_path / "remote.git"))
+    project.git("push", "-q", "origin", "HEAD:refs/heads/main")
+    project.git("fetch", "-q", "origin")
+    # pushed since: no mark; commits git does not know keep what was recorded
+    assert marks() == {"a-head": head[:10], "b-unknown-pushed": "0123456789", "c-unknown": "fedcba9876*"}
+
+
+def test_filter_and_status_apply_to_sweep_member_rows_too():
+    runs = [
+        {"run": "P/sgd", "status": "finished (resumed 1x)", "description": "Pendulum baseline"},
+        {"run": "P/big", "status": "crashed", "description": "wider model"},
+    ]
+    members = [
+        {"member": "0-lr=1e-3", "status": "finished", "val/loss": 0.1},
+        {"member": "1-lr=3e-4", "status": "not started"},
+        {"member": "2-lr=1e-4", "status": "running"},
+    ]
+    assert filter_rows(runs, "PENDULUM") == runs[:1]
+    assert filter_rows(runs, status="finished") == runs[:1]  # "(resumed 1x)" aside
+    assert filter_rows(runs, "sgd", "crashed") == []
+    assert filter_rows(members, "lr=3e-4") == members[1:2]
+    assert filter_rows(members, status="not started") == members[1:2]
+    assert filter_rows(members, status="finished") == members[:1]
+    assert filter_rows(members) == members

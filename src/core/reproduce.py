@@ -29,9 +29,16 @@ DIFFERS_EXIT_CODE = 4  # reproduced, but the results are not identical
 
 @dataclass
 class Verdict:
-    identical: bool
+    identical: bool  # no compared value differs and none the original logged is missing
     compared: int
+    last_step: int  # the last step compared: the reproduction's or the original's end, whichever is first
+    original_last_step: int
     lines: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the comparison reached the original's last logged step."""
+        return self.last_step >= self.original_last_step
 
 
 def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
@@ -46,6 +53,7 @@ def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
 
     before, after = keyed(original), keyed(reproduction)
     last_step = max((key[0] for key in after), default=-1)
+    original_last_step = max((key[0] for key in before), default=-1)
     expected = {key for key in before if key[0] <= last_step}
     missing = sorted(expected - after.keys())
     common = sorted(expected & after.keys())
@@ -67,8 +75,10 @@ def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
         lines.append(f"{len(missing)} value(s) the original logged are missing: {shown}")
     if not common:
         lines.append("no values in common: nothing was compared")
+    if last_step > original_last_step >= 0:
+        lines.append(f"the original stopped at step {original_last_step}; the reproduction went on to step {last_step}")
     identical = not differences and not missing and bool(common)
-    return Verdict(identical, len(common), lines)
+    return Verdict(identical, len(common), min(last_step, original_last_step), original_last_step, lines)
 
 
 def compare_parameters(original_run: Path, reproduction_run: Path) -> str | None:
@@ -128,14 +138,76 @@ def environment_differences(saved: dict, run_directory: Path, data_directory: Pa
     return notes
 
 
-def run_at_commit(run_directory: Path, saved: dict, flags: list[str], overrides: list[str]) -> tuple[int, Path | None]:
-    """Run the recorded config at the recorded commit in a temporary worktree; return
-    the exit code and the reproduction's run directory."""
-    commit = saved["git"]["commit"]
+def world_size_differences(saved: dict, metadata: dict, reproduction_saved: dict) -> list[str]:
+    """DDP's global batch is the per-rank batch times the world size, and its sums run in
+    another order: a reproduction with another number of processes computes another run."""
+    recorded = saved.get("environment", {}).get("world_size", 1)
+    reproduced = reproduction_saved.get("environment", {}).get("world_size", 1)
+    notes = []
+    if recorded != reproduced:
+        notes.append(
+            f"world size: the original ran {recorded} process(es), the reproduction {reproduced}; "
+            "the results are not expected to be bitwise equal"
+        )
+    for resume in metadata.get("resumes") or []:
+        if resume.get("world_size", recorded) != recorded:
+            notes.append(
+                f"world size: the original was resumed at step {resume.get('from_step')} with "
+                f"{resume['world_size']} process(es) instead of {recorded}; the reproduction runs "
+                f"{reproduced} throughout, so later steps are not expected to be bitwise equal"
+            )
+    return notes
+
+
+def use_recorded_world_size(config: dict, world_size: int, cpu: bool) -> str | None:
+    """Make the reproduction start the original's number of processes on this machine
+    (run.py starts torchrun itself when `distributed.nproc_per_node` > 1); return what
+    was decided, or None when the config already asks for them.
+
+    A run started by `torchrun` records `environment.world_size` but its config keeps
+    `nproc_per_node: 1`, so the recorded config alone would run one process.
+    """
+    import torch
+
+    settings = config.get("distributed")
+    if world_size <= 1 or settings is None:
+        return None
+    legacy = config.get("multigpu_parameters") or {}  # the original template's; overrides `distributed`
+    processes = legacy.get("ngpus_per_node", 1) if legacy else settings.get("nproc_per_node", 1)
+    nodes = legacy.get("num_nodes", 1) if legacy else settings.get("nnodes", 1)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and not cpu else world_size
+    here = world_size if gpus >= world_size else 1  # one process per GPU
+    if nodes == 1 and processes == here == world_size:
+        return None
+    config["distributed"] = {**settings, "nproc_per_node": here, "nnodes": 1, "rdzv_endpoint": None}
+    if legacy:
+        config["multigpu_parameters"] = None
+    if here < world_size:
+        return (
+            f"the original ran {world_size} processes, but this machine has {gpus} GPU(s): reproducing in one "
+            f"process (--cpu would start {world_size} on the CPU)"
+        )
+    where = f" (the original ran them on {nodes} nodes)" if nodes > 1 else ""
+    return f"the original ran {world_size} processes: starting {world_size} on this machine{where}"
+
+
+def original_epochs(metadata: dict, records: list[dict]) -> int:
+    """How many epochs the original ran: metadata's `epochs_done` (config.yaml keeps the
+    first `epochs` of a run extended with --resume --epochs=N), else its metrics' last epoch."""
+    if metadata.get("epochs_done") is not None:
+        return int(metadata["epochs_done"])
+    return max((record["epoch"] for record in records), default=0)
+
+
+def run_at_commit(
+    run_directory: Path, commit: str, config: dict, flags: list[str], overrides: list[str]
+) -> tuple[int, Path | None]:
+    """Run `config` at `commit` in a temporary worktree; return the exit code and the
+    reproduction's run directory."""
     scratch = Path(tempfile.mkdtemp(prefix="reproduce-"))
     worktree = scratch / "worktree"
     config_file = scratch / "config.yaml"  # outside the worktree, which must stay clean
-    config_file.write_text(dump_yaml({k: v for k, v in saved.items() if k not in PROVENANCE_KEYS}))
+    config_file.write_text(dump_yaml(config))
     parent = run_directory.resolve() / "reproductions"
     before = set(parent.iterdir()) if parent.exists() else set()
     try:
@@ -150,33 +222,62 @@ def run_at_commit(run_directory: Path, saved: dict, flags: list[str], overrides:
     return returncode, (created[-1] if created else None)
 
 
+def headline(verdict: Verdict, identical: bool, epochs: tuple[int, int]) -> str:
+    """The verdict, saying what was compared: a partial check is never plainly "identical"."""
+    reproduced, original = epochs
+    text = f"compared {verdict.compared} logged values up to step {verdict.last_step} of the original's "
+    text += f"{verdict.original_last_step}: "
+    if not identical:
+        return text + "they differ"
+    if verdict.complete:
+        return text + "identical (bitwise)"
+    return text + f"identical over the first {reproduced} epoch(s) (the original ran {original}); later steps unchecked"
+
+
 def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) -> int:
+    """Re-run a logged run at its commit, with its flags, data and world size, to its full
+    length (an extended run's too) unless --epochs says otherwise; compare and report."""
     if not (run_directory / CONFIG_FILE).is_file():
         raise UserError(f"--reproduce {run_directory}: no {CONFIG_FILE} there; expected a run directory under logs/")
     saved = read_yaml(run_directory / CONFIG_FILE)
+    metadata = read_yaml(run_directory / METADATA_FILE) or {}
+    original = read_metrics(run_directory)
     recorded_flags = saved.get("flags", {})
     data_directory = Path(saved["data_fingerprint"]["directory"])
     flags = ["--cpu"] if cpu or recorded_flags.get("cpu") else []
     flags += ["--mini"] if recorded_flags.get("mini") else []
+    config = {key: value for key, value in saved.items() if key not in PROVENANCE_KEYS}
+    # The original's number of processes, unless the user sets it (--distributed.nproc_per_node=1).
+    if not any(key.split(".")[0] in ("distributed", "multigpu_parameters") for key, _ in overrides):
+        world_size = saved.get("environment", {}).get("world_size", 1)
+        launch = use_recorded_world_size(config, world_size, "--cpu" in flags)
+        if launch:
+            print(launch)
     # The data lives outside git, at its recorded place; the reproduction is named by its start time.
     extra = [f"--data_directory={data_directory}", "--run_name=null"]
-    if any(key == "epochs" for key, _ in overrides):  # a shorter check keeps the original schedule
-        schedule_steps = (read_yaml(run_directory / METADATA_FILE) or {}).get("schedule_steps")
-        if schedule_steps:
-            extra.append(f"--scheduler.total_steps={schedule_steps}")
+    epochs = original_epochs(metadata, original)
+    asked = any(key == "epochs" for key, _ in overrides)  # --epochs=1: a quick check of the beginning
+    extended = epochs > saved["epochs"] and not asked
+    if extended:
+        print(f"the original was extended to {epochs} epochs (its config.yaml says {saved['epochs']}): reproducing all")
+        extra.append(f"--epochs={epochs}")
+    if (asked or extended) and metadata.get("schedule_steps"):  # another length keeps the original's schedule
+        extra.append(f"--scheduler.total_steps={metadata['schedule_steps']}")
     extra += [f"--{key}={value}" for key, value in overrides]
 
-    returncode, reproduction = run_at_commit(run_directory, saved, flags, extra)
+    returncode, reproduction = run_at_commit(run_directory, saved["git"]["commit"], config, flags, extra)
     if returncode != 0 or reproduction is None:
         print(f"the reproduction failed (exit code {returncode})", file=sys.stderr)
         return returncode or 1
-    verdict = compare_metrics(read_metrics(run_directory), read_metrics(reproduction))
+    verdict = compare_metrics(original, read_metrics(reproduction))
     parameters = compare_parameters(run_directory, reproduction)
+    reproduced_epochs = (read_yaml(reproduction / METADATA_FILE) or {}).get("epochs_done", 0)
     notes = environment_differences(saved, run_directory, data_directory)
+    notes += world_size_differences(saved, metadata, read_yaml(reproduction / CONFIG_FILE) or {})
     same_weights = parameters is None or "identical" in parameters or "no checkpoint" in parameters
     identical = verdict.identical and same_weights
     print(f"\nreproduction: {reproduction}")
-    print(f"compared {verdict.compared} logged values: " + ("identical (bitwise)" if identical else "they differ"))
+    print(headline(verdict, identical, (reproduced_epochs, epochs)))
     for line in [*verdict.lines, *([parameters] if parameters else [])]:
         print(f"  {line}")
     for note in notes:
@@ -186,7 +287,11 @@ def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) 
             {
                 "original": str(run_directory),
                 "identical": identical,
+                "complete": verdict.complete,  # false: identical only up to compared_up_to_step
                 "compared": verdict.compared,
+                "compared_up_to_step": verdict.last_step,
+                "original_last_step": verdict.original_last_step,
+                "epochs": {"original": epochs, "reproduction": reproduced_epochs},
                 "differences": verdict.lines,
                 "parameters": parameters,
                 "environment_warnings": notes,

@@ -7,11 +7,15 @@ chance to say so: it shows as `crashed` (resume it with --resume).
 import csv
 import fcntl
 import io
+import os
+import subprocess
 from pathlib import Path
 
+from src.core import provenance
 from src.core.errors import UserError
 from src.core.rundir import CONFIG_FILE, METADATA_FILE, read_yaml, update_metadata
 
+_C_LOCALE = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C"}
 COLUMNS = ("run", "started", "commit", "status", "epochs", "best", "description")
 
 
@@ -29,20 +33,48 @@ def is_locked(run_directory: Path) -> bool:
     return False
 
 
-def summarize(run_directory: Path, root: Path) -> dict:
+def commits_on_remote(commits: set[str], repository: Path = provenance.PROJECT_ROOT) -> dict[str, bool]:
+    """Which of `commits` a remote-tracking branch contains now (a push after the run
+    started counts), in two git calls whatever the number of runs. Commits git cannot
+    answer for (no git, no repository, a commit not fetched) are left out."""
+    commits = {commit for commit in commits if commit}
+    if not commits:
+        return {}
+
+    def git(*args: str, stdin: str = "") -> str | None:
+        try:
+            result = subprocess.run(
+                ["git", *args], cwd=repository, input=stdin, capture_output=True, text=True, env=_C_LOCALE
+            )
+        except OSError:  # no git
+            return None
+        return result.stdout if result.returncode == 0 else None
+
+    known = git("cat-file", "--batch-check=%(objectname) %(objecttype)", stdin="\n".join(commits) + "\n")
+    reachable = git("rev-list", "--remotes") if known is not None else None
+    if reachable is None:
+        return {}
+    present = {line.split()[0] for line in known.splitlines() if line.endswith(" commit")}
+    on_remote = set(reachable.split())
+    return {commit: commit in on_remote for commit in commits if commit in present}
+
+
+def summarize(run_directory: Path, root: Path, config: dict, on_remote: dict[str, bool]) -> dict:
+    """One row of the table; `on_remote` (from commits_on_remote) overrides the mark
+    recorded when the run started."""
     metadata = read_yaml(run_directory / METADATA_FILE) or {}
-    config = read_yaml(run_directory / CONFIG_FILE) or {}
     git = config.get("git") or {}
     status = metadata.get("status", "?")
     if status == "running" and not is_locked(run_directory):
         status = "crashed"
     resumes = len(metadata.get("resumes") or [])
     best = metadata.get("best") or {}
+    pushed = on_remote.get(git.get("commit") or "", git.get("commit_on_remote"))
     return {
         "order": (str(metadata.get("started", "")), (run_directory / CONFIG_FILE).stat().st_mtime),
         "run": str(run_directory.relative_to(root)),
         "started": str(metadata.get("started", "")),
-        "commit": (git.get("commit") or "")[:10] + ("" if git.get("commit_on_remote") else "*"),
+        "commit": (git.get("commit") or "")[:10] + ("" if pushed else "*"),
         "status": status + (f" (resumed {resumes}x)" if resumes else ""),
         "epochs": f"{metadata.get('epochs_done', 0)}/{config.get('epochs', '?')}",
         "best": f"{best['metric']}={best['value']:.4g}" if best.get("value") is not None else "",
@@ -50,15 +82,32 @@ def summarize(run_directory: Path, root: Path) -> dict:
     }
 
 
+def filter_rows(rows: list[dict], text: str | None = None, status: str | None = None) -> list[dict]:
+    """--filter and --status, for runs' rows and a sweep's member rows alike.
+
+    TEXT matches the description, the run's or member's name, case-insensitively; a
+    status matches its first word(s), so `finished` keeps `finished (resumed 1x)`.
+    """
+    if text:
+        rows = [row for row in rows if text.lower() in _searchable(row)]
+    if status:
+        rows = [row for row in rows if f"{row.get('status', '')} ".startswith(f"{status} ")]
+    return rows
+
+
+def _searchable(row: dict) -> str:
+    return " ".join(str(row.get(key, "")) for key in ("description", "run", "member")).lower()
+
+
 def list_runs(root: Path, text: str | None = None, status: str | None = None) -> list[dict]:
     """Every run directory under `root` (reproductions and sweeps included), newest first."""
     if not root.is_dir():
         raise UserError(f"--runs {root}: no such directory")
-    rows = [summarize(path.parent, root) for path in root.rglob(METADATA_FILE) if (path.parent / CONFIG_FILE).exists()]
-    if text:
-        rows = [row for row in rows if text.lower() in (row["description"] + " " + row["run"]).lower()]
-    if status:
-        rows = [row for row in rows if row["status"].split()[0] == status]
+    directories = [path.parent for path in root.rglob(METADATA_FILE) if (path.parent / CONFIG_FILE).exists()]
+    configs = {directory: read_yaml(directory / CONFIG_FILE) or {} for directory in directories}
+    on_remote = commits_on_remote({(config.get("git") or {}).get("commit") for config in configs.values()})
+    rows = [summarize(directory, root, config, on_remote) for directory, config in configs.items()]
+    rows = filter_rows(rows, text, status)
     return sorted(rows, key=lambda row: row.pop("order"), reverse=True)
 
 
