@@ -1,5 +1,7 @@
 """Sweeps on a real single-node Slurm cluster on localhost (tests/slurm/start_cluster.sh)."""
 
+import csv
+import io
 import os
 import shutil
 import subprocess
@@ -11,6 +13,8 @@ from conftest import REPO
 from test_resume import assert_same_run
 
 pytestmark = pytest.mark.slurm
+
+LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "COMPLETED"}  # a task's states, in order
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,7 +60,9 @@ def test_submitted_sweep_runs_its_commit_although_the_tree_moves_on(project):
     script = (sweep / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-3%2" in script and "#SBATCH --time=00:20:00" in script
     states = project.run("--runs", str(sweep), "--csv")
-    assert states.returncode == 0 and "slurm" in states.stdout.splitlines()[0]
+    assert states.returncode == 0, states.stderr
+    rows = list(csv.DictReader(io.StringIO(states.stdout)))
+    assert len(rows) == 4 and {row["slurm"] for row in rows} <= LIVE, rows  # squeue's, not a placeholder
 
     wait_for_job(job)
     expected = {
@@ -73,14 +79,20 @@ def test_submitted_sweep_runs_its_commit_although_the_tree_moves_on(project):
         assert (config["optimizer"]["lr"], config["model_parameters"]["hidden_size"]) == (lr, hidden)
         assert config["flags"]["mini"] and config["flags"]["cpu"]
     table = project.run("--runs", str(sweep), "--csv").stdout
-    assert table.count(",finished,") == 4
+    assert table.count(",finished,COMPLETED") == 4, table  # the tasks that ended, while Slurm remembers them
+    with open(sweep / "sweep.csv") as stream:  # each task rewrote the table as it ended
+        assert [row["status"] for row in csv.DictReader(stream)] == ["finished"] * 4
 
 
-def test_a_preempted_task_requeues_and_ends_like_an_uninterrupted_one(project):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_preempted_task_requeues_and_ends_like_an_uninterrupted_one(project, processes):
+    """With 2 processes, Slurm signals the launcher (the batch shell's exec), which passes
+    the warning on to its workers."""
     job, sweep = submit_sweep(
         project,
         "--requeue",
-        "--epochs=60",
+        "--epochs=20",
+        f"--distributed.nproc_per_node={processes}",
         "--modify",
         "data_loader_parameters.train",
         "{input_noise: 0.01}",
@@ -104,5 +116,12 @@ def test_a_preempted_task_requeues_and_ends_like_an_uninterrupted_one(project):
     (resume,) = metadata["resumes"]
     assert resume["from_step"] > 0
     output = "".join(path.read_text() for path in (sweep / "slurm").glob(f"{job}_1.out"))
-    assert "stopped for preemption" in output and "requeued Slurm job" in output
+    assert "stopped for preemption" in output and f"requeued Slurm job {job}_1" in output
+    if processes > 1:
+        assert "SIGUSR1: passing it on to the workers" in output
+        assert metadata["resumes"][0]["world_size"] == 2
+    reference = yaml.safe_load((sweep / "0-seed=7" / "metadata.yaml").read_text())
+    assert reference["status"] == "finished" and reference["resumes"] == []  # the requeue left task 0 alone
     assert_same_run(sweep / "0-seed=7", preempted)
+    with open(sweep / "sweep.csv") as stream:
+        assert [row["status"] for row in csv.DictReader(stream)] == ["finished", "finished"]

@@ -11,10 +11,13 @@ function here is a no-op, so the Trainer reads the same either way.
 `multigpu_parameters`) starts itself through torchrun's own launcher.
 """
 
+import contextlib
 import datetime
 import os
 import pickle
+import signal
 import socket
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -212,14 +215,65 @@ def launch_with_torchrun(settings: dict, script: str, argv: list[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     arguments = [*torchrun_arguments(settings), script, *argv]
-    print(f"starting {settings['nproc_per_node'] * settings['nnodes']} processes: torchrun {' '.join(arguments)}")
-    try:
-        run(get_args_parser().parse_args(arguments))
-    except ChildFailedError as error:
-        failures = error.failures
-        first = failures.get(0) or next(iter(failures.values()))
-        return first.exitcode if first.exitcode > 0 else 1
+    with forwarding_sigusr1_to_workers():
+        print(f"starting {settings['nproc_per_node'] * settings['nnodes']} processes: torchrun {' '.join(arguments)}")
+        try:
+            run(get_args_parser().parse_args(arguments))
+        except ChildFailedError as error:
+            failures = error.failures
+            first = failures.get(0) or next(iter(failures.values()))
+            return first.exitcode if first.exitcode > 0 else 1
     return 0
+
+
+@contextlib.contextmanager
+def forwarding_sigusr1_to_workers():
+    """Pass Slurm's warning before the time limit (SIGUSR1, for --requeue) on to the workers.
+
+    It reaches this launcher, not its workers. Each worker that gets it checkpoints and
+    stops, and rank 0 requeues the job. A worker still starting up has no handler yet,
+    and SIGUSR1 would kill it, so it gets the signal once it has one (a thread keeps
+    looking, which also covers workers that torchrun restarts).
+    """
+    requested, finished = threading.Event(), threading.Event()
+
+    def forward() -> None:
+        requested.wait()
+        if not finished.is_set():
+            print("SIGUSR1: passing it on to the workers (--requeue)", flush=True)
+        signalled = set()
+        while not finished.is_set():
+            for pid in children_handling(signal.SIGUSR1) - signalled:
+                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                    os.kill(pid, signal.SIGUSR1)
+                signalled.add(pid)
+            finished.wait(0.5)
+
+    threading.Thread(target=forward, daemon=True, name="forward-SIGUSR1").start()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: requested.set())
+    try:
+        yield
+    finally:
+        finished.set()
+        requested.set()  # lets the thread see `finished` and end
+        signal.signal(signal.SIGUSR1, previous if previous is not None else signal.SIG_DFL)
+
+
+def children_handling(signal_number: int) -> set[int]:
+    """This process's children that have a handler for `signal_number` (SigCgt in Linux's /proc)."""
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as stream:
+                fields = dict(line.split(":", 1) for line in stream if ":" in line)
+        except OSError:  # ended meanwhile
+            continue
+        caught = int(fields.get("SigCgt", "0").strip(), 16) >> (signal_number - 1) & 1
+        if caught and int(fields.get("PPid", "0")) == os.getpid():
+            found.add(int(entry.name))
+    return found
 
 
 def free_port() -> int:

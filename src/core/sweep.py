@@ -11,12 +11,13 @@ runs, named by their index and parameters, grouped in the sweep directory:
         code/                 the worktree at that commit, where every sub-run runs
         configs/03-lr=3e-4,hidden=64.yaml
         03-lr=3e-4,hidden=64/ the sub-run's run directory
-        sweep.csv             the sub-runs with their status and final metrics
+        sweep.csv             the sub-runs with their status and final metrics, rewritten as each ends
         sweep.sbatch, slurm/  with --slurm: the array script and the tasks' output
 """
 
 import copy
 import csv
+import fcntl
 import io
 import itertools
 import json
@@ -89,7 +90,7 @@ def expand(document: dict, schema: dict) -> list[SweepMember]:
         name = member_name(index, len(combinations), parameters)
         member = copy.deepcopy({key: value for key, value in document.items() if key != "sweep"})
         for key, value in parameters.items():
-            set_key(member, key, value, schema, "sweep key")
+            set_key(member, key, value, schema, f"sweep key {key}")
         try:
             config = finalize(member, schema)
             check_config_names(config)
@@ -118,7 +119,7 @@ def create(parent: Path, run_name: str | None, document: dict, members: list[Swe
         config = {**member.config, "run_name": member.name}
         (directory / "configs" / f"{member.name}.yaml").write_text(dump_yaml(config))
     sweep = Sweep(directory, code, members, git["commit"])
-    write_table(sweep)
+    write_table(directory)
     return sweep
 
 
@@ -133,34 +134,39 @@ def member_command(sweep: Sweep, member: SweepMember, flags: list[str]) -> list[
 
 
 def run_locally(sweep: Sweep, flags: list[str]) -> int:
-    """Every member in turn, each in its own process; a failure does not stop the others."""
+    """Every member in turn, each in its own process; a failure does not stop the others.
+    The worktree goes even on Ctrl-C, so that git does not keep it registered."""
     failed = []
-    for member in sweep.members:
-        print(f"\n=== sweep member {member.index + 1}/{len(sweep.members)}: {member.name}", flush=True)
-        returncode = subprocess.run([sys.executable, *member_command(sweep, member, flags)], cwd=sweep.code).returncode
-        if returncode != 0:
-            failed.append(f"{member.name} (exit code {returncode})")
-        write_table(sweep)
+    try:
+        for member in sweep.members:
+            print(f"\n=== sweep member {member.index + 1}/{len(sweep.members)}: {member.name}", flush=True)
+            command = [sys.executable, *member_command(sweep, member, flags)]
+            returncode = subprocess.run(command, cwd=sweep.code).returncode
+            if returncode != 0:
+                failed.append(f"{member.name} (exit code {returncode})")
+            write_table(sweep.directory)
+    finally:
+        provenance.remove_worktree(sweep.code)
     print(f"\nsweep {sweep.directory}: {len(sweep.members) - len(failed)} of {len(sweep.members)} finished")
     for name in failed:
         print(f"  failed: {name}")
     print(f"table: {sweep.directory / 'sweep.csv'}")
-    provenance.remove_worktree(sweep.code)
     return 1 if failed else 0
 
 
-def member_rows(sweep_directory: Path) -> list[dict]:
-    """A row per member: its parameters, status, and the metrics its run logged last."""
+def member_rows(sweep_directory: Path, slurm: bool = True) -> list[dict]:
+    """A row per member: its parameters, status, and the metrics its run logged last; with
+    `slurm`, the Slurm state of a submitted sweep's tasks (src/core/runs.py filters them)."""
     from src.core.metrics import read_metrics
 
     rows = []
-    slurm = slurm_states(sweep_directory)
+    states = slurm_states(sweep_directory) if slurm else {}
     for config_file in sorted((sweep_directory / "configs").glob("*.yaml")):
         run_directory = sweep_directory / config_file.stem
         metadata = read_yaml(run_directory / METADATA_FILE) if (run_directory / METADATA_FILE).exists() else {}
         row = {"member": config_file.stem, "status": metadata.get("status", "not started")}
-        if (sweep_directory / "slurm.json").exists():
-            row["slurm"] = slurm.get(config_file.stem, "-")
+        if slurm and (sweep_directory / "slurm.json").exists():
+            row["slurm"] = states.get(config_file.stem, "-")
         final = {}
         for record in read_metrics(run_directory):
             if record["phase"] != "train" or record["name"] == "epoch_loss":
@@ -172,14 +178,34 @@ def member_rows(sweep_directory: Path) -> list[dict]:
     return rows
 
 
-def write_table(sweep: Sweep) -> None:
-    rows = member_rows(sweep.directory)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    stream = io.StringIO()
-    writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(sweep.directory / "sweep.csv", stream.getvalue())
+def write_table(sweep_directory: Path) -> None:
+    """sweep.csv, from the members' run directories. Slurm tasks rewrite it as they end, on
+    any node, so they take turns under a lock: the last writer sees every member that has
+    ended. No Slurm state here (it would be stale at once): `--runs SWEEP_DIR` shows it."""
+    with open(sweep_directory / ".sweep.csv.lock", "a+") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the file closes
+        rows = member_rows(sweep_directory, slurm=False)
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        stream = io.StringIO()
+        writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(sweep_directory / "sweep.csv", stream.getvalue())
+
+
+def run_task(sweep_directory: Path, argv: list[str]) -> int:
+    """One Slurm task: run.py's `main(argv)` in this very process, so that the signals Slurm
+    sends the task reach run.py as they would reach `python run.py`; then sweep.csv, which
+    thereby follows the tasks as they end. The task runs in the sweep's worktree."""
+    import run  # the worktree's run.py (the working directory is on sys.path under -m)
+
+    try:
+        return run.main(argv)
+    finally:
+        try:
+            write_table(sweep_directory)
+        except Exception as error:  # the table is a convenience: never fail the task for it
+            print(f"warning: could not update {sweep_directory / 'sweep.csv'}: {error!r}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,14 +213,22 @@ def write_table(sweep: Sweep) -> None:
 
 
 def slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) -> str:
-    """One array job, a task per member, each running in the sweep's worktree."""
+    """One array job, a task per member, each running in the sweep's worktree.
+
+    A task runs `python -m src.core.sweep` (run_task: run.py, then sweep.csv). On one node
+    it is exec'd, so that it is the batch shell that Slurm signals, and run.py starts its own
+    processes if it has several (torchrun --standalone: a free port, so tasks sharing a node
+    do not collide). On several nodes srun starts it on every node, with a c10d rendezvous at
+    the first node on a port derived from the job id, and Slurm signals those steps.
+    """
+    nodes = settings["nodes"]
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={sweep.directory.parent.name}-{sweep.directory.name}"[:64],
         f"#SBATCH --array=0-{len(sweep.members) - 1}" + (f"%{settings['parallel']}" if settings["parallel"] else ""),
         f"#SBATCH --output={sweep.directory}/slurm/%A_%a.out",
         f"#SBATCH --time={settings['time']}",
-        f"#SBATCH --nodes={settings['nodes']}",
+        f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --cpus-per-task={settings['cpus_per_task']}",
     ]
@@ -209,19 +243,23 @@ def slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) 
     if requeue:  # a warning signal before the time limit: checkpoint, requeue, resume
         lines += [
             "#SBATCH --requeue",
-            f"#SBATCH --signal=B:USR1@{settings['signal_seconds']}",
+            # B: the batch shell, which is run_task itself on one node; else srun's steps
+            f"#SBATCH --signal={'B:' if nodes == 1 else ''}USR1@{settings['signal_seconds']}",
             "#SBATCH --open-mode=append",  # keep the output of the attempts before a requeue
         ]
     lines += [f"#SBATCH {line}" for line in settings["extra_sbatch"]]
+    run_flags = [*flags, *(["--requeue"] if requeue else [])]
+    if settings["gpus_per_node"] > 1:  # a process per GPU; otherwise distributed.nproc_per_node decides
+        run_flags.append(f"--distributed.nproc_per_node={settings['gpus_per_node']}")
+    task = f'"$PYTHON" -m src.core.sweep "$SWEEP" "${{ARGS[@]}}" {shlex.join(run_flags)}'.rstrip()
     names = " ".join(shlex.quote(member.name) for member in sweep.members)
-    processes = max(1, settings["gpus_per_node"] or 1)
-    run_flags = " ".join(shlex.quote(flag) for flag in [*flags, *(["--requeue"] if requeue else [])])
     lines += [
         "",
         "# Every task runs the commit the sweep was submitted at, whatever happens to the working tree.",
-        "set -euo pipefail",
+        "set -eo pipefail",
         f"cd {shlex.quote(str(sweep.code))}",
-        *settings["setup"],
+        *settings["setup"],  # before set -u, which many module and conda scripts do not survive
+        "set -u",
         f"PYTHON=${{PYTHON:-{shlex.quote(sys.executable)}}}",
         f"NAMES=({names})",
         'NAME="${NAMES[$SLURM_ARRAY_TASK_ID]}"',
@@ -231,15 +269,19 @@ def slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) 
         "else",
         '    ARGS=("$SWEEP/configs/$NAME.yaml" --run-parent "$SWEEP")',
         "fi",
+        "# run.py, then this member's row in $SWEEP/sweep.csv",
     ]
-    if settings["nodes"] == 1 and processes == 1:
-        lines.append(f'exec "$PYTHON" run.py "${{ARGS[@]}}" {run_flags}')  # exec: the signal reaches Python
+    if nodes == 1:
+        lines.append(f"exec {task}")
     else:
         lines += [
-            'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            f'srun "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" --nproc-per-node={processes} \\',
-            '    --rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:29500" --rdzv-id="$SLURM_JOB_ID" \\',
-            f'    run.py "${{ARGS[@]}}" {run_flags}',
+            # sed, not head, which stops reading: the SIGPIPE would fail the pipe (pipefail)
+            'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+            "PORT=$((20000 + SLURM_JOB_ID % 20000))  # tasks sharing a first node differ",
+            # Slurm 22.05+ no longer passes sbatch's --cpus-per-task on to srun
+            'exec srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \\',
+            f"    {task} \\",
+            '    --distributed.nnodes="$SLURM_NNODES" --distributed.rdzv_endpoint="$HEAD_NODE:$PORT"',
         ]
     return "\n".join(lines) + "\n"
 
@@ -265,8 +307,13 @@ def submit(script: Path) -> str:
 
 
 def requeue_this_job() -> str:
-    """Put this Slurm job back in the queue; it will resume its run when it starts again."""
+    """Put this Slurm job back in the queue; it will resume its run when it starts again.
+
+    An array task is named ARRAY_TASK: one task's SLURM_JOB_ID can equal the array's id, and
+    `scontrol requeue <array id>` requeues every task of the array."""
     job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if not job:
         return "not a Slurm job: continue it with --resume"
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -276,14 +323,15 @@ def requeue_this_job() -> str:
 
 
 def slurm_states(sweep_directory: Path) -> dict[str, str]:
-    """member name -> Slurm state (PENDING, RUNNING...) of a submitted sweep's live tasks."""
+    """member name -> Slurm state of a submitted sweep's tasks: PENDING, RUNNING, and for a
+    while (slurm.conf's MinJobAge) COMPLETED, FAILED, TIMEOUT..."""
     info = sweep_directory / "slurm.json"
     if not info.exists():
         return {}
     job = json.loads(info.read_text())["job_id"]
     try:
         listing = subprocess.run(
-            ["squeue", "-h", "-r", "-j", job, "-o", "%K %T"], capture_output=True, text=True, timeout=30
+            ["squeue", "-h", "-r", "-t", "all", "-j", job, "-o", "%K %T"], capture_output=True, text=True, timeout=30
         ).stdout
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return {}
@@ -294,3 +342,7 @@ def slurm_states(sweep_directory: Path) -> dict[str, str]:
         if task.isdigit() and int(task) < len(names):
             states[names[int(task)]] = state
     return states
+
+
+if __name__ == "__main__":  # a Slurm task (see slurm_script): python -m src.core.sweep SWEEP_DIR RUN_PY_ARGS...
+    sys.exit(run_task(Path(sys.argv[1]), sys.argv[2:]))
