@@ -12,8 +12,8 @@ What happens, top to bottom (README.md has the details):
   5. the Trainer trains: per epoch, training, validation and the rollout phase
 
 Under torchrun, rank 0 alone does steps 1 to 3 and creates the run directory; every
-rank receives the result. Exit codes: 0 done, 2 bad command line or config,
-3 refused (repository state), 1 training failed.
+rank receives the result. Exit codes: 0 done, 2 bad command line, config or checkpoint,
+3 refused (repository state), 1 training failed, 4 --reproduce found differences, 130 Ctrl-C.
 """
 
 import os

@@ -63,7 +63,9 @@ def default_monitor(datasets: dict) -> str:
     return "val/loss" if "test" in datasets else "train/epoch_loss"
 
 
-def rescaled_position(batch_in_epoch: int, saved_world_size: int, world_size: int, accumulation: int, batches: int):
+def rescaled_position(
+    batch_in_epoch: int, saved_world_size: int, world_size: int, accumulation: int, batches: int
+) -> int:
     """A position in the epoch saved with another number of processes, in this run's batches:
     as many samples seen, rounded down to a whole accumulation group (a few repeat, none is skipped)."""
     position = batch_in_epoch * saved_world_size // world_size
@@ -364,6 +366,7 @@ class Trainer:
         raise Preempted(f"stopped for preemption at step {self.progress.global_step}, after a checkpoint")
 
     def wait_for_checkpoints(self) -> None:
+        """Until the checkpoint write in flight is on disk (rank 0; a no-op elsewhere)."""
         if self.checkpoints is not None:
             self.checkpoints.wait()
 
