@@ -211,3 +211,16 @@ def test_data_fingerprint_does_not_depend_on_where_the_data_is(tmp_path):
     shutil.copytree(data, tmp_path / "b")
     first, second = provenance.data_fingerprint(data), provenance.data_fingerprint(Path(tmp_path / "b"))
     assert (first["listing_sha256"], first["content_sha256"]) == (second["listing_sha256"], second["content_sha256"])
+
+
+def test_the_templates_gitignore_covers_what_make_and_runs_create(project):
+    """A virtual environment (a directory, or a link to one), logs, generated data and caches
+    must never make the tree dirty, or no logged run could start."""
+    (project.root / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    (project.root / ".venv-bench").mkdir()
+    (project.root / "logs" / "x").mkdir(parents=True)
+    (project.root / "data" / "other").mkdir()
+    (project.root / "benchmarks" / "results").mkdir()
+    (project.root / "benchmarks" / "results" / "latest.md").write_text("")
+    (project.root / "src" / "__pycache__").mkdir(exist_ok=True)
+    assert provenance.gate(project.root)["commit"] == project.git("rev-parse", "HEAD")
