@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import checkpointing
+import epoch_overhead
 import git_gate
 import startup
 import torch
@@ -62,6 +63,8 @@ def run(chosen: set[str], repetitions: int, scratch: Path) -> None:
     configs = training_overhead.prepare(project)
     if "training" in chosen:
         comparisons, memory = training_overhead.run(project, configs, repetitions)
+        data = project / "data" / "bench"
+        comparisons += epoch_overhead.run(data, training_overhead.TASKS, max(10, 4 * repetitions))
         report(
             "### 1. Training overhead (A = as named, B = the plain loop)\n",
             "\n".join([HEADER, *(c.row() for c in comparisons)]) + "\n",
