@@ -174,3 +174,17 @@ def test_leftovers_of_a_killed_run_never_push_out_the_only_valid_checkpoint(tmp_
     writer.save(state(25), (), lambda path: None)
     assert newest_valid_checkpoint(tmp_path)[0].name == "step-000000025.pt"
     assert [info.step for info in step_checkpoints(tmp_path)] == [25, 40]
+
+
+def test_a_snapshot_reuses_the_previous_ones_memory_and_each_file_keeps_its_values(tmp_path):
+    writer = CheckpointWriter(tmp_path, keep_recent=5)
+    weight = torch.ones(64, 64)
+    writer.save({**state(1), "model": {"weight": weight}}, (), lambda path: None)
+    first = writer._snapshot["model"]["weight"]
+    weight.fill_(2)
+    writer.save({**state(2), "model": {"weight": weight}}, (), lambda path: None)
+    writer.wait()
+    assert writer._snapshot["model"]["weight"] is first  # filled in place, no new memory
+    for step in (1, 2):
+        loaded = read_checkpoint(tmp_path / f"step-00000000{step}.pt")["model"]["weight"]
+        assert torch.equal(loaded, torch.full((64, 64), float(step)))
