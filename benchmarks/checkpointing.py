@@ -11,43 +11,26 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, Comparison
+from common import REPO, Comparison, in_process_trainer
 
 sys.path.insert(0, str(REPO))
 from src.core.checkpoint import read_checkpoint
-from src.core.config import finalize, parse_yaml
-from src.core.resolve import build_datasets, build_model, resolve_loss_function
 from src.core.trainer import Trainer
-from src.schema import SCHEMA
 
 
 def make_trainer(data: Path, run_directory: Path, hidden_size: int) -> Trainer:
-    config = finalize(
-        parse_yaml(
-            f"""
-            description: checkpoint benchmark
-            data_directory: {data}
-            model_type: PendulumModel
-            model_parameters: {{hidden_size: {hidden_size}, num_layers: 4}}
-            loss_function: F.mse_loss
-            train_data_loader_type: PendulumSteps
-            epochs: 1
-            batch_size: 8
-            """,
-            "benchmark",
-        ),
-        SCHEMA,
-    )
-    torch.manual_seed(0)
+    config = f"""
+        description: checkpoint benchmark
+        data_directory: {data}
+        model_type: PendulumModel
+        model_parameters: {{hidden_size: {hidden_size}, num_layers: 4}}
+        loss_function: F.mse_loss
+        train_data_loader_type: PendulumSteps
+        epochs: 1
+        batch_size: 8
+        """
     run_directory.mkdir(parents=True)
-    trainer = Trainer(
-        config,
-        build_model(config),
-        resolve_loss_function(config.loss_function),
-        build_datasets(config, str(data), mini=True),
-        device=torch.device("cpu"),
-        run_directory=run_directory,
-    )
+    trainer = in_process_trainer(config, run_directory, mini=True)
     _, batches = trainer.loader("train")
     loss = trainer.compute_loss(trainer.model, next(batches))  # one step, so AdamW has its state
     loss.backward()

@@ -110,3 +110,26 @@ def scratch_project(parent: Path) -> Path:
 
 def python() -> str:
     return sys.executable
+
+
+def in_process_trainer(config_text: str, run_directory: Path, mini: bool, **options):
+    """A Trainer built from YAML text as run.py builds one, for benchmarks that time its parts."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from src.core.config import finalize, parse_yaml
+    from src.core.resolve import build_datasets, build_model, resolve_loss_function
+    from src.core.trainer import Trainer
+    from src.schema import SCHEMA
+
+    config = finalize(parse_yaml(config_text, "benchmark"), SCHEMA)
+    torch.manual_seed(0)
+    return Trainer(
+        config,
+        build_model(config),
+        resolve_loss_function(config.loss_function),
+        build_datasets(config, config.data_directory, mini=mini),
+        device=torch.device("cpu"),
+        run_directory=run_directory,
+        **options,
+    )

@@ -20,48 +20,29 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from common import REPO, Comparison, measure, python
+from common import REPO, Comparison, in_process_trainer, measure, python
+from plain_loop import train_epoch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(REPO))
-from src.core.config import finalize, parse_yaml
-from src.core.resolve import build_datasets, build_model, resolve_loss_function
 from src.core.seeding import configure_determinism
-from src.core.trainer import Trainer
 from src.data_loader import PendulumSteps
 from src.model import PendulumModel
-from src.schema import SCHEMA
 
 
 def trainer_epoch(data: Path, run_directory: Path, hidden_size: int, num_layers: int):
-    config = finalize(
-        parse_yaml(
-            f"""
-            description: epoch overhead benchmark
-            data_directory: {data}
-            model_type: PendulumModel
-            model_parameters: {{hidden_size: {hidden_size}, num_layers: {num_layers}}}
-            loss_function: F.mse_loss
-            train_data_loader_type: PendulumSteps
-            epochs: 1000
-            batch_size: 32
-            progress_bar: true
-            """,
-            "benchmark",
-        ),
-        SCHEMA,
-    )
-    torch.manual_seed(0)
-    trainer = Trainer(
-        config,
-        build_model(config),
-        resolve_loss_function(config.loss_function),
-        build_datasets(config, str(data), mini=False),
-        device=torch.device("cpu"),
-        run_directory=run_directory,
-        show_progress=True,
-    )
+    config = f"""
+        description: epoch overhead benchmark
+        data_directory: {data}
+        model_type: PendulumModel
+        model_parameters: {{hidden_size: {hidden_size}, num_layers: {num_layers}}}
+        loss_function: F.mse_loss
+        train_data_loader_type: PendulumSteps
+        epochs: 1000
+        batch_size: 32
+        progress_bar: true
+        """
+    trainer = in_process_trainer(config, run_directory, mini=False, show_progress=True)
 
     def epoch() -> float:
         trainer.progress.batch_in_epoch = 0  # what fit() does between epochs
@@ -82,14 +63,7 @@ def plain_epoch(data: Path, hidden_size: int, num_layers: int):
 
     def epoch() -> float:
         started = time.perf_counter()
-        total = torch.zeros(())
-        for batch in loader:
-            loss = F.mse_loss(model(batch["state"]), batch["supervision"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-        total.item()
+        train_epoch(model, optimizer, loader).item()
         return time.perf_counter() - started
 
     return epoch

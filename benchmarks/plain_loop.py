@@ -20,6 +20,20 @@ from src.data_loader import PendulumSteps
 from src.model import PendulumModel
 
 
+def train_epoch(model, optimizer, loader, after_step=None) -> torch.Tensor:
+    """One epoch, as written by hand; the sum of the batch losses."""
+    total = torch.zeros(())
+    for batch in loader:
+        loss = F.mse_loss(model(batch["state"]), batch["supervision"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        total += loss.detach()
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -38,18 +52,11 @@ def main() -> None:
     train = DataLoader(PendulumSteps(args.data, "train"), batch_size=args.batch_size, shuffle=True, generator=generator)
     test = DataLoader(PendulumSteps(args.data, "test"), batch_size=args.batch_size)
 
+    after_step = (lambda: os._exit(0)) if args.exit_after_first_step else None
     for epoch in range(args.epochs):
         started = time.monotonic()
         model.train()
-        total = torch.zeros(())
-        for batch in train:
-            loss = F.mse_loss(model(batch["state"]), batch["supervision"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if args.exit_after_first_step:
-                os._exit(0)
-            total += loss.detach()
+        total = train_epoch(model, optimizer, train, after_step)
         model.eval()
         with torch.no_grad():
             val_sum, val_count = 0.0, 0

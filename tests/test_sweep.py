@@ -152,8 +152,9 @@ def test_a_bad_sweep_exits_2_and_writes_nothing(project):
     assert project.written_files() == []
 
 
-def test_a_local_sweep_keeps_running_its_commit_while_the_tree_changes(project):
-    name = write_sweep(project, **{"seed": [0, 1, 2]})
+def start_local_sweep(project, name: str) -> subprocess.Popen:
+    """`python run.py SWEEP`, returned once its first member starts: the sweep has passed the
+    gate and made its worktree by then."""
     process = subprocess.Popen(
         [sys.executable, "run.py", name, "--mini", "--cpu"],
         cwd=project.root,
@@ -161,12 +162,18 @@ def test_a_local_sweep_keeps_running_its_commit_while_the_tree_changes(project):
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    started = project.git("rev-parse", "HEAD")
-    lines = []  # the sweep has passed the gate and made its worktree once its first member starts
+    lines = []
     while not (lines and lines[-1].startswith("=== sweep member")):
         line = process.stdout.readline()
-        assert line, "".join(lines)
+        assert line, "the sweep ended before its first member started:\n" + "\n".join(lines)
         lines.append(line.strip())
+    return process
+
+
+def test_a_local_sweep_keeps_running_its_commit_while_the_tree_changes(project):
+    name = write_sweep(project, **{"seed": [0, 1, 2]})
+    started = project.git("rev-parse", "HEAD")
+    process = start_local_sweep(project, name)
     model = project.root / "src" / "model.py"
     model.write_text(model.read_text().replace("0.1 * self.net(state)", "0.3 * self.net(state)"))
     project.commit("edited while the sweep runs")
@@ -178,18 +185,7 @@ def test_a_local_sweep_keeps_running_its_commit_while_the_tree_changes(project):
 
 
 def test_ctrl_c_in_a_local_sweep_removes_its_worktree(project):
-    name = write_sweep(project, **{"seed": [0, 1]})
-    process = subprocess.Popen(
-        [sys.executable, "run.py", name, "--mini", "--cpu"],
-        cwd=project.root,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    line = ""
-    while not line.startswith("=== sweep member"):  # the worktree exists by now
-        line = process.stdout.readline()
-        assert line, "the sweep ended before its first member started"
+    process = start_local_sweep(project, write_sweep(project, **{"seed": [0, 1]}))
     (sweep,) = (project.root / "logs" / "PendulumModel").glob("sweep-*")
     assert (sweep / "code").is_dir()
     process.send_signal(signal.SIGINT)
