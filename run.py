@@ -121,13 +121,15 @@ def train(args) -> int:
             make_plan(args, DistContext())  # refuse bad input here, once, not once per torchrun restart
             return launch_with_torchrun(settings, __file__, [*args.argv, "--y"] if args.allow_dirty_repo else args.argv)
     context = connect()
+    status = 1
     try:
         plan = share_from_rank_zero(context, "plan", lambda: make_plan(args, context))
         if plan is None:  # --print-config
             return 0
-        return build_and_fit(plan, args, context)
+        status = build_and_fit(plan, args, context)
+        return status
     finally:
-        shutdown(context)
+        shutdown(context, finished=status == 0)
 
 
 def make_plan(args, context: DistContext) -> Plan | None:

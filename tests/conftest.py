@@ -60,6 +60,22 @@ class Project:
         )
         return Result(completed.returncode, completed.stdout, completed.stderr)
 
+    def torchrun(
+        self, *args: str, nproc: int = 2, launcher=("--standalone",), env: dict | None = None, timeout: float = 600
+    ) -> Result:
+        """`torchrun ... run.py ARGS` in the project: real worker processes over gloo."""
+        command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc-per-node={nproc}", "run.py"]
+        completed = subprocess.run(
+            [*command, *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
+        )
+        return Result(completed.returncode, completed.stdout, completed.stderr)
+
     def git(self, *args: str) -> str:
         return git(self.root, *args)
 

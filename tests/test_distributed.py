@@ -34,18 +34,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def torchrun(project, *args, nproc: int = 2, launcher=("--standalone",), env=None, timeout=600):
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc-per-node={nproc}", "run.py", *args]
-    return subprocess.run(
-        command,
-        cwd=project.root,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def run_directory(project, name):
     return project.root / "logs" / "PendulumModel" / name
 
@@ -59,7 +47,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(project
     17 rollout samples in batches of 8 split unevenly (9 in 2 batches on rank 0, 8 in 1 on rank 1):
     the sample-weighted mean must still equal one process's, and nothing may hang."""
     uneven = ("--rollout.max_samples=17", "--eval_batch_size=8")
-    result = torchrun(project, *RUN[:-3], *uneven, "--run_name=ddp")
+    result = project.torchrun(*RUN[:-3], *uneven, "--run_name=ddp")
     assert result.returncode == 0, result.stderr
     assert [path.name for path in project.run_directories()] == ["ddp"]  # rank 0 alone made one
     run = run_directory(project, "ddp")
@@ -77,12 +65,12 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(project
 
 
 def test_exact_resume_under_ddp(project):
-    assert torchrun(project, *RUN, "--run_name=reference").returncode == 0
-    killed = torchrun(project, *RUN, "--run_name=killed", env={"TEMPLATE_FAULT": "train_step:12@0"})
+    assert project.torchrun(*RUN, "--run_name=reference").returncode == 0
+    killed = project.torchrun(*RUN, "--run_name=killed", env={"TEMPLATE_FAULT": "train_step:12@0"})
     assert killed.returncode != 0
     run = run_directory(project, "killed")
     assert metadata(run)["status"] == "running"
-    resumed = torchrun(project, "--resume", str(run))
+    resumed = project.torchrun("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_directory(project, "reference"), run)
     (entry,) = metadata(run)["resumes"]
@@ -90,10 +78,9 @@ def test_exact_resume_under_ddp(project):
 
 
 def test_a_killed_worker_restarts_the_group_which_resumes_the_run(project):
-    reference = torchrun(project, *RUN, "--run_name=reference")
+    reference = project.torchrun(*RUN, "--run_name=reference")
     assert reference.returncode == 0, reference.stderr
-    result = torchrun(
-        project,
+    result = project.torchrun(
         *RUN,
         "--run_name=elastic",
         launcher=("--standalone", "--max-restarts=1"),
@@ -108,9 +95,9 @@ def test_a_killed_worker_restarts_the_group_which_resumes_the_run(project):
 
     # A restart during a resume that extends the run keeps the extension (--epochs=4).
     extend = ("--resume", str(run), "--epochs=4")
-    assert torchrun(project, "--resume", str(run_directory(project, "reference")), "--epochs=4").returncode == 0
-    killed = torchrun(
-        project, *extend, launcher=("--standalone", "--max-restarts=1"), env={"TEMPLATE_FAULT": "train_step:3@1"}
+    assert project.torchrun("--resume", str(run_directory(project, "reference")), "--epochs=4").returncode == 0
+    killed = project.torchrun(
+        *extend, launcher=("--standalone", "--max-restarts=1"), env={"TEMPLATE_FAULT": "train_step:3@1"}
     )
     assert killed.returncode == 0, killed.stderr
     assert [entry["from_step"] for entry in metadata(run)["resumes"]][1:] == [21, 21]  # epoch 3 ended at step 21
@@ -163,14 +150,14 @@ def test_a_refusal_on_rank_zero_stops_every_rank_with_its_exit_code(project):
     assert "starting 2 processes" not in result.stdout  # refused before any worker started
     retried = project.run(*RUN, "--distributed.nproc_per_node=2", "--distributed.max_restarts=2")
     assert retried.returncode == 3 and retried.stderr.count("refusing to log") == 1  # not once per restart
-    direct = torchrun(project, *RUN, timeout=120)  # under torchrun itself: fails, never hangs
+    direct = project.torchrun(*RUN, timeout=120)  # under torchrun itself: fails, never hangs
     assert direct.returncode != 0 and direct.stderr.count("refusing to log") == 1
     assert "exitcode  : 3" in direct.stderr  # rank 0 stopped with the refusal's code (torchrun may then stop rank 1)
 
 
 def test_a_dead_rank_fails_the_job_instead_of_hanging(project):
     started = time.monotonic()
-    result = torchrun(project, *RUN, env={"TEMPLATE_FAULT": "train_step:3@1"}, timeout=300)
+    result = project.torchrun(*RUN, env={"TEMPLATE_FAULT": "train_step:3@1"}, timeout=300)
     assert result.returncode != 0 and time.monotonic() - started < 120
 
 
@@ -198,7 +185,7 @@ def test_without_torchrun_agent_a_collective_timeout_ends_a_hung_rank(project):
 
 
 def test_resume_with_another_world_size_works_and_is_recorded(project):
-    assert torchrun(project, *RUN, "--run_name=two", env={"TEMPLATE_FAULT": "train_step:9@0"}).returncode != 0
+    assert project.torchrun(*RUN, "--run_name=two", env={"TEMPLATE_FAULT": "train_step:9@0"}).returncode != 0
     run = run_directory(project, "two")
     resumed = project.run("--resume", str(run))  # one process now
     assert resumed.returncode == 0, resumed.stderr

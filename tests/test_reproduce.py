@@ -65,14 +65,8 @@ def test_a_run_extended_by_resume_is_reproduced_to_its_last_epoch(project):
 
 
 def test_a_run_started_by_torchrun_is_reproduced_with_as_many_processes(project):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "run.py"]
-    original = subprocess.run(
-        [*torchrun, *RUN, "--run_name=original"],
-        cwd=project.root,
-        capture_output=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},  # as project.run, which runs the reproduction
-    )
-    assert original.returncode == 0, original.stderr
+    original = project.torchrun(*RUN, "--run_name=original")
+    assert original.returncode == 0, original.stdout + original.stderr
     config = yaml.safe_load((project.root / ORIGINAL / "config.yaml").read_text())
     assert config["environment"]["world_size"] == 2 and config["distributed"]["nproc_per_node"] == 1
 

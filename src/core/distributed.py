@@ -160,8 +160,17 @@ def all_gather_object(value, context: DistContext) -> list:
     return gathered
 
 
-def shutdown(context: DistContext) -> None:
+def shutdown(context: DistContext, finished: bool) -> None:
+    """Leave the process group; after a run that every rank finished, meet in a barrier first.
+
+    DDP keeps the process group, and so gloo's worker threads, alive until Python exits. A
+    worker that is slow to drop the tensors of the last collective can then release them while
+    the interpreter shuts down, which can abort the process (SIGABRT). A gloo barrier holds no
+    tensors and waits for all earlier work, so the last collective is long settled when a rank
+    leaves. After a failure other ranks may be stuck in a collective: no barrier then."""
     if context.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
