@@ -7,6 +7,7 @@ the example data beside it; tests run `run.py` there exactly as a user would.
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "pendulum"
+
+# The Ctrl-C tests need children that stop on SIGINT. A runner that starts the tests in the
+# background has SIGINT ignored (as non-interactive shells do for background jobs), and an
+# ignored signal stays ignored in every child; a handled one is reset to the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Commits in temporary repositories need an identity, whatever the machine's git config.
 os.environ.update(
