@@ -113,8 +113,8 @@ def python() -> str:
 
 
 def in_process_trainer(config_text: str, run_directory: Path, mini: bool, **options):
-    """A Trainer built from YAML text as run.py builds one, for benchmarks that time its parts."""
-    sys.path.insert(0, str(REPO))
+    """A Trainer built from YAML text as run.py builds one, for benchmarks that time its parts
+    (their modules put the project on sys.path, as every benchmark that imports src does)."""
     import torch
 
     from src.core.config import finalize, parse_yaml
