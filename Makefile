@@ -7,11 +7,12 @@ INSTALLED := $(VENV)/.installed
 DATA := data/pendulum/train/trajectories.npy
 PYTEST_ARGS ?=
 
-.PHONY: help install data demo test lint format bench clean docker-build
+.PHONY: help install data demo test check lint format bench clean docker-build
 
 help:
 	@echo "make demo    install, make the example data, train sample_runconfig.yaml with logging"
 	@echo "make test    install and run the tests"
+	@echo "make check   the quick tier (under 2 minutes): your config trains, resumes exactly, merges"
 	@echo "make lint    ruff check and ruff format --check"
 	@echo "make format  ruff format and ruff check --fix"
 	@echo "make bench   run the benchmarks (benchmarks/README.md)"
@@ -35,6 +36,11 @@ demo: $(INSTALLED) $(DATA)
 # pytest's exit code 5 means "no tests collected": not a failure of the code under test.
 test: $(INSTALLED) $(DATA)
 	$(PYTHON) -m pytest $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
+
+# The quick tier, after you edit your model or dataset: CONFIG=my_config.yaml checks yours.
+CONFIG ?= sample_runconfig.yaml
+check: $(INSTALLED) $(DATA)
+	CHECK_CONFIG=$(CONFIG) $(PYTHON) -m pytest -m check $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -10,35 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
 
-from src.core.seeding import seed_worker
-
-
-class BaseDataset(Dataset):
-    """A dataset of one split, with the hooks the Trainer uses."""
-
-    def __init__(self, data_directory: str, split: str):
-        # The train phase reads train/; validation ("test") and rollout ("eval") read test/.
-        self.directory = Path(data_directory) / ("train" if split == "train" else "test")
-
-    def mini_subset(self) -> Dataset:
-        """What `--mini` trains on: by default the first 100 items."""
-        return Subset(self, range(min(100, len(self))))
-
-    @classmethod
-    def get_dataloader(cls, dataset, *, batch_size, sampler, num_workers, generator, pin_memory) -> DataLoader:
-        """Batch the dataset. Override to change batching (a `collate_fn`...), but keep
-        `sampler`, `generator` and `seed_worker`: they make runs resumable exactly."""
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=num_workers,
-            generator=generator,
-            worker_init_fn=seed_worker,
-            pin_memory=pin_memory,
-        )
+from src.core.base import BaseDataset
 
 
 def load_trajectories(directory: Path) -> torch.Tensor:

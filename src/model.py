@@ -7,38 +7,10 @@ entry is passed to `forward` by name (the example's batches hold `state`, and
 third phase runs, and `forward` switches to the expensive behaviour.
 """
 
-import contextlib
-
 import torch
 from torch import nn
 
-
-class BaseModel(nn.Module):
-    """What the Trainer expects of a model, with defaults you may override."""
-
-    def __init__(self):
-        super().__init__()
-        self.rollout_mode = False
-
-    @contextlib.contextmanager
-    def rollout(self):
-        """Switch `forward` to rollout behaviour for a block, and back even on errors."""
-        previous, self.rollout_mode = self.rollout_mode, True
-        try:
-            yield self
-        finally:
-            self.rollout_mode = previous
-
-    def configure_optimizer(self, optimizer) -> torch.optim.Optimizer:
-        """The config's `optimizer` section: a torch.optim class and its arguments."""
-        optimizer_class = getattr(torch.optim, optimizer.type)
-        return optimizer_class(
-            self.parameters(), lr=optimizer.lr, weight_decay=optimizer.weight_decay, **optimizer.parameters
-        )
-
-    def transform(self, supervision: torch.Tensor) -> torch.Tensor:
-        """Map the batch's `supervision` to what the loss compares the prediction with."""
-        return supervision
+from src.core.base import BaseModel
 
 
 def loss_function_example(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ from src.core.config import (
     parse_yaml,
 )
 from src.core.errors import UserError
-from src.schema import SCHEMA
+from src.core.template_schema import project_schema
+
+SCHEMA = project_schema()
 
 MINIMAL = """\
 description: test

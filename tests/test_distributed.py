@@ -2,40 +2,18 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import yaml
-from test_resume import assert_same_run, logged_values
+from helpers import NOISY, QUICK_RUN, assert_same_run, free_port, logged_values, run_directory
 
 from src.core.checkpoint import read_checkpoint
 
 # 100 training pairs: batches of 8 on each of 2 ranks (a global batch of 16), 7 steps an epoch.
-RUN = (
-    "sample_runconfig.yaml",
-    "--mini",
-    "--cpu",
-    "--epochs=3",
-    "--batch_size=8",
-    "--log_every_n_steps=2",
-    "--checkpoint.every_n_steps=3",
-    "--modify",
-    "data_loader_parameters.train",
-    "{input_noise: 0.01}",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def run_directory(project, name):
-    return project.root / "logs" / "PendulumModel" / name
+RUN = (*QUICK_RUN, "--epochs=3", "--checkpoint.every_n_steps=3", *NOISY)
 
 
 def metadata(run) -> dict:

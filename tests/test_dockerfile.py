@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import REPO, project_files
+from helpers import REPO, project_files
 
 from src.core import provenance
 

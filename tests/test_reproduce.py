@@ -9,8 +9,9 @@ import time
 
 import numpy as np
 import yaml
+from helpers import QUICK_RUN
 
-RUN = ("sample_runconfig.yaml", "--mini", "--cpu", "--epochs=2", "--batch_size=8", "--log_every_n_steps=2")
+RUN = (*QUICK_RUN, "--epochs=2")
 ORIGINAL = "logs/PendulumModel/original"
 
 

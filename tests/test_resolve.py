@@ -3,14 +3,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MINIMAL
 
+from src.core.base import BaseDataset, BaseModel
 from src.core.config import finalize, parse_yaml
 from src.core.errors import UserError
 from src.core.resolve import check_config_names, resolve_class, resolve_loss_function
-from src.data_loader import BaseDataset, PendulumSteps
-from src.model import BaseModel, PendulumModel, loss_function_example
-from src.schema import SCHEMA
-from tests.test_config import MINIMAL
+from src.core.template_schema import project_schema
+from src.data_loader import PendulumSteps
+from src.model import PendulumModel, loss_function_example
+
+SCHEMA = project_schema()
 
 
 def config_with(extra: str):

@@ -2,27 +2,14 @@
 bitwise with a run that was never interrupted."""
 
 import pytest
-import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import NOISY, QUICK_RUN, assert_same_run, logged_values
 
 from src.core.checkpoint import read_checkpoint
-from src.core.metrics import read_metrics
 
 # 100 training pairs in batches of 8: 13 steps an epoch, 39 in all; a checkpoint every 5 steps
 # and at each epoch's end. Per pass, validation reads 13 batches and the rollout 8.
-RUN = (
-    "sample_runconfig.yaml",
-    "--mini",
-    "--cpu",
-    "--epochs=3",
-    "--batch_size=8",
-    "--log_every_n_steps=2",
-    "--checkpoint.every_n_steps=5",
-    "--modify",
-    "data_loader_parameters.train",
-    "{input_noise: 0.01}",  # a random augmentation: its random stream must resume exactly too
-)
+RUN = (*QUICK_RUN, "--epochs=3", "--checkpoint.every_n_steps=5", *NOISY)
 
 # point: (TEMPLATE_FAULT, extra flags, the step of the newest complete checkpoint at the kill)
 KILL_POINTS = {
@@ -33,43 +20,6 @@ KILL_POINTS = {
     # 13 batches in groups of 3: 5 optimizer steps an epoch; the step-6 checkpoint is 3 batches into epoch 2.
     "accumulation": ("train_step:8", ("--gradient_accumulation_steps=3", "--checkpoint.every_n_steps=3"), 6),
 }
-
-
-def final_state(run) -> dict:
-    return read_checkpoint(run / "checkpoints" / "last.pt")
-
-
-def assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_tensors(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_tensors(x, y, f"{where}[{index}]")
-    else:
-        assert a == b, where
-
-
-def logged_values(run) -> list[tuple]:
-    return [(r["step"], r["epoch"], r["phase"], r["name"], r["value"]) for r in read_metrics(run)]
-
-
-def tensorboard_values(run) -> dict:
-    events = EventAccumulator(str(run))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def assert_same_run(reference, resumed):
-    a, b = final_state(reference), final_state(resumed)
-    for part in ("model", "optimizer", "schedule_steps", "progress", "per_rank", "best"):
-        assert_same_tensors(a[part], b[part], part)
-    assert logged_values(resumed) == logged_values(reference)
-    assert tensorboard_values(resumed) == tensorboard_values(reference)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -9,8 +9,7 @@ import time
 
 import pytest
 import yaml
-from conftest import REPO
-from test_resume import assert_same_run
+from helpers import REPO, assert_same_run
 
 pytestmark = pytest.mark.slurm
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import DATA
+from helpers import DATA
 
 from src.core import sweep as sweep_module
 from src.core.config import parse_yaml
@@ -27,7 +27,9 @@ from src.core.sweep import (
     slurm_script,
     write_table,
 )
-from src.schema import SCHEMA
+from src.core.template_schema import project_schema
+
+SCHEMA = project_schema()
 
 BASE = f"""\
 description: sweep
@@ -295,7 +297,7 @@ def test_a_one_node_slurm_script_asks_for_the_config_and_execs_the_task(tmp_path
         "#SBATCH --constraint=a100",
     ]
     assert "29500" not in script and "srun" not in script  # run.py's torchrun --standalone picks a free port
-    task = ["python", str(sweep.code), "-m", "src.core.sweep", str(sweep.directory)]
+    task = ["python", str(sweep.code), "run.py"]
     new = [str(sweep.directory / "configs" / "1-seed=1.yaml"), "--run-parent", str(sweep.directory)]
     assert run_script(script, tmp_path) == [
         ["setup", "before set -u", "[]"],
@@ -325,9 +327,7 @@ def test_a_multi_node_slurm_script_sruns_the_task_with_a_rendezvous_per_job(tmp_
         "--ntasks-per-node=1",
         "--cpus-per-task=4",  # Slurm 22.05+ does not pass sbatch's on to srun
         str(tmp_path / "bin" / "python"),
-        "-m",
-        "src.core.sweep",
-        str(sweep.directory),
+        "run.py",
         str(sweep.directory / "configs" / "1-seed=1.yaml"),
         "--run-parent",
         str(sweep.directory),

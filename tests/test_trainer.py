@@ -1,13 +1,12 @@
 """The three-phase Trainer: end to end in a real clone, and its parts in-process."""
 
-import itertools
 import math
 import textwrap
 
 import pytest
 import torch
 import yaml
-from conftest import DATA, DELETE
+from helpers import DATA, DELETE
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from src.core.checkpoint import read_checkpoint
@@ -15,9 +14,11 @@ from src.core.config import finalize, parse_yaml
 from src.core.metrics import read_metrics
 from src.core.resolve import build_datasets, build_model, resolve_loss_function
 from src.core.seeding import seed_everything
+from src.core.template_schema import project_schema
 from src.core.trainer import Trainer, rescaled_position
 from src.model import PendulumModel
-from src.schema import SCHEMA
+
+SCHEMA = project_schema()
 
 QUICK = ("--mini", "--cpu")
 
@@ -226,7 +227,7 @@ def test_each_evaluation_phase_can_be_switched_off(tmp_path, extra, phases, moni
     trainer = make_trainer(extra, run_directory=tmp_path)
     trainer.fit()
     assert {r["phase"] for r in read_metrics(tmp_path)} == phases
-    assert trainer.monitor == monitor and trainer.best["value"] is not None
+    assert trainer.monitor.metric == monitor and trainer.monitor.best["value"] is not None
 
 
 def test_rollout_every_n_epochs_and_always_after_the_last(tmp_path):
@@ -249,17 +250,6 @@ def test_evaluation_does_not_disturb_training(tmp_path):
     without.fit()
     for a, b in zip(with_evaluation.model.parameters(), without.model.parameters(), strict=True):
         assert torch.equal(a, b)
-
-
-def test_learning_rate_warmup_and_cosine_schedule():
-    trainer = make_trainer("scheduler: {type: cosine, warmup_steps: 4, final_lr_fraction: 0.1}\n")
-    factors = [trainer.lr_factor(step) for step in range(trainer.schedule_steps + 3)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert factors[trainer.schedule_steps] == pytest.approx(0.1) and factors[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in itertools.pairwise(factors[3:]))
-    linear = make_trainer("scheduler: {type: linear}\n")
-    middle = linear.schedule_steps // 2
-    assert linear.lr_factor(middle) == pytest.approx(1 - middle / linear.schedule_steps)
 
 
 def test_gradient_accumulation_matches_a_larger_batch():
@@ -337,6 +327,6 @@ def test_the_monitored_metric_and_mode_choose_the_best_checkpoint(tmp_path, mode
     trainer.fit()  # the training loss falls epoch after epoch
     losses = [r["value"] for r in read_metrics(tmp_path) if r["name"] == "epoch_loss"]
     assert losses == sorted(losses, reverse=True)
-    assert (trainer.best["metric"], trainer.best["epoch"]) == ("train/epoch_loss", best_epoch)
+    assert (trainer.monitor.best["metric"], trainer.monitor.best["epoch"]) == ("train/epoch_loss", best_epoch)
     best = read_checkpoint(tmp_path / "checkpoints" / "best.pt")
     assert best["progress"]["epoch"] == best_epoch

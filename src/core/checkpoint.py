@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from src.core import faults
-from src.core.errors import UserError
+from src.core.errors import UserError, warn
 from src.core.rundir import fsync_directory, now
 
 FORMAT_VERSION = 1
@@ -71,8 +70,7 @@ class _HashingFile(io.RawIOBase):
 
     def write(self, data):
         written = self.stream.write(data)
-        if self.size < 4096 <= self.size + len(data):  # a crash test stops here, with part of the file on disk
-            faults.maybe_fail("checkpoint_write", settle=self.stream.flush)
+        faults.maybe_fail_within_write(self.size, self.size + len(data), settle=self.stream.flush)
         self.hash.update(data)
         self.size += len(data)
         return written
@@ -192,10 +190,6 @@ def step_checkpoints(directory: Path) -> list[CheckpointInfo]:
         if match:
             found.append(CheckpointInfo(path, int(match.group(1))))
     return sorted(found, key=lambda info: info.step)
-
-
-def warn(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict] | None:

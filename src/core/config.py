@@ -72,7 +72,13 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def load_yaml_file(path: str | Path) -> dict:
-    """Read a config file into a plain dict, with a clear error for every way it can be wrong."""
+    """Read a config file into a plain dict, with a clear error for every way it can be wrong.
+    A run's saved config.yaml can be run again: its provenance sections are dropped."""
+    return split_provenance(read_config_file(path))[0]
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The whole YAML mapping of a config file (a run's config.yaml with its provenance)."""
     path = Path(path)
     if not path.is_file():
         kind = "is a directory" if path.is_dir() else "does not exist"
@@ -89,9 +95,13 @@ def load_yaml_file(path: str | Path) -> dict:
             f"config file {str(path)!r} holds a {type(document).__name__}; "
             "expected a mapping of config keys (key: value lines)"
         )
-    for key in PROVENANCE_KEYS:  # a run's saved config.yaml can be run again
-        document.pop(key, None)
     return document
+
+
+def split_provenance(document: dict) -> tuple[dict, dict]:
+    """A saved config.yaml's config keys, and the sections that describe the run (git, flags...)."""
+    config = {key: value for key, value in document.items() if key not in PROVENANCE_KEYS}
+    return config, {key: document[key] for key in PROVENANCE_KEYS if key in document}
 
 
 # ---------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import datetime
 import os
 import pickle
 import signal
-import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -283,9 +282,3 @@ def children_handling(signal_number: int) -> set[int]:
         if caught and int(fields.get("PPid", "0")) == os.getpid():
             found.add(int(entry.name))
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]

@@ -7,16 +7,38 @@ training that is still going. It writes `RUN_DIR/evaluation.csv` (a row per
 checkpoint) and `RUN_DIR/evaluation/<checkpoint>.json` (each batch's loss).
 """
 
-import csv
-import io
 import json
 import sys
 from pathlib import Path
 
+from src.core import provenance
 from src.core.checkpoint import DamagedCheckpoint, manifest_path, read_checkpoint, step_checkpoints
+from src.core.distributed import DistContext, choose_device
 from src.core.errors import UserError
+from src.core.phases import EVALUATION_PHASES
+from src.core.planning import check_same_commit, find_data_directory, load_run
+from src.core.resolve import build_parts
 from src.core.rundir import write_text_atomic
+from src.core.tables import csv_text
 from src.core.trainer import Trainer
+
+
+def evaluate_run(args) -> int:
+    """`--evaluate RUN_DIR`: the validation and rollout phases on the run's saved checkpoints."""
+    run_directory, saved, config = load_run(args.evaluate, args.edits, "--evaluate")
+    commit = None
+    if not args.no_logging:  # results written into the run must come from the run's own code
+        commit = provenance.gate()["commit"]
+        check_same_commit(saved["git"]["commit"], commit, "--evaluate", run_directory)
+    device = choose_device(args.cpu, DistContext())
+    data_directory = str(find_data_directory(config))
+    model, datasets, loss_function = build_parts(config, data_directory, saved["flags"]["mini"], device)
+    trainer = Trainer(config, model, loss_function, datasets, device=device)
+    paths = checkpoints_to_evaluate(run_directory / "checkpoints", args.checkpoints)
+    results = evaluate_checkpoints(trainer, paths)
+    if commit is not None:
+        print(f"wrote {write_evaluation(run_directory, results, commit)}")
+    return 0
 
 
 def checkpoints_to_evaluate(directory: Path, names: list[str] | None) -> list[Path]:
@@ -62,9 +84,9 @@ def evaluate_checkpoints(trainer: Trainer, paths: list[Path]) -> list[dict]:
         progress = state["progress"]
         row = {"checkpoint": path.name, "step": progress["global_step"], "epoch": progress["epoch"]}
         details = {}
-        for phase, dataset_phase in (("val", "test"), ("rollout", "eval")):
-            if dataset_phase in trainer.datasets:
-                metrics, details[phase] = trainer.evaluate(phase)
+        for phase in EVALUATION_PHASES:
+            if phase.name in trainer.datasets:
+                metrics, details[phase.name] = trainer.evaluate(phase.name)
                 row |= metrics
         results.append({"row": row, "batches": details})
         print(
@@ -77,14 +99,8 @@ def evaluate_checkpoints(trainer: Trainer, paths: list[Path]) -> list[dict]:
 
 def write_evaluation(run_directory: Path, results: list[dict], commit: str) -> Path:
     """evaluation.csv and evaluation/<checkpoint>.json, each written atomically."""
-    columns = list(dict.fromkeys(key for result in results for key in result["row"]))
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for result in results:
-        writer.writerow(result["row"])
     path = run_directory / "evaluation.csv"
-    write_text_atomic(path, table.getvalue())
+    write_text_atomic(path, csv_text([result["row"] for result in results]))
     details = run_directory / "evaluation"
     details.mkdir(exist_ok=True)
     for result in results:

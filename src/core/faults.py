@@ -37,3 +37,10 @@ def maybe_fail(point: str, settle=None) -> None:
     if _ACTION == "exit":
         os._exit(0)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_fail_within_write(size_before: int, size_after: int, settle) -> None:
+    """`checkpoint_write`: counted once per checkpoint, when its first 4 KiB are written, so that
+    a kill leaves part of the file on disk."""
+    if size_before < 4096 <= size_after:
+        maybe_fail("checkpoint_write", settle=settle)

@@ -21,10 +21,15 @@ FLUSH_SECONDS = 10.0
 
 
 class MetricLogger:
+    """`resume_from_byte`/`resume_step`: the run directory is being reused by a resume. Its
+    metrics.jsonl is cut back to that many bytes (created if missing: a run killed before
+    its first line), and TensorBoard hides the values its earlier event files hold for
+    steps after `resume_step` (-1: all of them, a restart from step 0)."""
+
     def __init__(self, run_directory: Path, resume_from_byte: int | None = None, resume_step: int | None = None):
         self.path = Path(run_directory) / METRICS_FILE
         if resume_from_byte is not None:
-            with open(self.path, "r+b") as stream:
+            with open(self.path, "a+b") as stream:
                 size = os.fstat(stream.fileno()).st_size
                 if size < resume_from_byte:  # truncate() would pad with NUL bytes
                     raise UserError(
@@ -33,6 +38,7 @@ class MetricLogger:
                         "lost writes). Restore the file, or start a new run."
                     )
                 stream.truncate(resume_from_byte)
+        earlier_events = any(Path(run_directory).glob("events.out.tfevents.*"))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.buffer: list[str] = []
         self.last_flush = time.monotonic()
@@ -44,7 +50,7 @@ class MetricLogger:
 
         self.Event, self.Summary = Event, Summary
         self.tensorboard = EventFileWriter(str(run_directory))
-        if resume_step is not None:
+        if resume_step is not None and earlier_events:
             # What SummaryWriter(purge_step=...) writes: TensorBoard then hides the values that
             # earlier event files hold for this step and later ones.
             start = SessionLog(status=SessionLog.START)

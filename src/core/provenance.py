@@ -30,7 +30,9 @@ DATA_HASH_LIMIT_BYTES = 256 * 2**20
 MAX_LISTED_PATHS = 20
 
 
-def run_git(args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True) -> subprocess.CompletedProcess:
+def run_git(
+    args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     """Run a git command; a missing git binary is a refusal with a clear message."""
     if shutil.which("git") is None:
         raise Refusal(
@@ -39,7 +41,7 @@ def run_git(args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True)
         )
     # Git's messages in English whatever the user's locale: the gate reads some of them.
     environment = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C"}
-    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=environment)
+    result = subprocess.run(["git", *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=environment)
     if check and result.returncode != 0:
         raise RuntimeError(f"'git {' '.join(args)}' failed in {cwd}: {result.stderr.strip()}")
     return result

@@ -19,10 +19,9 @@ from pathlib import Path
 
 from src.core import provenance
 from src.core.checkpoint import DamagedCheckpoint, read_checkpoint, step_checkpoints
-from src.core.config import PROVENANCE_KEYS, dump_yaml
-from src.core.errors import UserError
+from src.core.config import dump_yaml, split_provenance
 from src.core.metrics import read_metrics
-from src.core.rundir import CONFIG_FILE, METADATA_FILE, read_yaml
+from src.core.rundir import CONFIG_FILE, METADATA_FILE, read_yaml, require_run_directory
 
 DIFFERS_EXIT_CODE = 4  # reproduced, but the results are not identical
 
@@ -237,16 +236,14 @@ def headline(verdict: Verdict, identical: bool, epochs: tuple[int, int]) -> str:
 def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) -> int:
     """Re-run a logged run at its commit, with its flags, data and world size, to its full
     length (an extended run's too) unless --epochs says otherwise; compare and report."""
-    if not (run_directory / CONFIG_FILE).is_file():
-        raise UserError(f"--reproduce {run_directory}: no {CONFIG_FILE} there; expected a run directory under logs/")
-    saved = read_yaml(run_directory / CONFIG_FILE)
+    saved = read_yaml(require_run_directory(run_directory, "--reproduce") / CONFIG_FILE)
     metadata = read_yaml(run_directory / METADATA_FILE) or {}
     original = read_metrics(run_directory)
     recorded_flags = saved.get("flags", {})
     data_directory = Path(saved["data_fingerprint"]["directory"])
     flags = ["--cpu"] if cpu or recorded_flags.get("cpu") else []
     flags += ["--mini"] if recorded_flags.get("mini") else []
-    config = {key: value for key, value in saved.items() if key not in PROVENANCE_KEYS}
+    config = split_provenance(saved)[0]
     # The original's number of processes, unless the user sets it (--distributed.nproc_per_node=1).
     if not any(key.split(".")[0] in ("distributed", "multigpu_parameters") for key, _ in overrides):
         world_size = saved.get("environment", {}).get("world_size", 1)

@@ -15,12 +15,15 @@ from types import ModuleType
 import torch
 from torch.utils.data import Dataset
 
+from src.core.base import BaseDataset, BaseModel
+from src.core.checkpoint import load_model_weights
 from src.core.config import Config, nearest
 from src.core.errors import UserError
+from src.core.phases import PHASES, Phase
+from src.core.seeding import configure_determinism, derive_seed, seed_everything
 
 LOSS_NAMESPACES = {"F": "torch.nn.functional", "nn": "torch.nn", "torch": "torch"}
 USER_MODULES = ("src.model", "src.data_loader")
-PHASES = {"train": "train_data_loader_type", "test": "test_data_loader_type", "eval": "eval_data_loader_type"}
 
 
 def _public_names(module: ModuleType, keep: Callable[[object], bool]) -> list[str]:
@@ -70,8 +73,6 @@ def _lookup_within(module: ModuleType, parts: list[str]) -> object:
 
 def _is_loss(value: object) -> bool:
     """A function, or an nn.Module class that is not a model (`nn.MSELoss`), from torch.nn or your files."""
-    from src.model import BaseModel
-
     defined_in = getattr(value, "__module__", None) or ""
     if not (defined_in.startswith("torch.nn") or defined_in in USER_MODULES):
         return False  # not torch.save, torch.hub.load...
@@ -131,25 +132,22 @@ def check_arguments(key: str, cls: type, arguments: Mapping, given_elsewhere: tu
         raise UserError(f"config key {key!r}: {cls.__name__}: {error}") from None
 
 
-def dataset_arguments(config: Config, phase: str) -> dict:
+def dataset_arguments(config: Config, phase: Phase) -> dict:
     """Keyword arguments for the dataset of `phase`: `all`, then the phase's own."""
     parameters = config.data_loader_parameters
-    return {**parameters.all.to_dict(), **parameters[phase].to_dict()}
+    return {**parameters.all.to_dict(), **parameters[phase.split].to_dict()}
 
 
 def check_config_names(config: Config) -> None:
     """Resolve every name in the config and check every argument list (builds nothing)."""
-    from src.data_loader import BaseDataset  # the user's modules import torch; load them late
-    from src.model import BaseModel
-
     model_class = resolve_class("model_type", config.model_type, "src.model", BaseModel)
     check_arguments("model_parameters", model_class, config.model_parameters)
     resolve_loss_function(config.loss_function)
-    for phase, key in PHASES.items():
-        if config[key] is not None:
-            dataset_class = resolve_class(key, config[key], "src.data_loader", BaseDataset)
+    for phase in PHASES:
+        if config[phase.loader_key] is not None:
+            dataset_class = resolve_class(phase.loader_key, config[phase.loader_key], "src.data_loader", BaseDataset)
             check_arguments(
-                f"data_loader_parameters.{phase}",
+                f"data_loader_parameters.{phase.split}",
                 dataset_class,
                 dataset_arguments(config, phase),
                 given_elsewhere=("data_directory", "split"),
@@ -202,21 +200,29 @@ def check_monitor(config: Config) -> None:
 
 
 def build_model(config: Config) -> torch.nn.Module:
-    from src.model import BaseModel
-
     model_class = resolve_class("model_type", config.model_type, "src.model", BaseModel)
     return model_class(**config.model_parameters.to_dict())
 
 
 def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str, tuple[type, Dataset]]:
-    """(class, dataset) of each configured phase ('train', 'test', 'eval'); `--mini` takes a subset."""
-    from src.data_loader import BaseDataset
-
+    """(class, dataset) of each configured phase, by phase name; `--mini` takes a subset."""
     datasets = {}
-    for phase, key in PHASES.items():
-        if config[key] is None:
+    for phase in PHASES:
+        if config[phase.loader_key] is None:
             continue
-        dataset_class = resolve_class(key, config[key], "src.data_loader", BaseDataset)
-        dataset = dataset_class(data_directory, phase, **dataset_arguments(config, phase))
-        datasets[phase] = (dataset_class, dataset.mini_subset() if mini else dataset)
+        dataset_class = resolve_class(phase.loader_key, config[phase.loader_key], "src.data_loader", BaseDataset)
+        dataset = dataset_class(data_directory, phase.split, **dataset_arguments(config, phase))
+        datasets[phase.name] = (dataset_class, dataset.mini_subset() if mini else dataset)
     return datasets
+
+
+def build_parts(config: Config, data_directory: str, mini: bool, device: torch.device, rank: int = 0):
+    """The model (the same initial weights on every rank), its datasets and its loss function."""
+    seed_everything(config.seed)
+    configure_determinism(config.deterministic, device)
+    model = build_model(config)
+    if config.bootstrap_model_file:
+        model.load_state_dict(load_model_weights(config.bootstrap_model_file))
+    datasets = build_datasets(config, data_directory, mini=mini)
+    seed_everything(derive_seed(config.seed, "rank", rank))  # each rank its own dropout and augmentations
+    return model, datasets, resolve_loss_function(config.loss_function)

@@ -1,12 +1,6 @@
-"""The run directory: created exactly once, never reused, and its two YAML files.
+"""The run directory: created exactly once, never reused; its YAML files and its lock.
 
-logs/<project_name or model_type>/<run_name or timestamp>/
-    config.yaml       the resolved config + git, flags, command line, environment, data
-    packages.txt      every installed package (a pip freeze)
-    metadata.yaml     status, best and last checkpoints, resumes, your summary
-    metrics.jsonl     every logged value
-    events.out.tfevents.*   the same values for TensorBoard
-    checkpoints/
+Its layout is in the README ("Run directory").
 """
 
 import datetime
@@ -19,11 +13,25 @@ from typing import Any
 import yaml
 
 from src.core.config import dump_yaml
-from src.core.errors import Refusal
+from src.core.errors import Refusal, UserError
+from src.core.provenance import PROJECT_ROOT
 
 METADATA_FILE = "metadata.yaml"
 _metadata_lock = threading.Lock()
 CONFIG_FILE = "config.yaml"
+
+
+def log_root(log_dir: str | None) -> Path:
+    """Where run directories go: --log-dir, else logs/ in the project."""
+    return Path(log_dir) if log_dir else PROJECT_ROOT / "logs"
+
+
+def require_run_directory(path: str | Path, flag: str) -> Path:
+    """`path` as a run directory, or one clear error: what a flag that takes RUN_DIR checks first."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"{flag} {path}: no {CONFIG_FILE} there; expected a run directory under logs/")
+    return path
 
 
 def now() -> str:
@@ -66,6 +74,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(stream.fileno())
     os.replace(temporary, path)
     fsync_directory(path.parent)
+
+
+def remove_temporary_files(run_directory: Path) -> list[str]:
+    """Delete the half-written `.<name>.tmp-<pid>` files a killed process left (at --resume)."""
+    removed = []
+    for temporary in run_directory.glob(".*.tmp-*"):
+        temporary.unlink(missing_ok=True)
+        removed.append(temporary.name)
+    return removed
 
 
 def read_yaml(path: Path) -> Any:

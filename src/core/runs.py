@@ -4,18 +4,15 @@ A run whose metadata says `running` but whose lock nobody holds was killed witho
 chance to say so: it shows as `crashed` (resume it with --resume).
 """
 
-import csv
 import fcntl
-import io
-import os
-import subprocess
 from pathlib import Path
 
 from src.core import provenance
-from src.core.errors import UserError
-from src.core.rundir import CONFIG_FILE, METADATA_FILE, read_yaml, update_metadata
+from src.core.errors import Refusal, UserError
+from src.core.rundir import CONFIG_FILE, METADATA_FILE, log_root, read_yaml, require_run_directory, update_metadata
+from src.core.sweep import member_rows
+from src.core.tables import csv_text
 
-_C_LOCALE = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C"}
 COLUMNS = ("run", "started", "commit", "status", "epochs", "best", "description")
 
 
@@ -43,10 +40,8 @@ def commits_on_remote(commits: set[str], repository: Path = provenance.PROJECT_R
 
     def git(*args: str, stdin: str = "") -> str | None:
         try:
-            result = subprocess.run(
-                ["git", *args], cwd=repository, input=stdin, capture_output=True, text=True, env=_C_LOCALE
-            )
-        except OSError:  # no git
+            result = provenance.run_git(list(args), cwd=repository, check=False, stdin=stdin)
+        except Refusal:  # no git
             return None
         return result.stdout if result.returncode == 0 else None
 
@@ -115,11 +110,7 @@ def format_table(rows: list[dict], as_csv: bool = False) -> str:
     """Aligned columns for people, or CSV for scripts."""
     columns = list(dict.fromkeys(key for row in rows for key in row)) or list(COLUMNS)
     if as_csv:
-        stream = io.StringIO()
-        writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return stream.getvalue()
+        return csv_text(rows, columns)
     shown = [{key: _cell(key, row.get(key, "")) for key in columns} for row in rows]
     widths = {column: max([len(column)] + [len(row[column]) for row in shown]) for column in columns}
     lines = ["  ".join(column.ljust(widths[column]) for column in columns)]
@@ -136,8 +127,17 @@ def _cell(column: str, value) -> str:
     return str(value)[:limit] if limit else str(value)
 
 
-def set_note(run_directory: Path, text: str) -> None:
+def set_note(run_directory: Path, text: str) -> int:
     """Write the run's `summary` (what the run showed, after analysis)."""
-    if not (run_directory / METADATA_FILE).is_file():
-        raise UserError(f"--note {run_directory}: no {METADATA_FILE} there; expected a run directory under logs/")
-    update_metadata(run_directory, summary=text)
+    update_metadata(require_run_directory(run_directory, "--note"), summary=text)
+    return 0
+
+
+def show_runs(args) -> int:
+    """`--runs [DIR]`: the runs under DIR (default: logs/), or a sweep's members with their Slurm state."""
+    root = Path(args.runs) if args.runs else log_root(None)
+    if (root / "sweep.yaml").exists():
+        print(format_table(filter_rows(member_rows(root), args.filter, args.status), args.csv))
+    else:
+        print(format_table(list_runs(root, args.filter, args.status), args.csv))
+    return 0

@@ -16,9 +16,7 @@ runs, named by their index and parameters, grouped in the sweep directory:
 """
 
 import copy
-import csv
 import fcntl
-import io
 import itertools
 import json
 import os
@@ -30,10 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import provenance
-from src.core.config import dump_yaml, finalize, set_key
+from src.core.config import Config, dump_yaml, finalize, set_key
 from src.core.errors import UserError
+from src.core.planning import find_data_directory
 from src.core.resolve import check_config_names
-from src.core.rundir import CONFIG_FILE, METADATA_FILE, create_run_directory, read_yaml, write_text_atomic
+from src.core.rundir import CONFIG_FILE, METADATA_FILE, create_run_directory, log_root, read_yaml, write_text_atomic
+from src.core.tables import csv_text
+from src.core.template_schema import project_schema
 
 UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
@@ -184,28 +185,47 @@ def write_table(sweep_directory: Path) -> None:
     ended. No Slurm state here (it would be stale at once): `--runs SWEEP_DIR` shows it."""
     with open(sweep_directory / ".sweep.csv.lock", "a+") as lock:
         fcntl.lockf(lock, fcntl.LOCK_EX)  # released when the file closes
-        rows = member_rows(sweep_directory, slurm=False)
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        stream = io.StringIO()
-        writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text_atomic(sweep_directory / "sweep.csv", stream.getvalue())
+        write_text_atomic(sweep_directory / "sweep.csv", csv_text(member_rows(sweep_directory, slurm=False)))
 
 
-def run_task(sweep_directory: Path, argv: list[str]) -> int:
-    """One Slurm task: run.py's `main(argv)` in this very process, so that the signals Slurm
-    sends the task reach run.py as they would reach `python run.py`; then sweep.csv, which
-    thereby follows the tasks as they end. The task runs in the sweep's worktree."""
-    import run  # the worktree's run.py (the working directory is on sys.path under -m)
-
+def update_sweep_table(run_directory: Path) -> None:
+    """When a run of a sweep ends (locally or as a Slurm task, on any node), its row in the
+    sweep's table follows; nothing happens for a run outside a sweep."""
+    sweep_directory = Path(run_directory).parent
+    if not (sweep_directory / "sweep.yaml").is_file():
+        return
     try:
-        return run.main(argv)
-    finally:
-        try:
-            write_table(sweep_directory)
-        except Exception as error:  # the table is a convenience: never fail the task for it
-            print(f"warning: could not update {sweep_directory / 'sweep.csv'}: {error!r}", file=sys.stderr)
+        write_table(sweep_directory)
+    except Exception as error:  # the table is a convenience: never fail the run for it
+        print(f"warning: could not update {sweep_directory / 'sweep.csv'}: {error!r}", file=sys.stderr)
+
+
+def run_sweep(args, document: dict) -> int:
+    """A sweep (or, with --slurm, any config): every combination, pinned to this commit."""
+    members = expand(document, project_schema())
+    if args.print_config:
+        for member in members:
+            print(f"{member.name}: {member.parameters}")
+        return 0
+    if args.no_logging or args.allow_dirty_repo:
+        raise UserError("a sweep logs every run it makes, so it cannot run with --no-logging or --allow-dirty-repo")
+    for member in members:  # the sub-runs run in a worktree without the data: give them its real place
+        member.config["data_directory"] = str(find_data_directory(Config(member.config)))
+    git = provenance.gate()
+    first = Config(members[0].config)
+    sweep = create(
+        log_root(args.log_dir) / (first.project_name or first.model_type), first.run_name, document, members, git
+    )
+    print(f"sweep of {len(members)} run(s) at commit {git['commit'][:12]}: {sweep.directory}")
+    flags = [flag for flag, on in (("--cpu", args.cpu), ("--mini", args.mini)) if on]
+    if not (args.slurm or args.submit):
+        return run_locally(sweep, flags)
+    script = write_slurm_script(sweep, first.slurm.to_dict(), flags, args.requeue)
+    if args.submit:
+        print(f"submitted job {submit(script)} ({script})")
+    else:
+        print(f"wrote {script}\nsubmit it with: sbatch {script}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,7 +235,7 @@ def run_task(sweep_directory: Path, argv: list[str]) -> int:
 def slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) -> str:
     """One array job, a task per member, each running in the sweep's worktree.
 
-    A task runs `python -m src.core.sweep` (run_task: run.py, then sweep.csv). On one node
+    A task runs `python run.py` (which, as a run of a sweep, updates sweep.csv as it ends). On one node
     it is exec'd, so that it is the batch shell that Slurm signals, and run.py starts its own
     processes if it has several (torchrun --standalone: a free port, so tasks sharing a node
     do not collide). On several nodes srun starts it on every node, with a c10d rendezvous at
@@ -243,7 +263,7 @@ def slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) 
     if requeue:  # a warning signal before the time limit: checkpoint, requeue, resume
         lines += [
             "#SBATCH --requeue",
-            # B: the batch shell, which is run_task itself on one node; else srun's steps
+            # B: the batch shell, which is run.py itself on one node; else srun's steps
             f"#SBATCH --signal={'B:' if nodes == 1 else ''}USR1@{settings['signal_seconds']}",
             "#SBATCH --open-mode=append",  # keep the output of the attempts before a requeue
         ]
@@ -251,7 +271,7 @@ def slurm_script(sweep: Sweep, settings: dict, flags: list[str], requeue: bool) 
     run_flags = [*flags, *(["--requeue"] if requeue else [])]
     if settings["gpus_per_node"] > 1:  # a process per GPU; otherwise distributed.nproc_per_node decides
         run_flags.append(f"--distributed.nproc_per_node={settings['gpus_per_node']}")
-    task = f'"$PYTHON" -m src.core.sweep "$SWEEP" "${{ARGS[@]}}" {shlex.join(run_flags)}'.rstrip()
+    task = f'"$PYTHON" run.py "${{ARGS[@]}}" {shlex.join(run_flags)}'.rstrip()
     names = " ".join(shlex.quote(member.name) for member in sweep.members)
     lines += [
         "",
@@ -342,7 +362,3 @@ def slurm_states(sweep_directory: Path) -> dict[str, str]:
         if task.isdigit() and int(task) < len(names):
             states[names[int(task)]] = state
     return states
-
-
-if __name__ == "__main__":  # a Slurm task (see slurm_script): python -m src.core.sweep SWEEP_DIR RUN_PY_ARGS...
-    sys.exit(run_task(Path(sys.argv[1]), sys.argv[2:]))

@@ -4,6 +4,8 @@
 they do not change what the run computes (how long it runs, how it reports).
 """
 
+from src.core.errors import UserError
+
 NEUTRAL = {"affects_results": False}
 
 
@@ -150,3 +152,18 @@ TEMPLATE_SCHEMA = {
         },
     },
 }
+
+
+def project_schema() -> dict:
+    """The template's keys plus yours (`USER_SCHEMA` in src/schema.py). A key of yours that
+    the template already has is an error: it would silently replace the template's rule."""
+    from src.schema import USER_SCHEMA
+
+    clashes = sorted(TEMPLATE_SCHEMA.keys() & USER_SCHEMA.keys())
+    if clashes:
+        raise UserError(
+            f"src/schema.py: USER_SCHEMA declares {', '.join(map(repr, clashes))}, which the template "
+            "already declares in src/core/template_schema.py; rename yours (e.g. 'my_"
+            f"{clashes[0]}'), or change the template's rule there if that is what you mean"
+        )
+    return {**TEMPLATE_SCHEMA, **USER_SCHEMA}

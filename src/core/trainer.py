@@ -1,16 +1,12 @@
 """The Trainer: per epoch, (1) training, (2) a cheap validation pass, (3) an expensive rollout.
 
-Read `fit` from top to bottom: it is the whole loop. Everything a checkpoint must
+Read `_fit` from top to bottom: it is the whole loop. Everything a checkpoint must
 hold to continue *exactly* (weights, optimizer, schedule, position in the epoch,
 every random stream, the logging counters) is gathered in `state_dict` and put
 back by `load_state_dict`; the data order is a pure function of (seed, epoch),
 so a position in the epoch is just a batch count.
 
-Logged values (step = optimizer steps so far; epoch counts from 1, 0 is before training):
-    train/loss, train/lr        every `log_every_n_steps` steps (mean over those steps)
-    train/epoch_loss            at the end of each epoch
-    val/loss                    after each epoch, on the test split (one-step error)
-    rollout/loss                every `rollout.every_n_epochs` epochs and after the last
+What is logged, and when: README, "Run directory" and "Your own metrics".
 """
 
 import contextlib
@@ -30,21 +26,15 @@ from src.core import faults
 from src.core.checkpoint import FORMAT_VERSION, CheckpointWriter, step_file_name
 from src.core.config import Config
 from src.core.data import EpochSampler, make_loader
-from src.core.distributed import DistContext, all_gather_object, all_reduce_sum, broadcast_object
+from src.core.distributed import DistContext, all_gather_object, all_reduce_sum
 from src.core.metrics import MetricLogger
+from src.core.phases import BY_NAME
+from src.core.policies import CheckpointSchedule, Monitor, Preempted, PreemptionStop
 from src.core.rundir import update_metadata
+from src.core.schedule import lr_factor
 from src.core.seeding import derive_seed, isolated_rng, restore_rng_state, rng_state
 
 SINGLE_PROCESS = DistContext()
-EVALUATION_PHASES = {"val": "test", "rollout": "eval"}  # logged phase -> dataset phase
-
-
-class Preempted(Exception):
-    """A preemption warning arrived (--requeue): the run saved a checkpoint and stops here."""
-
-
-# Set by run.py's SIGUSR1 handler under --requeue (installed at start-up, so that no warning is lost).
-PREEMPTION_REQUESTED = threading.Event()
 
 
 @dataclass
@@ -58,9 +48,9 @@ class Progress:
 
 def default_monitor(datasets: dict) -> str:
     """The metric that picks the best checkpoint: rollout, else validation, else training loss."""
-    if "eval" in datasets:
+    if "rollout" in datasets:
         return "rollout/loss"
-    return "val/loss" if "test" in datasets else "train/epoch_loss"
+    return "val/loss" if "val" in datasets else "train/epoch_loss"
 
 
 def rescaled_position(
@@ -70,6 +60,42 @@ def rescaled_position(
     as many samples seen, rounded down to a whole accumulation group (a few repeat, none is skipped)."""
     position = batch_in_epoch * saved_world_size // world_size
     return min(position - position % accumulation, batches)
+
+
+@dataclass
+class RunFiles:
+    """Where a logged run writes: given to the Trainer on every rank, or None (no logging).
+    Only rank 0 holds the writers; elsewhere they are None and writing is a no-op."""
+
+    directory: Path
+    logger: MetricLogger | None = None
+    checkpoints: CheckpointWriter | None = None
+
+    @classmethod
+    def open(cls, directory: Path, context: DistContext, resume_state: dict | None, keep_recent: int) -> "RunFiles":
+        if not context.is_main:
+            return cls(directory)
+        # A resumed run cuts metrics.jsonl back to what its checkpoint covers (to nothing when
+        # it restarts from step 0) and hides later TensorBoard values.
+        logger = MetricLogger(
+            directory,
+            resume_from_byte=resume_state["logging"]["metrics_bytes"] if resume_state else 0,
+            resume_step=resume_state["progress"]["global_step"] if resume_state else -1,
+        )
+        return cls(directory, logger, CheckpointWriter(directory / "checkpoints", keep_recent))
+
+    def wait(self) -> None:
+        """Until the checkpoint write in flight is on disk (rank 0; a no-op elsewhere)."""
+        if self.checkpoints is not None:
+            self.checkpoints.wait()
+
+    def close(self) -> None:
+        """Release what was opened; a pending checkpoint write is finished first."""
+        try:
+            self.wait()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
 
 
 class Trainer:
@@ -86,16 +112,18 @@ class Trainer:
         resume_state: dict | None = None,
         commit: str | None = None,
         config_hash: str | None = None,
+        preemption: threading.Event | None = None,
         show_progress: bool = False,
     ):
+        """`run_directory`: where to log (None: nothing is written). `resume_state`: the
+        checkpoint to continue from (None: start at step 0). `preemption`: an event that,
+        once set (SIGUSR1 under --requeue), makes the run checkpoint and stop."""
         self.config = config
         self.device = device
         self.context = context
         self.datasets = datasets
         self.loss_function = loss_function
         self.commit, self.config_hash = commit, config_hash
-        self.logging = run_directory is not None  # the same on every rank
-        self.run_directory = run_directory
         self.show_progress = show_progress and context.is_main
 
         self.model = model.to(device)
@@ -121,34 +149,35 @@ class Trainer:
             print(f"note: mixed_precision={config.mixed_precision} applies on CUDA only; training in float32")
 
         self.progress = Progress()
-        self.monitor = config.checkpoint.monitor or default_monitor(datasets)
-        self.best = {"metric": self.monitor, "mode": config.checkpoint.mode, "value": None, "step": None}
+        self.monitor = Monitor(config.checkpoint.monitor or default_monitor(datasets), config.checkpoint.mode)
+        self.checkpoint_schedule = CheckpointSchedule(config, context)
+        self.preemption = PreemptionStop(preemption, config.log_every_n_steps, context) if preemption else None
         # Running training-loss sums: since the last log line, and since the epoch began.
         self.interval_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.interval_batches = self.epoch_batches = 0
-        self.last_checkpoint_time = time.monotonic()
-        self.handles_preemption = False  # run.py sets it with --requeue
         self.checkpointed_step = -1
-
-        resuming = resume_state is not None
-        if resume_state:
+        if resume_state is not None:
             self.load_state_dict(resume_state)
-        self.logger = self.checkpoints = None
-        if self.logging and context.is_main:
-            metrics_bytes = resume_state["logging"]["metrics_bytes"] if resume_state else 0
-            self.logger = MetricLogger(
-                run_directory,
-                resume_from_byte=metrics_bytes if resuming else None,
-                resume_step=self.progress.global_step if resuming else None,
-            )
-            self.checkpoints = CheckpointWriter(run_directory / "checkpoints", config.checkpoint.keep_recent)
+        # The one switch for logging: the same on every rank (rank 0 alone holds the writers).
+        self.files = (
+            RunFiles.open(run_directory, context, resume_state, config.checkpoint.keep_recent)
+            if run_directory
+            else None
+        )
 
     # ------------------------------------------------------------------------------
     # The loop
 
     def fit(self) -> dict:
-        """Train until `epochs`; return the last epoch's metrics."""
+        """Train until `epochs`; return the last epoch's metrics. The run's files are closed
+        at the end, also when training fails."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict:
         config, progress = self.config, self.progress
         metrics = {}
         if config.evaluate_before_training and progress == Progress():
@@ -162,17 +191,19 @@ class Trainer:
             metrics |= self.log_evaluation(epoch=progress.epoch + 1)
             progress.epoch += 1
             progress.batch_in_epoch = 0
-            improved = self.update_best(metrics)
+            improved = self.monitor.update(metrics, progress.global_step, progress.epoch)
             self.save_checkpoint(links=("last", "best") if improved else ("last",))
             self.print_summary(metrics, improved, time.monotonic() - started)
-            if self.stop_due(at_epoch_end=True):
-                self.stop_here()
-        if self.checkpoints:
-            self.checkpoints.wait()
-            self.logger.close()
+            if self.preemption and self.preemption.due(progress.global_step, at_epoch_end=True):
+                self.stop_for_preemption()
         if self.context.enabled:
             self.check_replicas()
         return metrics
+
+    def close(self) -> None:
+        """Finish the checkpoint write in flight and close the logs (rank 0); idempotent."""
+        if self.files is not None:
+            self.files.close()
 
     def check_replicas(self) -> None:
         """Under DDP every rank must end with the same weights; record each rank's hash."""
@@ -180,8 +211,8 @@ class Trainer:
         for parameter in self.model.parameters():
             digest.update(parameter.detach().cpu().numpy().tobytes())
         digests = all_gather_object(digest.hexdigest(), self.context)
-        if self.checkpoints:
-            update_metadata(self.run_directory, replica_parameters_sha256=digests)
+        if self.files is not None and self.context.is_main:
+            update_metadata(self.files.directory, replica_parameters_sha256=digests)
         if len(set(digests)) != 1:
             raise RuntimeError(f"the ranks' parameters differ after training (SHA-256 per rank: {digests})")
 
@@ -208,14 +239,14 @@ class Trainer:
             if steps_now:
                 self.optimizer_step()
                 faults.maybe_fail("train_step", settle=self.wait_for_checkpoints)
-                if self.checkpoints is not None and self.checkpoints.failed:
-                    self.checkpoints.wait()  # a background write failed (disk full): stop now, with its error
+                if self.files is not None and self.files.checkpoints is not None and self.files.checkpoints.failed:
+                    self.files.wait()  # a background write failed (disk full): stop now, with its error
                 if progress.global_step % config.log_every_n_steps == 0:
                     self.log_training(bar)
                 if progress.batch_in_epoch < self.batches_per_epoch:  # the epoch's end saves anyway
-                    if self.stop_due():
-                        self.stop_here()
-                    if self.interval_checkpoint_due():
+                    if self.preemption and self.preemption.due(progress.global_step):
+                        self.stop_for_preemption()
+                    if self.files is not None and self.checkpoint_schedule.due(progress.global_step):
                         self.save_checkpoint(links=("last",))
             bar.update()
         bar.close()
@@ -250,31 +281,16 @@ class Trainer:
         self.set_learning_rate(self.progress.global_step)
 
     def set_learning_rate(self, step: int) -> None:
-        """The schedule, as nanoGPT sets it: a pure function of the step, so no state to save."""
-        factor = self.lr_factor(step)
+        factor = lr_factor(step, self.config.scheduler, self.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-
-    def lr_factor(self, step: int) -> float:
-        """The learning rate at optimizer step `step`, as a fraction of `optimizer.lr`."""
-        schedule = self.config.scheduler
-        if step < schedule.warmup_steps:
-            return (step + 1) / schedule.warmup_steps
-        done = min(1.0, (step - schedule.warmup_steps) / max(1, self.schedule_steps - schedule.warmup_steps))
-        final = schedule.final_lr_fraction
-        if schedule.type == "cosine":
-            return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * done))
-        if schedule.type == "linear":
-            return 1 - (1 - final) * done
-        return 1.0
 
     @torch.no_grad()
     def evaluate(self, phase: str) -> tuple[dict[str, float], list[dict]]:
         """Validation ("val") or rollout ("rollout"): the sample-weighted mean loss over all
         ranks, and each batch's loss. Runs on its own random streams (see seeding.py)."""
-        dataset_phase = EVALUATION_PHASES[phase]
         limit = self.config.rollout.max_samples if phase == "rollout" else None
-        loader, batches = self.loader(dataset_phase, limit=limit)
+        loader, batches = self.loader(phase, limit=limit)
         mode = self.model.rollout() if phase == "rollout" else contextlib.nullcontext()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         batch_results = []
@@ -295,14 +311,14 @@ class Trainer:
     # Logging, best tracking, checkpoints
 
     def log(self, epoch: int, metrics: dict[str, float]) -> None:
-        if self.logger is None:
+        if self.files is None or self.files.logger is None:
             return
         by_phase: dict[str, dict[str, float]] = {}
         for key, value in metrics.items():
             phase, _, name = key.partition("/")
             by_phase.setdefault(phase, {})[name] = value
         for phase, values in by_phase.items():
-            self.logger.log(self.progress.global_step, epoch, phase, values)
+            self.files.logger.log(self.progress.global_step, epoch, phase, values)
 
     def log_training(self, bar) -> None:
         loss = self.reduce_mean(self.interval_loss, self.interval_batches)
@@ -314,9 +330,9 @@ class Trainer:
     def log_evaluation(self, epoch: int) -> dict[str, float]:
         """Run and log the validation and (when due) rollout phases."""
         metrics = {}
-        if "test" in self.datasets:
+        if "val" in self.datasets:
             metrics |= self.evaluate("val")[0]
-        if "eval" in self.datasets and self.rollout_due(epoch):
+        if "rollout" in self.datasets and self.rollout_due(epoch):
             metrics |= self.evaluate("rollout")[0]
         self.log(epoch, metrics)
         return metrics
@@ -325,59 +341,28 @@ class Trainer:
         every = self.config.rollout.every_n_epochs
         return epoch == 0 or epoch % every == 0 or epoch == self.config.epochs
 
-    def update_best(self, metrics: dict[str, float]) -> bool:
-        value = metrics.get(self.monitor)
-        if value is None or not math.isfinite(value):
-            return False
-        best = self.best["value"]
-        if best is not None and (value >= best if self.best["mode"] == "min" else value <= best):
-            return False
-        self.best.update(value=value, step=self.progress.global_step, epoch=self.progress.epoch)
-        return True
-
-    def interval_checkpoint_due(self) -> bool:
-        """`checkpoint.every_n_steps`, or `checkpoint_interval` seconds (checked at logging steps,
-        where the ranks meet anyway, and decided by rank 0 for all)."""
-        if not self.logging:
-            return False
-        every = self.config.checkpoint.every_n_steps
-        if every and self.progress.global_step % every == 0:
-            return True
-        interval = self.config.checkpoint_interval
-        if not interval or self.progress.global_step % self.config.log_every_n_steps:
-            return False
-        return broadcast_object(time.monotonic() - self.last_checkpoint_time >= interval, self.context)
-
-    def stop_due(self, at_epoch_end: bool = False) -> bool:
-        """Whether to stop now for a preemption; under DDP rank 0 decides, at logging steps."""
-        if not self.handles_preemption:
-            return False
-        if not self.context.enabled:
-            return PREEMPTION_REQUESTED.is_set()
-        if not at_epoch_end and self.progress.global_step % self.config.log_every_n_steps:
-            return False
-        return broadcast_object(PREEMPTION_REQUESTED.is_set(), self.context)
-
-    def stop_here(self) -> None:
-        if self.logging and self.progress.global_step != self.checkpointed_step:  # the epoch's end may have saved
+    def stop_for_preemption(self) -> None:
+        if (
+            self.files is not None and self.progress.global_step != self.checkpointed_step
+        ):  # the epoch end may have saved
             self.save_checkpoint(links=("last",))
-        if self.checkpoints:
-            self.checkpoints.wait()
+        self.wait_for_checkpoints()
         raise Preempted(f"stopped for preemption at step {self.progress.global_step}, after a checkpoint")
 
     def wait_for_checkpoints(self) -> None:
         """Until the checkpoint write in flight is on disk (rank 0; a no-op elsewhere)."""
-        if self.checkpoints is not None:
-            self.checkpoints.wait()
+        if self.files is not None:
+            self.files.wait()
 
     def save_checkpoint(self, links: tuple[str, ...]) -> None:
-        if not self.logging:
+        if self.files is None:
             return
+        best = self.monitor.best
         if "best" in links:
-            self.best["checkpoint"] = "checkpoints/best.pt"
-            self.best["step_file"] = f"checkpoints/{step_file_name(self.progress.global_step)}"
+            best["checkpoint"] = "checkpoints/best.pt"
+            best["step_file"] = f"checkpoints/{step_file_name(self.progress.global_step)}"
         state = self.state_dict()  # a collective under DDP: every rank gives its random state
-        self.last_checkpoint_time = time.monotonic()
+        self.checkpoint_schedule.saved()
         self.checkpointed_step = self.progress.global_step
         if not self.context.is_main:
             return
@@ -385,13 +370,13 @@ class Trainer:
             "epochs_done": self.progress.epoch,
             "global_step": self.progress.global_step,
             "schedule_steps": self.schedule_steps,
-            "best": dict(self.best),
+            "best": dict(best),
         }
 
         def written(path: Path) -> None:  # on the writer's thread, once the file is on disk
             update_metadata(path.parent.parent, last_checkpoint=f"checkpoints/{path.name}", **metadata)
 
-        self.checkpoints.save(state, links, on_written=written)
+        self.files.checkpoints.save(state, links, on_written=written)
 
     # ------------------------------------------------------------------------------
     # State: everything a checkpoint holds
@@ -402,6 +387,7 @@ class Trainer:
             "running_loss": [self.interval_loss, self.interval_batches, self.epoch_loss, self.epoch_batches],
         }
         per_rank = all_gather_object(own, self.context)  # every rank's random state, for an exact DDP resume
+        logger = self.files.logger if self.files is not None else None
         return {
             "format": FORMAT_VERSION,
             "model": self.model.state_dict(),
@@ -409,9 +395,10 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "progress": asdict(self.progress),
             "schedule_steps": self.schedule_steps,
-            "best": dict(self.best),
+            "best": dict(self.monitor.best),
+            "monitor": self.monitor.state_dict(),
             "per_rank": per_rank,
-            "logging": {"metrics_bytes": self.logger.flush(durable=True) if self.logger else 0},
+            "logging": {"metrics_bytes": logger.flush(durable=True) if logger else 0},
             "world_size": self.context.world_size,
             "commit": self.commit,
             "config_hash": self.config_hash,
@@ -433,7 +420,7 @@ class Trainer:
             )
         self.schedule_steps = state["schedule_steps"]
         self.set_learning_rate(self.progress.global_step)
-        self.best = dict(state["best"])
+        self.monitor.load_state_dict(state.get("monitor") or {"best": state["best"]})
         own = state["per_rank"][self.context.rank % len(state["per_rank"])]
         interval_loss, self.interval_batches, epoch_loss, self.epoch_batches = own["running_loss"]
         self.interval_loss = interval_loss.to(self.device)
@@ -464,7 +451,7 @@ class Trainer:
             batch_size=batch_size,
             shuffle=phase == "train",
             seed=self.config.seed,
-            phase=phase,
+            phase=BY_NAME[phase].split,  # the workers' seeds, as named before the phases had one name
             epoch=epoch,
             rank=self.context.rank,
             world_size=self.context.world_size,
@@ -507,6 +494,6 @@ class Trainer:
         if not self.context.is_main:
             return
         values = "  ".join(f"{key} {value:.4g}" for key, value in metrics.items())
-        mark = f"  * best {self.monitor}" if improved else ""
+        mark = f"  * best {self.monitor.metric}" if improved else ""
         where = f"epoch {self.progress.epoch}/{self.config.epochs}  step {self.progress.global_step}"
         tqdm.write(f"{where}  {values}  ({seconds:.3g} s){mark}")

@@ -1,0 +1,202 @@
+"""What a training command asks for, decided before anything is built: the config (read
+and validated once), the git gate, the data, and where the run continues from.
+
+Under torchrun, rank 0 makes the plan and every rank receives it (src/core/distributed.py).
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.core import provenance
+from src.core.config import (
+    Config,
+    ConfigEdits,
+    apply_defaults,
+    apply_edits,
+    dump_yaml,
+    finalize,
+    load_yaml_file,
+    read_config_file,
+    result_affecting_keys,
+    split_provenance,
+)
+from src.core.distributed import DistContext, launch_settings
+from src.core.errors import Refusal, UserError
+from src.core.resolve import check_config_names
+from src.core.rundir import CONFIG_FILE, log_root, require_run_directory
+from src.core.template_schema import project_schema
+
+
+@dataclass(frozen=True)
+class Request:
+    """The command line's config, read and validated once: a new run's, a resumed run's
+    (with `run_directory` and its recorded provenance), or a sweep's document."""
+
+    config: Config | None = None
+    run_directory: Path | None = None  # --resume
+    saved: dict | None = None  # the resumed run's provenance sections (git, flags, data...)
+    sweep: dict | None = None  # a sweep's edited document: its members are validated one by one
+
+    @property
+    def launch(self) -> dict:
+        """The `distributed` settings (torchrun's process counts)."""
+        return launch_settings(self.config)
+
+    @property
+    def processes(self) -> int:
+        return self.launch["nproc_per_node"] * self.launch["nnodes"] if self.config else 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What rank 0 decided, and every rank follows."""
+
+    config: Config
+    data_directory: str
+    git: dict | None  # None: this run logs nothing
+    mini: bool  # --mini, or a resumed run's own setting
+    resume_from: Path | None = None  # a run directory to continue
+
+
+def read_request(args, edits: ConfigEdits | None = None, resume: str | None = None) -> Request:
+    """Read the config the command line names, once, and validate it."""
+    edits = args.edits if edits is None else edits
+    resume = resume or args.resume
+    if resume:
+        if args.config is not None:
+            raise UserError("--resume uses the run's own config; drop the config file argument")
+        run_directory, saved, config = load_run(resume, edits, "--resume")
+        return Request(config, run_directory, saved)
+    if args.config is None:
+        raise UserError("no config file given; usage: python run.py CONFIG.yaml [flags] (see --help)")
+    document = apply_edits(load_yaml_file(args.config), edits, project_schema())
+    if document.get("sweep") is not None or args.slurm or args.submit:
+        return Request(sweep=document)
+    config = finalize(document, project_schema())
+    check_config_names(config)
+    return Request(config)
+
+
+def make_plan(args, request: Request | None, context: DistContext | None = None) -> Plan | None:
+    """The plan of this run (None for --print-config). After torchrun restarted the workers
+    (a worker died), the same run directory is resumed."""
+    previous = context.recall("run_directory") if context is not None and context.restart_count else None
+    if previous:
+        print(f"restart {context.restart_count}: resuming {previous}")
+        # A new run's edits are in its config.yaml already; a resume's (--epochs=N) are not.
+        request = read_request(args, edits=args.edits if args.resume else ConfigEdits(), resume=previous)
+    elif request is None:  # a torchrun worker: read here, on rank 0 alone
+        request = read_request(args)
+    if request.sweep is not None:
+        raise UserError("a sweep runs its members one by one: start it with python run.py, not torchrun")
+    if request.run_directory is not None:
+        return plan_resume(args, request)
+    if args.print_config:
+        print(dump_yaml(request.config.to_dict()), end="")
+        return None
+    return Plan(request.config, str(find_data_directory(request.config)), logging_gate(args), args.mini)
+
+
+def plan_resume(args, request: Request) -> Plan:
+    """Continue a logged run from its newest valid checkpoint, exactly as if never stopped."""
+    if args.no_logging or args.allow_dirty_repo:
+        raise UserError("--resume continues a logged run, so it cannot run with --no-logging or --allow-dirty-repo")
+    git = provenance.gate()
+    check_same_commit(request.saved["git"]["commit"], git["commit"], "--resume", request.run_directory)
+    data_directory = str(find_data_directory(request.config))
+    check_same_data(request.saved.get("data_fingerprint"), data_directory, request.run_directory)
+    mini = request.saved["flags"]["mini"]
+    return Plan(request.config, data_directory, git, mini, resume_from=request.run_directory)
+
+
+def load_run(run_directory: str | Path, edits: ConfigEdits, flag: str) -> tuple[Path, dict, Config]:
+    """A logged run's saved config (read once), with the command line's edits if they leave
+    results unchanged; and its recorded provenance."""
+    run_directory = require_run_directory(run_directory, flag)
+    schema = project_schema()
+    document, saved = split_provenance(read_config_file(run_directory / CONFIG_FILE))
+    original = apply_defaults(document, schema)  # validated when the run started
+    config = finalize(apply_edits(original, edits, schema), schema)
+    before, after = result_affecting_keys(original, schema), result_affecting_keys(config, schema)
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    if changed:
+        raise UserError(
+            f"{flag} cannot change {', '.join(changed)}: they change what the run computes, so the "
+            "result would not belong to this run. Start a new run instead. (Keys such as "
+            "epochs, description and checkpoint timing may change.)"
+        )
+    check_config_names(config)
+    return run_directory, saved, config
+
+
+def check_same_commit(recorded: str, current: str, flag: str, run_directory: Path, what: str = "the run") -> None:
+    if current != recorded:
+        raise Refusal(
+            f"{flag} {run_directory}: {what} was made at commit {str(recorded)[:12]}, but HEAD is "
+            f"{current[:12]}. Check out its commit first: git checkout {str(recorded)[:12]}"
+        )
+
+
+def check_same_data(recorded: dict | None, data_directory: str, run_directory: Path) -> None:
+    """A resumed run must read the data it started with: the data lives outside git."""
+    if not recorded:
+        return
+    current = provenance.data_fingerprint(data_directory)
+    for key, what in (("listing_sha256", "file names or sizes"), ("content_sha256", "file contents")):
+        if recorded.get(key) and current.get(key) and recorded[key] != current[key]:
+            raise UserError(
+                f"--resume {run_directory}: the data in {data_directory} differs from the run's "
+                f"({what} changed since it started), so the run could not continue as it began. "
+                "Restore the data, or start a new run."
+            )
+
+
+def find_data_directory(config: Config) -> Path:
+    """`data_directory`, relative to the project root unless absolute; it must exist."""
+    data_directory = Path(config.data_directory)
+    if not data_directory.is_absolute():
+        data_directory = provenance.PROJECT_ROOT / data_directory
+    if not data_directory.is_dir():
+        raise UserError(
+            f"config key 'data_directory': {str(data_directory)!r} is not a directory "
+            "(relative paths start at the project root; for the example data run: make data)"
+        )
+    return data_directory
+
+
+def logging_gate(args) -> dict | None:
+    """The run's git provenance when it logs; None when it does not (--no-logging, --allow-dirty-repo)."""
+    if args.no_logging:
+        return None
+    if args.allow_dirty_repo:
+        confirm_dirty_run(args.y)
+        return None
+    return provenance.gate()
+
+
+def confirm_dirty_run(yes: bool) -> None:
+    """--allow-dirty-repo: say what is uncommitted, and ask before running without logging."""
+    try:
+        changes = provenance.repository_state().changes
+    except Refusal as refusal:  # no git, no repository: nothing could be logged either
+        changes = [str(refusal).split(", so")[0]]
+    if changes:
+        print("uncommitted changes:\n  " + "\n  ".join(changes[: provenance.MAX_LISTED_PATHS]), file=sys.stderr)
+    print("--allow-dirty-repo: this run will log nothing (no run directory, metrics or checkpoints).", file=sys.stderr)
+    if yes or not changes:
+        return
+    if not sys.stdin.isatty():
+        raise Refusal("--allow-dirty-repo asks for confirmation, but there is no terminal to ask on; add --y")
+    answer = input("Run anyway, without logging? [y/n] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise Refusal("not confirmed; nothing was run")
+
+
+def run_parent(args, config: Config) -> Path:
+    """Where a new run directory goes: --run-parent, else <log dir>/<project_name or model_type>."""
+    return (
+        Path(args.run_parent)
+        if args.run_parent
+        else log_root(args.log_dir) / (config.project_name or config.model_type)
+    )

@@ -1,0 +1,161 @@
+"""A logged run from its start to its end: the run directory created (or reopened for a
+resume) and locked by rank 0, the checkpoint a resume continues from, and the final
+status in metadata.yaml (finished, failed, interrupted, preempted)."""
+
+import contextlib
+import shlex
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.core import provenance
+from src.core.checkpoint import (
+    CheckpointWriteError,
+    newest_valid_checkpoint,
+    read_checkpoint,
+    set_aside_newer_than,
+)
+from src.core.cli import recorded_flags
+from src.core.config import config_hash
+from src.core.distributed import DistContext, broadcast_object, share_from_rank_zero
+from src.core.errors import UserError, warn
+from src.core.planning import Plan, check_same_commit, run_parent
+from src.core.policies import Preempted
+from src.core.rundir import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    lock_run_directory,
+    now,
+    read_yaml,
+    remove_temporary_files,
+    start_run,
+    update_metadata,
+)
+from src.core.sweep import update_sweep_table
+from src.core.template_schema import project_schema
+
+
+@dataclass
+class Run:
+    """What the Trainer is given: where to log (None: nothing is logged) and what to resume."""
+
+    directory: Path | None
+    checkpoint: dict | None  # the state to continue from; None: start at step 0
+    commit: str | None
+    config_hash: str
+    context: DistContext
+
+    def fit(self, fit: Callable[[], object], on_preempted: Callable[[], str]) -> int:
+        """Run `fit`, and record how it ended in metadata.yaml (rank 0); return the exit code.
+        A run of a sweep then updates the sweep's table."""
+        try:
+            return self._record(fit, on_preempted)
+        finally:
+            if self.records:
+                update_sweep_table(self.directory)
+
+    @property
+    def records(self) -> bool:
+        return self.directory is not None and self.context.is_main
+
+    def _record(self, fit: Callable[[], object], on_preempted: Callable[[], str]) -> int:
+        try:
+            fit()
+        except Preempted as preempted:
+            if self.records:
+                update_metadata(self.directory, status="preempted", error=None)
+                print(f"{preempted}; {on_preempted()}")
+            return 0
+        except BaseException as error:
+            if self.records:
+                status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+                update_metadata(self.directory, status=status, error=repr(error))
+            if isinstance(error, UserError | KeyboardInterrupt):
+                raise
+            if isinstance(error, CheckpointWriteError):  # the disk, not the code: no traceback
+                print(f"error: {error}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            return 1
+        if self.records:
+            update_metadata(self.directory, status="finished", finished=now())
+            print(f"finished: {self.directory}")
+        return 0
+
+
+@contextlib.contextmanager
+def open_run(plan: Plan, args, context: DistContext) -> Iterator[Run]:
+    """Rank 0 creates the run directory (or reopens a resumed one) and holds its lock for as
+    long as the block runs; every rank learns its path and the checkpoint to resume from."""
+    directory = lock = None
+    if context.is_main and plan.git is not None:
+        directory = plan.resume_from or create_run_directory(plan, args, context.world_size)
+        lock = lock_run_directory(directory)
+        context.remember("run_directory", str(directory))  # a torchrun restart resumes it
+    try:
+        directory = broadcast_object(directory, context)
+        hash_of_config = config_hash(plan.config, project_schema())
+        commit = plan.git["commit"] if plan.git else None
+        checkpoint = None
+        if plan.resume_from is not None:
+            path = share_from_rank_zero(
+                context, "checkpoint", lambda: start_resume(directory, context, hash_of_config, commit)
+            )
+            checkpoint = read_checkpoint(path) if path else None
+        yield Run(directory, checkpoint, commit, hash_of_config, context)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def create_run_directory(plan: Plan, args, world_size: int) -> Path:
+    """The new run's directory, with its config and provenance stamped in (rank 0)."""
+    directory = start_run(
+        run_parent(args, plan.config),
+        plan.config.run_name,
+        plan.config.to_dict(),
+        {
+            "git": plan.git,
+            "flags": recorded_flags(args),
+            "command_line": shlex.join(["python", "run.py", *args.argv]),
+            "environment": {**provenance.environment_provenance(), "world_size": world_size},
+            "data_fingerprint": provenance.data_fingerprint(plan.data_directory),
+        },
+        provenance.installed_packages(),
+    )
+    print(f"logging to {directory}")
+    return directory
+
+
+def start_resume(run_directory: Path, context: DistContext, hash_of_config: str, commit: str) -> Path | None:
+    """Find the newest valid checkpoint, check that it belongs to this config and commit, clear
+    what the killed process left behind, and record the resume in metadata.yaml."""
+    found = newest_valid_checkpoint(run_directory / "checkpoints")
+    path, state = found if found else (None, None)
+    step = state["progress"]["global_step"] if state else 0
+    if state and state["config_hash"] != hash_of_config:
+        raise UserError(
+            f"--resume {run_directory}: {path.name} was made with another config than the run's "
+            f"{CONFIG_FILE} (was it edited by hand?). Restore that file, or start a new run."
+        )
+    if state:
+        check_same_commit(str(state["commit"]), commit, "--resume", run_directory, what=path.name)
+    for name in set_aside_newer_than(run_directory / "checkpoints", step):
+        warn(f"warning: moved {name}, newer than the checkpoint resumed from, to checkpoints/discarded/")
+    remove_temporary_files(run_directory)
+    print(f"resuming {run_directory} from {path.name if path else 'the start (no valid checkpoint)'}")
+    metadata_file = run_directory / METADATA_FILE
+    resumes = ((read_yaml(metadata_file) or {}) if metadata_file.exists() else {}).get("resumes") or []
+    resumes.append(
+        {
+            "at": now(),
+            "from_step": step,
+            "from_checkpoint": path.name if path else None,
+            "world_size": context.world_size,
+            "saved_world_size": state["world_size"] if state else None,
+        }
+    )
+    update_metadata(run_directory, status="running", resumes=resumes, error=None, finished=None)
+    return path

@@ -1,0 +1,196 @@
+"""What the tests share: real git repositories, real `python run.py` and `torchrun`
+processes, the short runs they train, and bitwise comparisons of runs. Tests import
+from here, never from each other."""
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from src.core.checkpoint import read_checkpoint
+from src.core.metrics import read_metrics
+from src.core.phases import WALL_CLOCK_METRICS
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "pendulum"
+
+# Commits in temporary repositories need an identity, whatever the machine's git config.
+os.environ.update(
+    GIT_AUTHOR_NAME="Test",
+    GIT_AUTHOR_EMAIL="test@example.invalid",
+    GIT_COMMITTER_NAME="Test",
+    GIT_COMMITTER_EMAIL="test@example.invalid",
+)
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def project_files() -> list[str]:
+    listed = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard", "-z")
+    return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Project:
+    root: Path
+
+    def run(self, *args: str, env: dict | None = None, timeout: float = 300, stdin=subprocess.DEVNULL) -> Result:
+        """`python run.py ARGS` in the project, as a user would type it (no terminal)."""
+        return self.python("run.py", *args, env=env, timeout=timeout, stdin=stdin)
+
+    def python(self, *args: str, env: dict | None = None, timeout: float = 300, stdin=subprocess.DEVNULL) -> Result:
+        """`python ARGS` in the project."""
+        completed = subprocess.run(
+            [sys.executable, *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=stdin,
+            env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
+        )
+        return Result(completed.returncode, completed.stdout, completed.stderr)
+
+    def torchrun(
+        self, *args: str, nproc: int = 2, launcher=("--standalone",), env: dict | None = None, timeout: float = 600
+    ) -> Result:
+        """`torchrun ... run.py ARGS` in the project: real worker processes over gloo."""
+        command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc-per-node={nproc}", "run.py"]
+        completed = subprocess.run(
+            [*command, *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
+        )
+        return Result(completed.returncode, completed.stdout, completed.stderr)
+
+    def git(self, *args: str) -> str:
+        return git(self.root, *args)
+
+    def commit(self, message: str = "change") -> str:
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", message)
+        return self.git("rev-parse", "HEAD")
+
+    def write_config(self, name: str, **changes) -> str:
+        """A copy of the sample config with `changes` (dotted keys allowed), committed."""
+        config = yaml.safe_load((self.root / "sample_runconfig.yaml").read_text())
+        for dotted, value in changes.items():
+            node = config
+            *parents, last = dotted.split(".")
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            if value is DELETE:
+                node.pop(last, None)
+            else:
+                node[last] = value
+        (self.root / name).write_text(yaml.safe_dump(config, sort_keys=False))
+        return name
+
+    def run_directories(self) -> list[Path]:
+        return sorted(path.parent for path in (self.root / "logs").glob("*/*/config.yaml"))
+
+    def written_files(self) -> list[str]:
+        """Files that are not in the last commit, ignored ones included (the example data aside)."""
+        output = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        new = [line[3:] for line in output.splitlines() if line[:2] in ("??", "!!")]
+        return [path for path in new if not path.startswith("data/") and "__pycache__" not in path]
+
+
+DELETE = object()  # write_config(..., key=DELETE) removes a key
+
+
+# A short logged run of the example: 100 training pairs (--mini) in batches of 8 (13 steps an
+# epoch), a training-loss line every 2 steps. Validation reads 13 batches a pass, the rollout 8.
+QUICK_RUN = ("sample_runconfig.yaml", "--mini", "--cpu", "--batch_size=8", "--log_every_n_steps=2")
+# A random augmentation: its random stream must resume exactly too.
+NOISY = ("--modify", "data_loader_parameters.train", "{input_noise: 0.01}")
+
+MINIMAL = """\
+description: test
+data_directory: data/pendulum
+model_type: PendulumModel
+loss_function: F.mse_loss
+train_data_loader_type: PendulumSteps
+epochs: 2
+batch_size: 8
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_directory(project: Project, name: str) -> Path:
+    return project.root / "logs" / "PendulumModel" / name
+
+
+def final_state(run) -> dict:
+    return read_checkpoint(run / "checkpoints" / "last.pt")
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tensors(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, where
+
+
+def logged_values(run) -> list[tuple]:
+    """Every logged value of a run but those that measure the machine (throughput, seconds)."""
+    records = read_metrics(run)
+    return [
+        (r["step"], r["epoch"], r["phase"], r["name"], r["value"])
+        for r in records
+        if f"{r['phase']}/{r['name']}" not in WALL_CLOCK_METRICS
+    ]
+
+
+def tensorboard_values(run) -> dict:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = [tag for tag in events.Tags()["scalars"] if tag not in WALL_CLOCK_METRICS]
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags}
+
+
+def assert_same_run(reference, resumed):
+    """Bitwise the same final training state, logged values and TensorBoard scalars."""
+    a, b = final_state(reference), final_state(resumed)
+    for part in ("model", "optimizer", "schedule_steps", "progress", "per_rank", "best", "monitor"):
+        assert_same_tensors(a[part], b[part], part)
+    assert logged_values(resumed) == logged_values(reference)
+    assert tensorboard_values(resumed) == tensorboard_values(reference)
