@@ -282,7 +282,9 @@ def test_sweep_size_is_refused_from_the_list_lengths_before_expanding():
     assert "config key 'sweep': " + " x ".join(["10"] * 10) + " values make 10000000000 runs" in message
     assert "more than max_sweep_size (1000)" in message
     assert check_sweep_size({"sweep": {"seed": [0, 1], "epochs": [1, 2, 3]}}, SCHEMA) == 6
-    assert check_sweep_size({"sweep": sweep, "max_sweep_size": 10**10}, SCHEMA) == 10**10
+    assert check_sweep_size({"sweep": {"seed": list(range(1500))}, "max_sweep_size": 2000}, SCHEMA) == 1500
+    big = {"model_parameters": {"table": list(range(50_000))}, "sweep": {"seed": list(range(300))}}
+    assert "300 runs (300 values) of a config of 50" in error_of(check_sweep_size, big, SCHEMA)  # 1.5 * 10**7
     message = error_of(check_sweep_size, {"max_sweep_size": "x"}, SCHEMA)
     assert "'max_sweep_size': expected a positive integer" in message
 

@@ -39,6 +39,7 @@ PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerpr
 MAX_YAML_BYTES = 1024 * 1024  # a config file (real ones are a few KiB)
 MAX_YAML_DEPTH = 32  # nesting levels, counted through aliases (real configs use 2 to 5)
 MAX_YAML_VALUES = 100_000  # values once every alias (*name) and merge (<<) is expanded
+MAX_SWEEP_VALUES = 10_000_000  # a sweep's runs times the values of its config (1000 runs of real configs: 10**5)
 MAX_INT_BITS = 14_000  # about 4,200 decimal digits: Python cannot print an int over 4,300
 
 
@@ -479,12 +480,32 @@ def check_sweep_size(document: dict, schema: dict) -> int:
     maximum = document.get("max_sweep_size", schema.get("max_sweep_size", {}).get("default", 1000))
     if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
         raise UserError(f"config key 'max_sweep_size': expected a positive integer, found {_describe(maximum)}")
+    lengths = " x ".join(str(len(values)) for values in lists)
     if count > maximum:
-        lengths = " x ".join(str(len(values)) for values in lists)
         raise UserError(
             f"config key 'sweep': {lengths} values make {count} runs, more than max_sweep_size ({maximum}); "
             "sweep fewer values, or raise max_sweep_size if you mean it"
         )
+    values = count_values(document)  # every run is a copy of the whole config
+    if count * values > MAX_SWEEP_VALUES:
+        raise UserError(
+            f"config key 'sweep': {count} runs ({lengths} values) of a config of {values} values make "
+            f"{count * values} values to expand, more than {MAX_SWEEP_VALUES}; sweep fewer values or shrink the config"
+        )
+    return count
+
+
+def count_values(document: Any) -> int:
+    """How many values `document` holds, counting shared (aliased) ones each time they occur."""
+    count, stack = 0, [document]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack.extend(value.values())
+            count += len(value)  # the keys
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
     return count
 
 
