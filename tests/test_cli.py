@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from src.core.cli import parse_command_line
+from src.core.errors import UserError
 
 QUICK = ("--mini", "--epochs=1", "--cpu")
 
@@ -168,3 +169,75 @@ def test_flags_are_parsed_in_place():
     assert args.cpu and not args.mini and args.config == "c.yaml"
     assert args.edits.find_replace == [("a", "b")] and args.edits.delete == ["x", "y.z"]
     assert args.edits.overrides == [("a.b", "[1, 2]"), ("n", "3")]
+
+
+def parse_error(argv: list[str]) -> str:
+    with pytest.raises(UserError) as caught:
+        parse_command_line(argv)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["c.yaml", "--checkpoints", "best"], "--checkpoints does nothing with a new run (CONFIG.yaml)"),
+        (["c.yaml", "--submit"], "--submit does nothing without --slurm"),
+        (["c.yaml", "--y"], "--y does nothing without --allow-dirty-repo"),
+        (["c.yaml", "--filter", "x"], "--filter does nothing with a new run"),
+        (["c.yaml", "--status", "failed"], "--status does nothing with a new run"),
+        (["c.yaml", "--csv"], "--csv does nothing with a new run"),
+        (["--runs", "--cpu"], "--cpu does nothing with --runs"),
+        (["--runs", "--epochs=3"], "--KEY=VALUE does nothing with --runs"),
+        (["--note", "logs/a/b", "text", "--mini"], "--mini does nothing with --note"),
+        (["--reproduce", "logs/a/b", "--mini"], "--mini does nothing with --reproduce"),
+        (["--reproduce", "logs/a/b", "--delete", "seed"], "--delete does nothing with --reproduce"),
+        (["--evaluate", "logs/a/b", "--mini"], "--mini does nothing with --evaluate"),
+        (["--evaluate", "logs/a/b", "--allow-dirty-repo"], "--allow-dirty-repo does nothing with --evaluate"),
+        (["--resume", "logs/a/b", "--print-config"], "--print-config does nothing with --resume"),
+        (["--resume", "logs/a/b", "--slurm"], "--slurm does nothing with --resume"),
+        (["--resume", "logs/a/b", "--log-dir", "x"], "--log-dir does nothing with --resume"),
+        (["--resume", "logs/a/b", "--evaluate", "logs/a/b"], "--evaluate and --resume cannot be combined"),
+        (["--reproduce", "logs/a/b", "c.yaml"], "--reproduce takes no config file, but got 'c.yaml'"),
+        (["c.yaml", "--no-logging", "--log-dir", "x"], "--log-dir does nothing with --no-logging"),
+        (["c.yaml", "--print-config", "--run-parent", "x"], "--run-parent does nothing with --print-config"),
+        (["c.yaml", "--log-dir", "x", "--run-parent", "y"], "--log-dir would do nothing"),
+        (["c.yaml", "--slurm", "--print-config"], "--slurm does nothing with --print-config"),
+    ],
+)
+def test_flags_that_would_do_nothing_are_refused(argv, expected):
+    assert expected in parse_error(argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--resume", "logs/a/b", "--cpu", "--mini", "--requeue", "--distributed.nnodes=2"],  # a requeued Slurm task
+        ["--evaluate", "logs/a/b", "--no-logging", "--checkpoints", "last", "--cpu"],
+        ["--reproduce", "logs/a/b", "--cpu", "--epochs=1"],
+        ["--runs", "logs", "--filter", "x", "--status", "failed", "--csv"],
+        ["c.yaml", "--slurm", "--submit", "--requeue", "--mini", "--cpu"],
+        ["c.yaml", "--allow-dirty-repo", "--y", "--no-logging"],
+    ],
+)
+def test_flags_in_their_context_are_accepted(argv):
+    parse_command_line(argv)
+
+
+def test_log_dir_and_run_parent_must_be_able_to_be_directories(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file, not a directory" in parse_error(["c.yaml", "--log-dir", str(afile)])
+    assert f"{afile} is a file, so" in parse_error(["c.yaml", "--log-dir", str(afile / "logs")])
+    assert "is a file, not a directory" in parse_error(["c.yaml", "--run-parent", str(afile)])
+    message = parse_error(["c.yaml", "--run-parent", str(tmp_path / "missing" / "parent")])
+    assert f"its parent {tmp_path / 'missing'} is not an existing directory" in message
+    parse_command_line(["c.yaml", "--log-dir", str(tmp_path / "new" / "logs")])  # made with its parents
+    parse_command_line(["c.yaml", "--run-parent", str(tmp_path / "new")])
+
+
+def test_a_refused_flag_exits_2_before_anything_runs(project):
+    (project.root.parent / "afile").write_text("x")
+    result = project.run("sample_runconfig.yaml", "--log-dir", str(project.root.parent / "afile"))
+    assert_clean_error(project, result, 2, "--log-dir", "is a file, not a directory")
+    result = project.run("sample_runconfig.yaml", "--checkpoints", "best")
+    assert_clean_error(project, result, 2, "--checkpoints does nothing with a new run")

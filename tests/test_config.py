@@ -1,11 +1,14 @@
 """The config pipeline: loading, each command-line edit, defaults, validation, the frozen config."""
 
+import time
+
 import pytest
 
 from src.core.config import (
     Config,
     ConfigEdits,
     apply_edits,
+    check_sweep_size,
     config_hash,
     finalize,
     load_config,
@@ -70,6 +73,61 @@ def test_empty_or_not_a_mapping(tmp_path, text, expected):
 def test_missing_file(tmp_path):
     assert "does not exist" in error_of(load_yaml_file, tmp_path / "nope.yaml")
     assert "is a directory" in error_of(load_yaml_file, tmp_path)
+    assert "'/dev/null' is not a regular file; expected a YAML file" in error_of(load_yaml_file, "/dev/null")
+
+
+# --- bounds: no YAML grows without bound once parsed ------------------------------
+
+
+def alias_bomb(levels: int, width: int = 10) -> str:
+    """`a0` holds `width` values, each `aN` holds `width` copies of `a(N-1)`: width**levels values."""
+    lines = ["a0: &a0 [" + ", ".join(["x"] * width) + "]"]
+    lines += [f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * width) + "]" for n in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (alias_bomb(9), "expands to more than 100000 values through aliases"),  # 10**9 values in 1 KB
+        (alias_bomb(8) + "m: {<<: [" + ", ".join(["*a8"] * 10) + "]}\n", "expands to more than 100000"),  # merges
+        ("a: &a [*a]\n", "a recursive alias: this value contains itself"),
+        ("a: &a {b: {c: *a}}\n", "a recursive alias"),
+        ("a: &a {<<: *a}\n", "a recursive alias"),  # PyYAML's merge would recurse forever
+        ("a: " + "[" * 10_000 + "]" * 10_000 + "\n", "nests deeper than 32 levels"),
+        ("a: " + "{b: " * 40 + "1" + "}" * 40 + "\n", "nests deeper than 32 levels"),
+        ("a0: &a0 [1]\n" + "".join(f"a{n}: &a{n} [*a{n - 1}]\n" for n in range(1, 40)), "32 levels through"),
+        ("[1, 2]: x\n", "line 1, column 1: a list used as a key; expected a plain key"),
+        ("a:\n  ? {b: 1}\n  : x\n", "a mapping used as a key"),
+        ("a: " + "7" * 5000 + "\n", "an integer of over 4000 digits"),
+        ("a: 0x" + "f" * 4000 + "\n", "an integer of over 4000 digits"),  # no decimal digits: int() reads it
+        ("a: " + ":".join(["59"] * 3000) + "\n", "an integer of over 4000 digits"),  # YAML 1.1 base 60
+    ],
+)
+def test_yaml_that_would_grow_or_recurse_is_refused_at_once(text, expected):
+    started = time.perf_counter()
+    message = error_of(parse_yaml, text, "bomb.yaml")
+    assert message.startswith("bomb.yaml: invalid YAML at line ") and expected in message
+    assert time.perf_counter() - started < 2  # a bound, not a benchmark: these used to take minutes or never end
+
+
+def test_bounds_leave_real_yaml_alone():
+    text = "base: &base {lr: 1e-3, sizes: [1, 2]}\nrun: {<<: *base, lr: 2e-3}\nother: *base\nbig: " + "9" * 4000
+    document = parse_yaml(text, "x")
+    assert document["run"] == {"lr": 2e-3, "sizes": [1, 2]} and document["other"]["lr"] == 1e-3
+    assert document["big"] == int("9" * 4000)
+    parse_yaml(alias_bomb(4, width=8), "x")  # 8**4 values: far above a real config, below the bound
+    parse_yaml("a: " + "[" * 30 + "]" * 30, "x")
+
+
+def test_bounds_apply_to_command_line_values_and_large_files(tmp_path):
+    edits = ConfigEdits(overrides=[("model_parameters.hidden_size", "&a [*a]")])
+    assert "--model_parameters.hidden_size: invalid YAML" in error_of(apply_edits, DOCUMENT, edits, SCHEMA)
+    bomb = "[" + ", ".join(["&x [" + ", ".join(["1"] * 400) + "]"] + ["*x"] * 400) + "]"
+    edits = ConfigEdits(modify=[("model_parameters", f"{{layers: {bomb}}}")])
+    assert "--modify model_parameters: invalid YAML" in error_of(apply_edits, DOCUMENT, edits, SCHEMA)
+    big = write(tmp_path, "description: " + "x" * (2 * 1024 * 1024) + "\n")
+    assert "expected at most 1048576 for a config" in error_of(load_yaml_file, big)
 
 
 def test_saved_run_config_drops_its_provenance(tmp_path):
@@ -188,11 +246,49 @@ def test_integer_for_a_float_key_becomes_a_float(tmp_path):
         ("mixed_precision: fp8\n", "key 'mixed_precision': unallowed value fp8"),
         ("optimizer: {lr: true}\n", "must be of float type, found True (bool)"),
         ("seed: true\n", "key 'seed': must be of integer type, found True (bool)"),
+        # ranges the machinery can use; NaN passes every min/max, so it is checked on its own
+        ("seed: 18446744073709551616\n", "key 'seed': max value is 9223372036854775807"),
+        ("seed: -1\n", "key 'seed': min value is 0"),
+        ("eval_batch_size: 10000000000000000000\n", "key 'eval_batch_size': max value is 2147483647"),
+        ("num_workers: 100000\n", "key 'num_workers': max value is 1024"),
+        ("optimizer: {lr: .nan}\n", "key 'optimizer.lr': must be a finite number (not NaN or infinity), found nan"),
+        ("optimizer: {lr: .inf}\n", "key 'optimizer.lr': must be a finite number"),
+        ("optimizer: {lr: 1e308}\n", "key 'optimizer.lr': max value is 1000000.0, found 1e+308 (float)"),
+        ("optimizer: {weight_decay: .inf}\n", "key 'optimizer.weight_decay': must be a finite number"),
+        ("checkpoint_interval: .nan\n", "key 'checkpoint_interval': must be a finite number"),
+        ("gradient_clip_norm: .nan\n", "key 'gradient_clip_norm': must be a finite number"),
+        ("gradient_clip_norm: 0\n", "key 'gradient_clip_norm': must be above 0"),
+        ("scheduler: {final_lr_fraction: .nan}\n", "key 'scheduler.final_lr_fraction': must be a finite number"),
+        ("distributed: {timeout_seconds: .inf}\n", "key 'distributed.timeout_seconds': max value is 31536000.0"),
+        ("slurm: {time: fast}\n", "key 'slurm.time': must be a Slurm time limit: minutes, MM:SS, HH:MM:SS"),
+        ("slurm: {time: '1:2:3:4'}\n", "key 'slurm.time': must be a Slurm time limit"),
+        ("run_name: " + "r" * 256 + "\n", "key 'run_name': must be at most 255 bytes (it names a directory; this"),
+        ("project_name: " + "p" * 300 + "\n", "key 'project_name': must be at most 255 bytes"),
+        ("max_sweep_size: 0\n", "key 'max_sweep_size': min value is 1"),
     ],
 )
 def test_validation_messages_name_key_expected_and_found(tmp_path, extra, expected):
     message = error_of(load_config, write(tmp_path, MINIMAL + extra), ConfigEdits(), SCHEMA)
     assert expected in message
+
+
+@pytest.mark.parametrize("time_limit", ["90", "30:00", "01:00:00", "2-12", "2-12:30", "2-12:30:00", "INFINITE"])
+def test_slurm_time_limits_in_every_form_sbatch_takes(tmp_path, time_limit):
+    config = load_config(write(tmp_path, MINIMAL + f"slurm: {{time: '{time_limit}'}}\n"), ConfigEdits(), SCHEMA)
+    assert config.slurm.time == time_limit
+
+
+def test_sweep_size_is_refused_from_the_list_lengths_before_expanding():
+    sweep = {f"model_parameters.k{n}": list(range(10)) for n in range(10)}  # 10**10 runs
+    message = error_of(check_sweep_size, {"sweep": sweep}, SCHEMA)
+    assert "config key 'sweep': " + " x ".join(["10"] * 10) + " values make 10000000000 runs" in message
+    assert "more than max_sweep_size (1000)" in message
+    assert check_sweep_size({"sweep": {"seed": [0, 1], "epochs": [1, 2, 3]}}, SCHEMA) == 6
+    assert check_sweep_size({"sweep": {"seed": list(range(1500))}, "max_sweep_size": 2000}, SCHEMA) == 1500
+    big = {"model_parameters": {"table": list(range(50_000))}, "sweep": {"seed": list(range(300))}}
+    assert "300 runs (300 values) of a config of 50" in error_of(check_sweep_size, big, SCHEMA)  # 1.5 * 10**7
+    message = error_of(check_sweep_size, {"max_sweep_size": "x"}, SCHEMA)
+    assert "'max_sweep_size': expected a positive integer" in message
 
 
 def test_missing_required_key_and_wrong_type_together(tmp_path):

@@ -6,12 +6,17 @@ import sys
 import pytest
 
 # Runs run.main(argv) in this process while counting, by a profile hook (no patching), the
-# calls of the function that reads a config file and of the one that validates a config.
+# calls of the functions that read a config file and of the one that validates a config.
 COUNTING = """
 import json, sys
 import run
 from src.core import config
-watched = {config.read_config_file.__code__: "read", config.validate.__code__: "validate"}
+from src.core import rundir
+watched = {
+    config.read_config_file.__code__: "read",  # a config file given on the command line
+    rundir.read_run_files.__code__: "read",  # a run's config.yaml (--resume)
+    config.validate.__code__: "validate",
+}
 counts = {"read": 0, "validate": 0}
 def profile(frame, event, arg):
     if event == "call" and frame.f_code in watched:

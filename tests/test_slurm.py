@@ -42,7 +42,7 @@ def submit_sweep(project, *args, **sweep) -> tuple[str, object]:
     config.update(epochs=2, batch_size=8, sweep=sweep, slurm={"time": "00:20:00", "cpus_per_task": 1, "parallel": 2})
     (project.root / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     project.commit("a sweep")
-    result = project.run("sweep.yaml", "--mini", "--cpu", "--submit", *args)
+    result = project.run("sweep.yaml", "--mini", "--cpu", "--slurm", "--submit", *args)
     assert result.returncode == 0, result.stdout + result.stderr
     job = result.stdout.split("submitted job ")[1].split()[0]
     (sweep_directory,) = (project.root / "logs" / "PendulumModel").glob("sweep-*")

@@ -96,6 +96,7 @@ def test_member_names_are_short_and_readable():
         ("sweep: {optimizer.lr: 0.1}\n", "expected a non-empty list of values"),
         ("sweep: {optimizer.lr: [fast]}\n", "sweep member 0-lr=fast: invalid config"),
         ("sweep: {model_type: [PendulumModel, Nope]}\n", "sweep member 1-model_type=Nope"),
+        ("sweep: {seed: [0, 1, 2, 3], epochs: [1, 2, 3]}\nmax_sweep_size: 10\n", "4 x 3 values make 12 runs"),
     ],
 )
 def test_bad_sweeps_are_errors(extra, message):

@@ -3,6 +3,7 @@
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from src.core.config import ConfigEdits
 from src.core.errors import UserError
@@ -95,7 +96,112 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
         overrides=overrides,
     )
     args.argv = list(argv)
+    check_flags_apply(args)
+    check_paths(args)
     return args
+
+
+# What a command does: one of these flags, or (none of them) a new run from CONFIG.yaml.
+MODES = ("--runs", "--note", "--reproduce", "--evaluate", "--resume")
+NEW_RUN = "a new run (CONFIG.yaml)"
+
+# Each flag and the modes where it does something. Anywhere else it would be silently
+# ignored, and a run the user did not ask for would look like the one they did.
+# (--mini with --resume changes nothing, the run keeps its own, but requeued Slurm tasks pass it.)
+FLAG_MODES = {
+    "--cpu": (NEW_RUN, "--resume", "--evaluate", "--reproduce"),
+    "--mini": (NEW_RUN, "--resume"),
+    "--no-logging": (NEW_RUN, "--evaluate"),
+    "--allow-dirty-repo": (NEW_RUN,),
+    "--find-replace": (NEW_RUN, "--resume", "--evaluate"),
+    "--delete": (NEW_RUN, "--resume", "--evaluate"),
+    "--modify": (NEW_RUN, "--resume", "--evaluate"),
+    "--KEY=VALUE": (NEW_RUN, "--resume", "--evaluate", "--reproduce"),
+    "--print-config": (NEW_RUN,),
+    "--log-dir": (NEW_RUN,),
+    "--run-parent": (NEW_RUN,),
+    "--checkpoints": ("--evaluate",),
+    "--filter": ("--runs",),
+    "--status": ("--runs",),
+    "--csv": ("--runs",),
+    "--slurm": (NEW_RUN,),
+    "--submit": (NEW_RUN,),
+    "--requeue": (NEW_RUN, "--resume"),
+}
+
+
+def _given(args: argparse.Namespace) -> dict[str, bool]:
+    """Which of FLAG_MODES's flags the command line holds."""
+    return {
+        "--cpu": args.cpu,
+        "--mini": args.mini,
+        "--no-logging": args.no_logging,
+        "--allow-dirty-repo": args.allow_dirty_repo,
+        "--find-replace": bool(args.edits.find_replace),
+        "--delete": bool(args.edits.delete),
+        "--modify": bool(args.edits.modify),
+        "--KEY=VALUE": bool(args.edits.overrides),
+        "--print-config": args.print_config,
+        "--log-dir": args.log_dir is not None,
+        "--run-parent": args.run_parent is not None,
+        "--checkpoints": args.checkpoints is not None,
+        "--filter": args.filter is not None,
+        "--status": args.status is not None,
+        "--csv": args.csv,
+        "--slurm": args.slurm,
+        "--submit": args.submit,
+        "--requeue": args.requeue,
+    }
+
+
+def check_flags_apply(args: argparse.Namespace) -> None:
+    """Refuse a flag that would do nothing where it is given (exit 2 at parse time)."""
+    chosen = [mode for mode in MODES if getattr(args, mode[2:]) is not None]
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)} cannot be combined; give one of them")
+    mode = chosen[0] if chosen else NEW_RUN
+    if args.config is not None and mode != NEW_RUN:
+        raise UserError(f"{mode} takes no config file, but got {args.config!r}; drop it")
+    given = _given(args)
+    for flag, modes in FLAG_MODES.items():
+        if given[flag] and mode not in modes:
+            raise UserError(f"{flag} does nothing with {mode}; it applies to {' or '.join(modes)}. Drop it")
+    requirements = [
+        ("--y", args.y, "--allow-dirty-repo", args.allow_dirty_repo),
+        ("--submit", args.submit, "--slurm", args.slurm),
+    ]
+    for flag, flag_given, needed, needed_given in requirements:
+        if flag_given and not needed_given:
+            raise UserError(f"{flag} does nothing without {needed}; add {needed} or drop {flag}")
+    silent = [("--no-logging", args.no_logging), ("--allow-dirty-repo", args.allow_dirty_repo)]
+    silent += [("--print-config", args.print_config)]
+    for flag, flag_given in silent:  # nothing is logged: where to log does not matter
+        for path_flag, path in (("--log-dir", args.log_dir), ("--run-parent", args.run_parent)):
+            if flag_given and path is not None:
+                raise UserError(f"{path_flag} does nothing with {flag}, which logs nothing; drop one of them")
+    if args.log_dir is not None and args.run_parent is not None:
+        raise UserError("--run-parent places the run directory itself, so --log-dir would do nothing; drop one")
+    if args.slurm and args.print_config:
+        raise UserError("--slurm does nothing with --print-config, which only prints the sweep; drop one of them")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """--log-dir and --run-parent must be directories that can exist: refuse them now, not after training starts."""
+    for flag, value in (("--log-dir", args.log_dir), ("--run-parent", args.run_parent)):
+        if value is None:
+            continue
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag} {value}: is a file, not a directory; expected a directory (existing or not)")
+        if flag == "--log-dir":  # created with its parents: the nearest existing one must be a directory
+            existing = next(parent for parent in path.absolute().parents if parent.exists())
+            if not existing.is_dir():
+                raise UserError(f"{flag} {value}: {existing} is a file, so {value} cannot be a directory")
+        elif not path.absolute().parent.is_dir():
+            raise UserError(
+                f"{flag} {value}: its parent {path.absolute().parent} is not an existing directory; "
+                "expected a directory inside an existing one"
+            )
 
 
 def recorded_flags(args: argparse.Namespace) -> dict:

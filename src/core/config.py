@@ -17,6 +17,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,12 +34,107 @@ from src.core.errors import UserError
 PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint")
 
 
+# Bounds on any YAML the template reads (config files, command-line values, run files), far
+# above any real config, so that a document cannot grow without bound once it is parsed.
+MAX_YAML_BYTES = 1024 * 1024  # a config file (real ones are a few KiB)
+MAX_YAML_DEPTH = 32  # nesting levels, counted through aliases (real configs use 2 to 5)
+MAX_YAML_VALUES = 100_000  # values once every alias (*name) and merge (<<) is expanded
+MAX_SWEEP_VALUES = 10_000_000  # a sweep's runs times the values of its config (1000 runs of real configs: 10**5)
+MAX_INT_BITS = 14_000  # about 4,200 decimal digits: Python cannot print an int over 4,300
+
+
+def _yaml_error(problem: str, mark) -> yaml.YAMLError:
+    return yaml.constructor.ConstructorError(None, None, problem, mark)
+
+
+def check_yaml_size(root: yaml.Node) -> None:
+    """Refuse a composed document whose aliases nest into themselves, nest deeper than
+    MAX_YAML_DEPTH or expand to more than MAX_YAML_VALUES values: PyYAML shares an aliased
+    object, but every later step (edits, validation, saving) walks the expanded tree.
+
+    Iterative, memoized per node: an alias bomb of 10**30 values is refused in milliseconds.
+    """
+    size: dict[int, int] = {}  # id(node) -> expanded number of values
+    depth: dict[int, int] = {}  # id(node) -> expanded nesting depth below it
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        if children_done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(child)] for child in children)
+            depth[id(node)] = 1 + max((depth[id(child)] for child in children), default=0)
+            if size[id(node)] > MAX_YAML_VALUES:
+                raise _yaml_error(
+                    f"expands to more than {MAX_YAML_VALUES} values through aliases (*name) or merges (<<); "
+                    "expected a config far smaller than that",
+                    node.start_mark,
+                )
+            if depth[id(node)] > MAX_YAML_DEPTH:
+                raise _yaml_error(
+                    f"nests deeper than {MAX_YAML_DEPTH} levels through aliases (*name); expected a flatter config",
+                    node.start_mark,
+                )
+            continue
+        if id(node) in size:
+            continue
+        on_path.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                raise _yaml_error(
+                    "a recursive alias: this value contains itself (&name ... *name inside it); "
+                    "expected a value that ends",
+                    child.start_mark,
+                )
+            if id(child) not in size:
+                stack.append((child, False))
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, with YAML 1.2 floats (`1e-3`) and no duplicate keys."""
+    """PyYAML's safe loader, with YAML 1.2 floats (`1e-3`), no duplicate keys, and bounds:
+    nesting depth, size after alias expansion, no recursive aliases, hashable keys, ints
+    that Python can print."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        # PyYAML composes recursively: refuse deep nesting before Python's recursion limit.
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _yaml_error(
+                    f"nests deeper than {MAX_YAML_DEPTH} levels; expected a flatter config",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            check_yaml_size(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _yaml_error(
+                    f"a {'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'} used as a key; "
+                    "expected a plain key such as 'hidden_size'",
+                    key_node.start_mark,
+                )
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 mark = key_node.start_mark
@@ -51,7 +147,18 @@ class _YamlLoader(yaml.SafeLoader):
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node):
+        too_large = _yaml_error("an integer of over 4000 digits; expected a number a config can use", node.start_mark)
+        try:
+            value = super().construct_yaml_int(node)
+        except ValueError:  # Python refuses to read over 4300 decimal digits
+            raise too_large from None
+        if value.bit_length() > MAX_INT_BITS:  # 0x..., 0b... or 1:2:3 reach it without decimal digits
+            raise too_large
+        return value
 
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _YamlLoader.construct_yaml_int)
 # PyYAML follows YAML 1.1, where a float needs a dot: `1e-3` would be a string.
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -62,6 +169,8 @@ _YamlLoader.add_implicit_resolver(
 
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text safely; a syntax error names `source`, the line and the column."""
+    if len(text) > MAX_YAML_BYTES:
+        raise UserError(f"{source}: {len(text)} characters of YAML; expected at most {MAX_YAML_BYTES} for a config")
     try:
         return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass
     except yaml.YAMLError as error:
@@ -81,8 +190,11 @@ def read_config_file(path: str | Path) -> dict:
     """The whole YAML mapping of a config file (a run's config.yaml with its provenance)."""
     path = Path(path)
     if not path.is_file():
-        kind = "is a directory" if path.is_dir() else "does not exist"
+        kind = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise UserError(f"config file {str(path)!r} {kind}; expected a YAML file")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise UserError(f"config file {str(path)!r} holds {size} bytes; expected at most {MAX_YAML_BYTES} for a config")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -367,6 +479,44 @@ class Config(Mapping):
     def to_dict(self) -> dict:
         """A plain, mutable deep copy (for saving as YAML)."""
         return _thaw(self)
+
+
+def check_sweep_size(document: dict, schema: dict) -> int:
+    """The number of runs the `sweep:` section expands to, from its list lengths alone;
+    above `max_sweep_size` (1000 by default) it is refused before anything is expanded."""
+    sweep = document.get("sweep")
+    lists = [values for values in sweep.values() if isinstance(values, list)] if isinstance(sweep, dict) else []
+    count = math.prod(len(values) for values in lists)
+    maximum = document.get("max_sweep_size", schema.get("max_sweep_size", {}).get("default", 1000))
+    if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum < 1:
+        raise UserError(f"config key 'max_sweep_size': expected a positive integer, found {_describe(maximum)}")
+    lengths = " x ".join(str(len(values)) for values in lists)
+    if count > maximum:
+        raise UserError(
+            f"config key 'sweep': {lengths} values make {count} runs, more than max_sweep_size ({maximum}); "
+            "sweep fewer values, or raise max_sweep_size if you mean it"
+        )
+    values = count_values(document)  # every run is a copy of the whole config
+    if count * values > MAX_SWEEP_VALUES:
+        raise UserError(
+            f"config key 'sweep': {count} runs ({lengths} values) of a config of {values} values make "
+            f"{count * values} values to expand, more than {MAX_SWEEP_VALUES}; sweep fewer values or shrink the config"
+        )
+    return count
+
+
+def count_values(document: Any) -> int:
+    """How many values `document` holds, counting shared (aliased) ones each time they occur."""
+    count, stack = 0, [document]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack.extend(value.values())
+            count += len(value)  # the keys
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return count
 
 
 def finalize(document: dict, schema: dict) -> Config:

@@ -17,14 +17,13 @@ from src.core.config import (
     dump_yaml,
     finalize,
     load_yaml_file,
-    read_config_file,
     result_affecting_keys,
     split_provenance,
 )
 from src.core.distributed import DistContext, launch_settings
 from src.core.errors import Refusal, UserError
 from src.core.resolve import check_config_names
-from src.core.rundir import CONFIG_FILE, log_root, require_run_directory
+from src.core.rundir import log_root, read_run_files
 from src.core.template_schema import project_schema
 
 
@@ -113,9 +112,9 @@ def plan_resume(args, request: Request) -> Plan:
 def load_run(run_directory: str | Path, edits: ConfigEdits, flag: str) -> tuple[Path, dict, Config]:
     """A logged run's saved config (read once), with the command line's edits if they leave
     results unchanged; and its recorded provenance."""
-    run_directory = require_run_directory(run_directory, flag)
+    run_directory = Path(run_directory)
     schema = project_schema()
-    document, saved = split_provenance(read_config_file(run_directory / CONFIG_FILE))
+    document, saved = split_provenance(read_run_files(run_directory, flag)[0])
     original = apply_defaults(document, schema)  # validated when the run started
     config = finalize(apply_edits(original, edits, schema), schema)
     before, after = result_affecting_keys(original, schema), result_affecting_keys(config, schema)

@@ -9,7 +9,10 @@ from the config are checked against the constructors before anything runs.
 
 import importlib
 import inspect
+import reprlib
+import traceback
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -50,8 +53,13 @@ def resolve_class(key: str, name: str, module_name: str, base: type) -> type:
     class_name = parts[0]
     module = importlib.import_module(module_name)
     value = getattr(module, class_name, None)
+    if value is base:
+        raise UserError(
+            f"config key {key!r}: {name!r} is the base class itself; expected a subclass of it, "
+            f"defined in {module_name.replace('.', '/')}.py"
+        )
     if not (inspect.isclass(value) and issubclass(value, base)):
-        choices = _public_names(module, lambda v: inspect.isclass(v) and issubclass(v, base))
+        choices = _public_names(module, lambda v: inspect.isclass(v) and issubclass(v, base) and v is not base)
         raise UserError(
             f"config key {key!r}: {name!r} is not a {base.__name__} class in "
             f"{module_name.replace('.', '/')}.py" + nearest(name, choices) + f" (found: {', '.join(choices)})"
@@ -71,20 +79,51 @@ def _lookup_within(module: ModuleType, parts: list[str]) -> object:
     return value if defined_in.startswith(package) and not inspect.ismodule(value) else None
 
 
-def _is_loss(value: object) -> bool:
-    """A function, or an nn.Module class that is not a model (`nn.MSELoss`), from torch.nn or your files."""
+def _takes_two_tensors(function: Callable, bound_self: bool = False) -> bool:
+    """Whether `function(prediction, target)` binds (`self` first for an unbound method)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # some builtins have none: give them the benefit of the doubt
+        return True
+    try:
+        signature.bind(*([None] if bound_self else []), None, None)
+    except TypeError:
+        return False
+    return True
+
+
+def loss_problem(value: object) -> str | None:
+    """Why `value` cannot be a loss, or None when it can: a function called as
+    `loss(prediction, target)`, or an nn.Module class (not a model) whose instances are.
+    In torch that means a loss class (a subclass of torch.nn's `_Loss`) or a function whose
+    second parameter is `target`; in your files, anything callable on two tensors."""
     defined_in = getattr(value, "__module__", None) or ""
-    if not (defined_in.startswith("torch.nn") or defined_in in USER_MODULES):
-        return False  # not torch.save, torch.hub.load...
+    in_torch = defined_in.startswith("torch.nn")
+    if not (in_torch or defined_in in USER_MODULES):
+        return "neither in torch.nn nor in your files"
     if inspect.isclass(value):
-        return issubclass(value, torch.nn.Module) and not issubclass(value, BaseModel)
-    return inspect.isfunction(value) or inspect.isbuiltin(value)
+        if not issubclass(value, torch.nn.Module) or issubclass(value, BaseModel):
+            return "a class that is not a loss module"
+        if in_torch and not issubclass(value, torch.nn.modules.loss._Loss):
+            return "an nn.Module but not a loss; torch's loss classes, such as nn.MSELoss, derive from its _Loss"
+        if value.forward is torch.nn.Module.forward or not _takes_two_tensors(value.forward, bound_self=True):
+            return "a module whose forward does not take (prediction, target)"
+        return None
+    if not (inspect.isfunction(value) or inspect.isbuiltin(value)):
+        return "not a function"
+    if not _takes_two_tensors(value):
+        return "a function that cannot be called as loss(prediction, target)"
+    if in_torch:
+        parameters = list(inspect.signature(value).parameters)
+        if not defined_in.startswith("torch.nn.functional") or parameters[1:2] != ["target"]:
+            return "a torch function but not a loss; a loss of torch.nn.functional takes (input, target)"
+    return None
 
 
 def _instantiate_loss(name: str, loss_class: type) -> Callable:
     try:
         return loss_class()
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise UserError(f"config key 'loss_function': {name} cannot be built without arguments: {error}") from None
 
 
@@ -101,14 +140,19 @@ def resolve_loss_function(name: str) -> Callable:
             f"config key 'loss_function': {name!r} starts with an unknown namespace "
             f"{parts[0]!r}; expected one of {', '.join(LOSS_NAMESPACES)} or a function in src/model.py"
         )
+    problem = "not found"
     for module in modules:
         value = _lookup_within(module, parts)
-        if _is_loss(value):
+        if value is None:
+            continue
+        problem = loss_problem(value)
+        if problem is None:
             return _instantiate_loss(name, value) if inspect.isclass(value) else value
-    choices = [f"F.{n}" for n in dir(torch.nn.functional) if not n.startswith("_")]
+    functional = torch.nn.functional
+    choices = [f"F.{n}" for n in dir(functional) if not n.startswith("_") and not loss_problem(getattr(functional, n))]
     choices += [n for m in USER_MODULES for n in _public_names(importlib.import_module(m), inspect.isfunction)]
     raise UserError(
-        f"config key 'loss_function': {name!r} is not a loss function; expected a function of "
+        f"config key 'loss_function': {name!r} is not a loss function ({problem}); expected a function of "
         "torch.nn.functional ('F.mse_loss'), a loss class of torch.nn ('nn.MSELoss') or a function "
         "in src/model.py" + nearest(name, choices)
     )
@@ -146,6 +190,7 @@ def check_config_names(config: Config) -> None:
     for phase in PHASES:
         if config[phase.loader_key] is not None:
             dataset_class = resolve_class(phase.loader_key, config[phase.loader_key], "src.data_loader", BaseDataset)
+            check_dataset_methods(phase.loader_key, dataset_class, BaseDataset)
             check_arguments(
                 f"data_loader_parameters.{phase.split}",
                 dataset_class,
@@ -154,6 +199,17 @@ def check_config_names(config: Config) -> None:
             )
     check_optimizer(config.optimizer)
     check_monitor(config)
+
+
+def check_dataset_methods(key: str, dataset_class: type, base: type) -> None:
+    """A dataset needs its own `__len__` and `__getitem__` (torch's Dataset only raises in hers)."""
+    for method in ("__len__", "__getitem__"):
+        inherited = getattr(Dataset, method, None), getattr(base, method, None)
+        if getattr(dataset_class, method, None) in (None, *inherited):
+            raise UserError(
+                f"config key {key!r}: {dataset_class.__name__} does not define {method}; "
+                "expected a dataset with __len__ (its size) and __getitem__ (a dict of tensors)"
+            )
 
 
 def check_optimizer(optimizer: Config) -> None:
@@ -199,9 +255,39 @@ def check_monitor(config: Config) -> None:
         )
 
 
+def _call_text(cls: type, arguments: Mapping) -> str:
+    """`PendulumModel(hidden_size='big')`, with long values shortened."""
+    shorten = reprlib.Repr()
+    shorten.maxstring = shorten.maxother = 40
+    return f"{cls.__name__}({', '.join(f'{name}={shorten.repr(value)}' for name, value in arguments.items())})"
+
+
+def construct(key: str, cls: type, arguments: Mapping, errors: tuple[type[BaseException], ...], *positional):
+    """`cls(*positional, **arguments)`; an error of the given kinds, raised while the user's class is
+    built from the config, becomes a UserError naming the config key (training errors never pass here)."""
+    try:
+        return cls(*positional, **arguments)
+    except errors as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        yours = [f for f in frames[1:] if "site-packages" not in f.filename and "/core/" not in f.filename]
+        where = (yours or frames)[-1]
+        detail = (str(error).strip().splitlines() or [""])[0][:300]
+        out_of_memory = isinstance(error, MemoryError) or "allocate" in detail
+        hint = " (is a size in it too large for memory?)" if out_of_memory else ""
+        raise UserError(
+            f"config key {key!r}: {_call_text(cls, arguments)} failed{hint}: {type(error).__name__}: {detail} "
+            f"(raised at {Path(where.filename).name}:{where.lineno}); check the values under {key!r}"
+        ) from None
+
+
 def build_model(config: Config) -> torch.nn.Module:
     model_class = resolve_class("model_type", config.model_type, "src.model", BaseModel)
-    return model_class(**config.model_parameters.to_dict())
+    return construct(
+        "model_parameters",
+        model_class,
+        config.model_parameters.to_dict(),
+        (TypeError, ValueError, OverflowError, RuntimeError, MemoryError),
+    )
 
 
 def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str, tuple[type, Dataset]]:
@@ -211,7 +297,14 @@ def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str,
         if config[phase.loader_key] is None:
             continue
         dataset_class = resolve_class(phase.loader_key, config[phase.loader_key], "src.data_loader", BaseDataset)
-        dataset = dataset_class(data_directory, phase.split, **dataset_arguments(config, phase))
+        dataset = construct(
+            f"data_loader_parameters.{phase.split}",
+            dataset_class,
+            dataset_arguments(config, phase),
+            (TypeError, ValueError, OverflowError, MemoryError),
+            data_directory,
+            phase.split,
+        )
         datasets[phase.name] = (dataset_class, dataset.mini_subset() if mini else dataset)
     return datasets
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from src.core.config import dump_yaml
+from src.core.config import dump_yaml, parse_yaml
 from src.core.errors import Refusal, UserError
 from src.core.provenance import PROJECT_ROOT
 
@@ -29,6 +29,8 @@ def log_root(log_dir: str | None) -> Path:
 def require_run_directory(path: str | Path, flag: str) -> Path:
     """`path` as a run directory, or one clear error: what a flag that takes RUN_DIR checks first."""
     path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{flag} {path}: not a directory; expected a run directory (logs/<project>/<run>)")
     if not (path / CONFIG_FILE).is_file():
         raise UserError(f"{flag} {path}: no {CONFIG_FILE} there; expected a run directory under logs/")
     return path
@@ -88,6 +90,39 @@ def remove_temporary_files(run_directory: Path) -> list[str]:
 def read_yaml(path: Path) -> Any:
     with open(path, encoding="utf-8") as stream:
         return yaml.safe_load(stream)
+
+
+def _read_run_file(path: Path, flag: str) -> dict:
+    """One YAML file of a run directory as a mapping, bounded like a config (see config.parse_yaml)."""
+    where = f"{flag} {path.parent}: {path.name}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{where} cannot be read: {error}") from None
+    document = parse_yaml(text, where)
+    if not isinstance(document, dict):
+        raise UserError(
+            f"{where} holds {'nothing' if document is None else 'a ' + type(document).__name__}; expected "
+            "the mapping the run wrote (restore the file, or start a new run)"
+        )
+    return document
+
+
+def read_run_files(run_directory: Path, flag: str) -> tuple[dict, dict]:
+    """A run directory's saved config.yaml (with its provenance: git, flags...) and its metadata.yaml,
+    for `flag` (--resume, --evaluate). Anything missing, unparsable or not what a run writes is a
+    UserError naming the file; a missing metadata.yaml reads as `{}`."""
+    run_directory = require_run_directory(run_directory, flag)
+    config = _read_run_file(run_directory / CONFIG_FILE, flag)
+    git, flags = config.get("git"), config.get("flags")
+    if not (isinstance(git, dict) and isinstance(git.get("commit"), str) and isinstance(flags, dict)):
+        raise UserError(
+            f"{flag} {run_directory}: {CONFIG_FILE} has no git.commit or flags, which every logged run records; "
+            "expected a run's own saved config (restore it, or start a new run)"
+        )
+    if not (run_directory / METADATA_FILE).is_file():  # killed before it was written: a resume writes it
+        return config, {}
+    return config, _read_run_file(run_directory / METADATA_FILE, flag)
 
 
 def update_metadata(run_directory: Path, **changes: Any) -> dict:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import provenance
-from src.core.config import Config, dump_yaml, finalize, set_key
+from src.core.config import Config, check_sweep_size, dump_yaml, finalize, set_key
 from src.core.errors import UserError
 from src.core.planning import find_data_directory
 from src.core.resolve import check_config_names
@@ -84,6 +84,7 @@ def expand(document: dict, schema: dict) -> list[SweepMember]:
                 f"config key 'sweep.{key}': expected a non-empty list of values, found {values!r} "
                 "(a sweep runs every combination of these lists)"
             )
+    check_sweep_size(document, schema)
     combinations = list(itertools.product(*sweep.values()))
     members = []
     for index, values in enumerate(combinations):

@@ -2,11 +2,48 @@
 
 `meta: {affects_results: false}` marks keys that `--resume` may change, because
 they do not change what the run computes (how long it runs, how it reports).
+
+Numbers have ranges the machinery can use: a count above 2**31 - 1 or a NaN learning
+rate would pass a plain type check and fail deep inside torch, or train to NaN silently.
 """
+
+import math
+import re
 
 from src.core.errors import UserError
 
 NEUTRAL = {"affects_results": False}
+MAX_COUNT = 2**31 - 1  # steps, epochs, batch sizes: what torch's int32 sizes and samplers take
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes -2**63 .. 2**64 - 1; an int64 holds this range
+MAX_SECONDS = 365 * 24 * 3600.0  # timeouts: a year (datetime.timedelta overflows near 10**14 s)
+MAX_NAME_BYTES = 255  # a directory name on every common filesystem
+# What sbatch --time accepts: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit.
+SLURM_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|INFINITE|UNLIMITED")
+
+
+def finite(field, value, error) -> None:
+    """cerberus `check_with`: NaN and infinity pass `min`/`max` (every comparison with NaN is
+    False), so a number that must be usable is checked here."""
+    if isinstance(value, float) and not math.isfinite(value):
+        error(field, "must be a finite number (not NaN or infinity)")
+
+
+def positive(field, value, error) -> None:
+    """cerberus `check_with`: finite and strictly above 0."""
+    finite(field, value, error)
+    if isinstance(value, int | float) and math.isfinite(value) and value <= 0:
+        error(field, "must be above 0")
+
+
+def slurm_time(field, value, error) -> None:
+    if isinstance(value, str) and not SLURM_TIME.fullmatch(value):
+        error(field, "must be a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+
+
+def name_length(field, value, error) -> None:
+    size = len(value.encode()) if isinstance(value, str) else 0
+    if size > MAX_NAME_BYTES:
+        error(field, f"must be at most {MAX_NAME_BYTES} bytes (it names a directory; this one has {size})")
 
 
 def to_float(value):
@@ -17,14 +54,24 @@ def to_float(value):
 
 
 def _float(**rule) -> dict:
-    return {"type": "float", "coerce": to_float, **rule}
+    return {"type": "float", "coerce": to_float, "check_with": finite, **rule}
+
+
+def _count(minimum: int = 1, **rule) -> dict:
+    return {"type": "integer", "min": minimum, "max": MAX_COUNT, **rule}
 
 
 def _section(schema: dict, **rule) -> dict:
     return {"type": "dict", "default": {}, "schema": schema, **rule}
 
 
-NAME = {"type": "string", "regex": r"[A-Za-z0-9][A-Za-z0-9._=,+-]*", "nullable": True, "default": None}
+NAME = {
+    "type": "string",
+    "regex": r"[A-Za-z0-9][A-Za-z0-9._=,+-]*",
+    "check_with": name_length,
+    "nullable": True,
+    "default": None,
+}
 FREE_DICT = {"type": "dict", "default": {}}
 
 TEMPLATE_SCHEMA = {
@@ -43,18 +90,19 @@ TEMPLATE_SCHEMA = {
     "eval_data_loader_type": {"type": "string", "nullable": True, "default": None},
     # Keyword arguments of the dataset classes: `all` for every split, then per phase.
     "data_loader_parameters": _section({phase: FREE_DICT for phase in ("all", "train", "test", "eval")}),
-    "num_workers": {"type": "integer", "min": 0, "default": 0},
+    "num_workers": {"type": "integer", "min": 0, "max": 1024, "default": 0},
     # How long and how hard to train.
-    "epochs": {"type": "integer", "required": True, "min": 1, "meta": NEUTRAL},
-    "batch_size": {"type": "integer", "required": True, "min": 1},
-    "eval_batch_size": {"type": "integer", "min": 1, "nullable": True, "default": None},
-    "seed": {"type": "integer", "default": 0},
+    "epochs": _count(required=True, meta=NEUTRAL),
+    "batch_size": _count(required=True),
+    "eval_batch_size": _count(nullable=True, default=None),
+    "seed": {"type": "integer", "min": 0, "max": MAX_SEED, "default": 0},
     # "auto": deterministic algorithms on the CPU, fast ones on CUDA.
     "deterministic": {"type": ["boolean", "string"], "allowed": [True, False, "auto"], "default": "auto"},
     "optimizer": _section(
         {
             "type": {"type": "string", "default": "AdamW"},  # a class in torch.optim
-            "lr": _float(min=0.0, default=1.0e-3),
+            # 0 freezes the weights (a sanity check); above 1e6 float32 training overflows or diverges.
+            "lr": _float(min=0.0, max=1.0e6, default=1.0e-3),
             "weight_decay": _float(min=0.0, default=0.0),
             "parameters": FREE_DICT,  # other keyword arguments of the optimizer
         }
@@ -62,20 +110,20 @@ TEMPLATE_SCHEMA = {
     "scheduler": _section(  # learning rate per optimizer step: warmup, then the shape
         {
             "type": {"type": "string", "allowed": ["constant", "cosine", "linear"], "default": "constant"},
-            "warmup_steps": {"type": "integer", "min": 0, "default": 0},
+            "warmup_steps": _count(0, default=0),
             "final_lr_fraction": _float(min=0.0, max=1.0, default=0.0),
             # The schedule's length in optimizer steps; null: every step of `epochs` epochs.
-            "total_steps": {"type": "integer", "min": 1, "nullable": True, "default": None},
+            "total_steps": _count(nullable=True, default=None),
         }
     ),
-    "gradient_accumulation_steps": {"type": "integer", "min": 1, "default": 1},
-    "gradient_clip_norm": _float(min=0.0, nullable=True, default=None),
+    "gradient_accumulation_steps": _count(default=1),
+    "gradient_clip_norm": _float(check_with=positive, nullable=True, default=None),  # > 0; null: off
     "mixed_precision": {"type": "string", "allowed": ["off", "fp16", "bf16"], "default": "off"},  # CUDA only
     # The expensive third phase.
     "rollout": _section(
         {
-            "every_n_epochs": {"type": "integer", "min": 1, "default": 1},  # and always after the last epoch
-            "max_samples": {"type": "integer", "min": 1, "nullable": True, "default": None},
+            "every_n_epochs": _count(default=1),  # and always after the last epoch
+            "max_samples": _count(nullable=True, default=None),
         }
     ),
     "evaluate_before_training": {"type": "boolean", "default": False},  # a step-0 baseline
@@ -85,12 +133,12 @@ TEMPLATE_SCHEMA = {
         {
             "monitor": {"type": "string", "nullable": True, "default": None},  # default: rollout/loss, val/loss...
             "mode": {"type": "string", "allowed": ["min", "max"], "default": "min"},
-            "keep_recent": {"type": "integer", "min": 1, "default": 2, "meta": NEUTRAL},
+            "keep_recent": _count(default=2, meta=NEUTRAL),
             # Mid-epoch checkpoints every N optimizer steps (beside every `checkpoint_interval` seconds).
-            "every_n_steps": {"type": "integer", "min": 1, "nullable": True, "default": None, "meta": NEUTRAL},
+            "every_n_steps": _count(nullable=True, default=None, meta=NEUTRAL),
         }
     ),
-    "log_every_n_steps": {"type": "integer", "min": 1, "default": 50},
+    "log_every_n_steps": _count(default=50),
     "progress_bar": {
         "type": ["boolean", "string"],
         "allowed": [True, False, "auto"],
@@ -101,12 +149,12 @@ TEMPLATE_SCHEMA = {
     # nproc_per_node * nnodes > 1; a job started by torchrun itself uses backend and timeout.
     "distributed": _section(
         {
-            "nproc_per_node": {"type": "integer", "min": 1, "default": 1},
-            "nnodes": {"type": "integer", "min": 1, "default": 1},
+            "nproc_per_node": _count(default=1),
+            "nnodes": _count(default=1),
             "rdzv_endpoint": {"type": "string", "nullable": True, "default": None},  # host:port of node 0
             "backend": {"type": "string", "allowed": ["auto", "nccl", "gloo"], "default": "auto"},
-            "timeout_seconds": _float(min=1.0, default=600.0),  # a dead rank fails the job after this
-            "max_restarts": {"type": "integer", "min": 0, "default": 0},  # torchrun restarts, which resume
+            "timeout_seconds": _float(min=1.0, max=MAX_SECONDS, default=600.0),  # a dead rank fails the job after this
+            "max_restarts": _count(0, default=0),  # torchrun restarts, which resume
         },
         meta=NEUTRAL,
     ),
@@ -119,21 +167,22 @@ TEMPLATE_SCHEMA = {
         "valuesrules": {"type": "list", "minlength": 1},
         "meta": NEUTRAL,
     },
+    "max_sweep_size": _count(default=1000, meta=NEUTRAL),  # a larger sweep is refused before it expands
     # How --slurm writes a sweep's array script (one task per member).
     "slurm": _section(
         {
             "partition": {"type": "string", "nullable": True, "default": None},
-            "time": {"type": "string", "default": "01:00:00"},
-            "nodes": {"type": "integer", "min": 1, "default": 1},
-            "gpus_per_node": {"type": "integer", "min": 0, "default": 0},
-            "cpus_per_task": {"type": "integer", "min": 1, "default": 1},
+            "time": {"type": "string", "check_with": slurm_time, "default": "01:00:00"},
+            "nodes": _count(default=1),
+            "gpus_per_node": _count(0, default=0),
+            "cpus_per_task": _count(default=1),
             "mem": {"type": "string", "nullable": True, "default": None},
             "account": {"type": "string", "nullable": True, "default": None},
             "qos": {"type": "string", "nullable": True, "default": None},
-            "parallel": {"type": "integer", "min": 1, "nullable": True, "default": None},  # the array's %N
+            "parallel": _count(nullable=True, default=None),  # the array's %N
             "extra_sbatch": {"type": "list", "schema": {"type": "string"}, "default": []},  # "--constraint=a100"
             "setup": {"type": "list", "schema": {"type": "string"}, "default": []},  # "module load cuda"
-            "signal_seconds": {"type": "integer", "min": 1, "default": 120},  # --requeue's warning
+            "signal_seconds": _count(default=120),  # --requeue's warning
         },
         meta=NEUTRAL,
     ),
@@ -144,9 +193,9 @@ TEMPLATE_SCHEMA = {
         "default": None,
         "meta": NEUTRAL,
         "schema": {
-            "ngpus_per_node": {"type": "integer", "min": 1},
-            "num_nodes": {"type": "integer", "min": 1},
-            "node_idx": {"type": "integer", "min": 0},
+            "ngpus_per_node": _count(),
+            "num_nodes": _count(),
+            "node_idx": _count(0),
             "backend": {"type": "string"},
             "url": {"type": "string"},
         },
