@@ -52,6 +52,7 @@ FLUSH_SECONDS = 10.0  # MLflow receives buffered values at least this often
 FLUSH_TIMEOUT_SECONDS = 60.0  # flush() and close() wait at most this long for a slow tracker
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 FIGURE_FILE = re.compile(r"(\d+)-(.+)\.png")
+MLFLOW_UNSAFE = re.compile(r"[^\w./ -]")  # characters MLflow refuses in param and tag names
 
 
 def warn(message: str) -> None:
@@ -77,9 +78,10 @@ def _names(config: dict, run_directory: Path) -> tuple[str, str]:
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Nested sections as dotted MLflow keys (in the characters MLflow allows) and text values."""
     if isinstance(value, dict):
         for key, inner in value.items():
-            yield from _flatten(inner, f"{prefix}{key}.")
+            yield from _flatten(inner, prefix + MLFLOW_UNSAFE.sub("_", str(key)) + ".")
     else:
         yield prefix[:-1], str(value)
 
@@ -124,6 +126,9 @@ class WandbTracker:
         self.last_step = max(self.last_step, self.run.starting_step - 1)
 
     def holds(self, step: int, key: str) -> bool:
+        return step <= self.last_step
+
+    def holds_image(self, step: int, tag: str) -> bool:
         return step <= self.last_step
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
@@ -304,7 +309,7 @@ class Trackers:
         """Start (or, with the `resume` ids that `ids()` returned, continue) each named tracker's
         run, then queue what of metrics.jsonl and figures/ the tracker does not hold yet."""
         resume = dict(resume or {})
-        opened, ids = [], {name: resume[name] for name in names if name in TRACKERS and resume.get(name)}
+        opened, ids = [], {name: value for name, value in resume.items() if value}  # kept, even if not opened
         for name in names:
             if name not in TRACKERS:
                 continue
@@ -397,8 +402,7 @@ class Trackers:
             self.sent[tracker.name] += len(new)
 
     def _log_image(self, tracker, step: int, tag: str, png: bytes) -> None:
-        held = tracker.holds_image(step, tag) if hasattr(tracker, "holds_image") else tracker.holds(step, tag)
-        if held:
+        if tracker.holds_image(step, tag):
             self.skipped[tracker.name] += 1
             return
         tracker.log_image(step, tag, png)
