@@ -18,7 +18,7 @@ help:
 	@echo "make bench   run the benchmarks (benchmarks/README.md)"
 	@echo "make data    simulate the example pendulum data into data/pendulum"
 
-$(INSTALLED): requirements.txt requirements-dev.txt
+$(INSTALLED): requirements.txt requirements-dev.txt requirements-trackers.txt
 	test -d $(VENV) || $(PYTHON_FOR_VENV) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
@@ -50,11 +50,13 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The benchmarks run in their own environment: the same requirements plus Lightning, for its column.
+# The benchmarks run in their own environment: the same requirements plus Lightning, for its column,
+# and the trackers, for theirs.
 BENCH_VENV := .venv-bench
-$(BENCH_VENV)/.installed: requirements.txt benchmarks/requirements-lightning.txt
+$(BENCH_VENV)/.installed: requirements.txt requirements-trackers.txt benchmarks/requirements-lightning.txt
 	test -d $(BENCH_VENV) || $(PYTHON_FOR_VENV) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements-lightning.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-r benchmarks/requirements-lightning.txt -r requirements-trackers.txt
 	touch $@
 
 bench: $(BENCH_VENV)/.installed $(DATA)

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, side by side, printed and written to benchmarks/results/latest.md.
 
-python benchmarks/run_all.py [--repetitions N] [--only training,startup,gate,checkpoint]
+python benchmarks/run_all.py [--repetitions N] [--only training,startup,gate,checkpoint,trackers]
 """
 
 import argparse
@@ -16,6 +16,7 @@ import epoch_overhead
 import git_gate
 import startup
 import torch
+import trackers
 import training_overhead
 from common import REPO, scratch_project
 
@@ -41,7 +42,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--only", default="training,startup,gate,checkpoint")
+    parser.add_argument("--only", default="training,startup,gate,checkpoint,trackers")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         run(set(args.only.split(",")), args.repetitions, Path(scratch))
@@ -84,6 +85,11 @@ def run(chosen: set[str], repetitions: int, scratch: Path) -> None:
             subprocess.run(["python", "data/generate_pendulum.py"], cwd=project, check=True, capture_output=True)
         comparisons, notes = checkpointing.run(data, max(3, repetitions // 2), scratch)
         report("### 4. Checkpointing\n", "\n".join([HEADER, *(c.row() for c in comparisons)]) + "\n", *notes)
+    if "trackers" in chosen:
+        rows = [c.row() for c in trackers.run(max(repetitions, 7), scratch)]
+        rows = rows or ["| neither wandb nor mlflow is installed (pip install -r requirements-trackers.txt) | | | | |"]
+        title = "### 6. Experiment trackers (A = TensorBoard + metrics.jsonl + the tracker, B = without it)\n"
+        report(title, "\n".join([HEADER, *rows]) + "\n")
     print(f"written to {results / 'latest.md'}")
 
 

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--status", metavar="STATUS", help="with --runs: running, finished, failed, crashed or interrupted")
     add("--csv", action="store_true", help="with --runs: print CSV")
     add("--note", nargs=2, metavar=("RUN_DIR", "TEXT"), help="write TEXT as the run's summary in metadata.yaml")
+    add("--export", metavar="RUN_DIR", help="replay a run's metrics and figures into a tracker (with --to)")
+    add("--to", choices=["wandb", "mlflow"], help="with --export: the tracker to fill")
     add("--run-parent", metavar="DIR", help="create the run directory right under DIR (used by --reproduce)")
     add("--slurm", action="store_true", help="write the sweep's Slurm array script instead of running it here")
     add("--submit", action="store_true", help="with --slurm: also submit it with sbatch")
@@ -89,6 +91,8 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
             )
         else:
             raise UserError(f"unexpected argument {argument!r} (one config file at most)")
+    if args.to and not args.export:
+        raise UserError(f"--to {args.to} goes with --export RUN_DIR (which run to replay into {args.to})")
     args.edits = ConfigEdits(
         find_replace=_pairs(args.find_replace, "--find-replace", "OLD NEW"),
         delete=list(args.delete),

@@ -65,6 +65,16 @@ def _section(schema: dict, **rule) -> dict:
     return {"type": "dict", "default": {}, "schema": schema, **rule}
 
 
+def _keeps_jsonl(field, value, error) -> None:
+    """Trackers come beside metrics.jsonl, never instead of it: resume and --reproduce need it."""
+    if isinstance(value, list) and "jsonl" not in value:
+        error(
+            field,
+            "needs 'jsonl' (metrics.jsonl is what --resume, --reproduce and --runs read); "
+            "e.g. [tensorboard, jsonl, wandb]",
+        )
+
+
 NAME = {
     "type": "string",
     "regex": r"[A-Za-z0-9][A-Za-z0-9._=,+-]*",
@@ -139,6 +149,33 @@ TEMPLATE_SCHEMA = {
         }
     ),
     "log_every_n_steps": _count(default=50),
+    # Where values go: metrics.jsonl (which --resume, --reproduce and --runs read, so it stays),
+    # TensorBoard, and the optional experiment trackers (pip install -r requirements-trackers.txt).
+    "loggers": {
+        "type": "list",
+        "allowed": ["tensorboard", "jsonl", "wandb", "mlflow"],
+        "check_with": _keeps_jsonl,
+        "default": ["tensorboard", "jsonl"],
+        "meta": NEUTRAL,
+    },
+    # Null: the run's project (project_name or model_type), W&B's own default entity and mode
+    # (WANDB_MODE; "offline" writes the run into RUN_DIR/wandb/ for a later `wandb sync`).
+    "wandb": _section(
+        {
+            "project": {"type": "string", "nullable": True, "default": None},
+            "entity": {"type": "string", "nullable": True, "default": None},
+            "mode": {"type": "string", "allowed": ["online", "offline"], "nullable": True, "default": None},
+        },
+        meta=NEUTRAL,
+    ),
+    # Null: MLFLOW_TRACKING_URI, else a local store in logs/mlruns; the experiment is the run's project.
+    "mlflow": _section(
+        {
+            "tracking_uri": {"type": "string", "nullable": True, "default": None},
+            "experiment": {"type": "string", "nullable": True, "default": None},
+        },
+        meta=NEUTRAL,
+    ),
     "progress_bar": {
         "type": ["boolean", "string"],
         "allowed": [True, False, "auto"],
