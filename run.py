@@ -2,6 +2,7 @@
 
     python run.py CONFIG.yaml [flags] [--key.path=value ...]
     python run.py --resume RUN_DIR | --evaluate RUN_DIR | --reproduce RUN_DIR | --runs | --note RUN_DIR TEXT
+    python run.py --export RUN_DIR --to wandb|mlflow
 
 Training reads top to bottom in `train`: parse -> plan -> build -> fit. Your code is in
 src/model.py, src/data_loader.py and src/schema.py; the machinery in src/core/ (README,
@@ -32,7 +33,8 @@ from src.core.resolve import build_parts
 from src.core.runs import set_note, show_runs
 from src.core.session import open_run
 from src.core.sweep import requeue_this_job, run_sweep
-from src.core.trainer import Trainer
+from src.core.trackers import export_run
+from src.core.trainer import Trainer, check_monitor_before_training
 
 # Set by SIGUSR1 under --requeue (Slurm's warning before the time limit): checkpoint, then requeue.
 PREEMPTION = threading.Event()
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             return reproduce(Path(args.reproduce), args.cpu, args.edits.overrides)
         if args.evaluate:
             return evaluate_run(args)
+        if args.export:
+            return export_run(Path(args.export), args.to)
         # The config, read and validated once (a torchrun worker leaves it to rank 0).
         request = None if launched_by_torchrun() else read_request(args)
         if request is not None and request.sweep is not None:
@@ -82,6 +86,8 @@ def train(args, request) -> int:
         device = choose_device(args.cpu, context)
         init_process_group(context, config.distributed.backend, config.distributed.timeout_seconds, device)
         model, datasets, loss_function = build_parts(config, plan.data_directory, plan.mini, device, context.rank)
+        if plan.resume_from is None:  # a misspelled checkpoint.monitor fails before anything is written
+            check_monitor_before_training(config, model, loss_function, datasets, device, context)
         # Fit: in the run directory (rank 0 creates or reopens it), or logging nothing.
         with open_run(plan, args, context) as run:
             trainer = Trainer(

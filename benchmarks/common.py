@@ -119,10 +119,10 @@ def in_process_trainer(config_text: str, run_directory: Path, mini: bool, **opti
 
     from src.core.config import finalize, parse_yaml
     from src.core.resolve import build_datasets, build_model, resolve_loss_function
+    from src.core.template_schema import project_schema
     from src.core.trainer import Trainer
-    from src.schema import SCHEMA
 
-    config = finalize(parse_yaml(config_text, "benchmark"), SCHEMA)
+    config = finalize(parse_yaml(config_text, "benchmark"), project_schema())
     torch.manual_seed(0)
     return Trainer(
         config,

@@ -18,6 +18,9 @@ def loss_function_example(prediction: torch.Tensor, target: torch.Tensor) -> tor
     return (prediction - target).abs().mean()
 
 
+DIVERGED_RADIANS = 0.1  # a rollout has diverged once its angle is this far off
+
+
 class PendulumModel(BaseModel):
     """Predicts the pendulum's next state; in rollout mode, a whole trajectory from its own predictions."""
 
@@ -40,3 +43,25 @@ class PendulumModel(BaseModel):
             state = self.step(state)
             states.append(state)
         return torch.stack(states, dim=1)  # (batch, horizon, 2): the whole trajectory
+
+    def metrics(self, prediction, target, batch):
+        """The rollout's task metrics, per trajectory (logged as rollout/<name>)."""
+        if not self.rollout_mode:
+            return {}
+        angle_error = (prediction[..., 0] - target[..., 0]).abs()  # (batch, horizon), radians
+        diverged = angle_error > DIVERGED_RADIANS
+        first = torch.where(diverged.any(dim=1), diverged.float().argmax(dim=1), angle_error.shape[1])
+        return {"final_angle_error": angle_error[:, -1], "steps_before_divergence": first.float()}
+
+    def figures(self, prediction, target, batch):
+        """Predicted against true angle for the rollout's first trajectories."""
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        for index in range(min(3, len(target))):
+            (line,) = axes.plot(target[index, :, 0].cpu(), label=f"trajectory {index}: true")
+            axes.plot(prediction[index, :, 0].cpu(), "--", color=line.get_color(), label="predicted")
+        axes.set(xlabel="step (0.05 s)", ylabel="angle θ (rad)", title="rollout: predicted vs true")
+        axes.legend(fontsize="x-small", ncol=3)
+        figure.tight_layout()
+        return {"trajectories": figure}

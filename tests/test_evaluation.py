@@ -44,12 +44,13 @@ def test_evaluation_matches_what_training_logged_and_changes_nothing(project):
     assert result.returncode == 0, result.stderr
     rows = read_rows(run)
     assert [int(row["step"]) for row in rows] == [5, 10, 13, 15, 20, 25, 26, 30, 35, 39]
-    assert set(rows[0]) == {"checkpoint", "step", "epoch", "val/loss", "rollout/loss"}
+    rollout_metrics = ("rollout/loss", "rollout/final_angle_error", "rollout/steps_before_divergence")
+    assert set(rows[0]) == {"checkpoint", "step", "epoch", "val/loss", *rollout_metrics}  # the model's own too
 
     logged = {(r["step"], f"{r['phase']}/{r['name']}"): r["value"] for r in read_metrics(run)}
     for row in rows:
         if int(row["step"]) in (13, 26, 39):  # epoch ends: training evaluated these very weights
-            for metric in ("val/loss", "rollout/loss"):
+            for metric in ("val/loss", *rollout_metrics):
                 assert float(row[metric]) == logged[(int(row["step"]), metric)]
 
     details = json.loads((run / "evaluation" / "step-000000013.json").read_text())

@@ -11,6 +11,8 @@ import sys
 import pytest
 import yaml
 from helpers import DATA
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from src.core import sweep as sweep_module
 from src.core.config import parse_yaml
@@ -132,7 +134,18 @@ def test_local_sweep_runs_every_member_in_its_own_run_directory(project):
     with open(sweep / "sweep.csv") as stream:
         rows = list(csv.DictReader(stream))
     assert [row["member"] for row in rows] == members and {row["status"] for row in rows} == {"finished"}
-    assert all(float(row["rollout/loss"]) > 0 for row in rows)
+    assert all(float(row["rollout/loss"]) > 0 and float(row["rollout/final_angle_error"]) > 0 for row in rows)
+    assert [(row["optimizer.lr"], row["model_parameters.hidden_size"]) for row in rows] == [
+        ("0.001", "16"),
+        ("0.001", "32"),
+        ("0.0003", "16"),
+        ("0.0003", "32"),
+    ]  # a column per swept key
+    hparams = EventAccumulator(str(sweep / members[3]))  # TensorBoard's HParams tab: values and metrics
+    hparams.Reload()
+    session = HParamsPluginData.FromString(hparams.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    values = session.session_start_info.hparams
+    assert values["optimizer.lr"].number_value == 3e-4 and values["model_parameters.hidden_size"].number_value == 32
     assert yaml.safe_load((sweep / "sweep.yaml").read_text())["sweep"]["optimizer.lr"] == [1e-3, 3e-4]
     assert not (sweep / "code").exists() and len(project.git("worktree", "list").splitlines()) == 1
 

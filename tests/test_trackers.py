@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from src.core.config import finalize
 from src.core.errors import UserError
 from src.core.metrics import read_metrics
-from src.schema import SCHEMA
+from src.core.template_schema import project_schema
+
+SCHEMA = project_schema()
 
 DRIVER = Path(__file__).with_name("tracker_driver.py")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -143,8 +145,8 @@ def test_mlflow_run_holds_metrics_figure_config_and_commit(tmp_path):
     assert run.data.params["optimizer.lr"] == "0.001" and run.data.params["description"] == "tracker test"
     history = mlflow_history(client, ids["run_id"])
     assert history == {key: [(s, expected_value(key, s)) for s in range(1, 13)] for key in ("train/loss", "train/lr")}
-    figure = Path(client.download_artifacts(ids["run_id"], "figures/rollout/12-trajectory.png", str(tmp_path)))
-    assert figure.read_bytes() == (run_directory / "figures" / "rollout" / "12-trajectory.png").read_bytes()
+    figure = Path(client.download_artifacts(ids["run_id"], "figures/rollout/000000012-trajectory.png", str(tmp_path)))
+    assert figure.read_bytes() == (run_directory / "figures" / "rollout" / "000000012-trajectory.png").read_bytes()
 
 
 def test_wandb_offline_run_holds_metrics_figure_config_and_commit(tmp_path):
@@ -169,7 +171,7 @@ def test_wandb_offline_run_holds_metrics_figure_config_and_commit(tmp_path):
     assert rows[12]["rollout/trajectory._type"] == "image-file"
     assert not any(key.startswith("rollout/") for key in rows[11])
     media = next(run_directory.glob(f"wandb/*-{ids['id']}/files/{rows[12]['rollout/trajectory.path']}"))
-    assert media.read_bytes() == (run_directory / "figures" / "rollout" / "12-trajectory.png").read_bytes()
+    assert media.read_bytes() == (run_directory / "figures" / "rollout" / "000000012-trajectory.png").read_bytes()
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,15 +262,11 @@ def test_export_of_a_finished_run_into_mlflow_matches_metrics_jsonl_and_never_du
     (run_directory,) = project.run_directories()
     lines = read_metrics(run_directory)
     last_step = max(line["step"] for line in lines)
-    figures = run_directory / "figures" / "rollout"  # as the model's figures are saved
-    if not figures.exists():
-        from PIL import Image
-
-        figures.mkdir(parents=True)
-        Image.new("RGB", (8, 6), (200, 30, 30)).save(figures / f"{last_step}-trajectory.png")
-    figure = next(figures.glob(f"{last_step}-*.png"))
+    figures = run_directory / "figures" / "rollout"  # the example model draws its rollouts
+    figure = next(figures.glob(f"{last_step:09d}-*.png"))
+    pictures = len(list(figures.glob("*.png")))
     env = {**os.environ, "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()}
-    command = [sys.executable, "-m", "src.core.trackers", "--export", str(run_directory), "--to", "mlflow"]
+    command = [sys.executable, "run.py", "--export", str(run_directory), "--to", "mlflow"]
 
     first = subprocess.run(command, cwd=project.root, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -284,18 +282,18 @@ def test_export_of_a_finished_run_into_mlflow_matches_metrics_jsonl_and_never_du
     assert run.info.run_name == "short"
     exported = client.download_artifacts(ids["run_id"], f"figures/rollout/{figure.name}", str(tmp_path))
     assert Path(exported).read_bytes() == figure.read_bytes()
-    assert f"{len(lines) + 1} value(s) and figure(s) sent, 0 already there" in first.stdout
+    assert f"{len(lines) + pictures} value(s) and figure(s) sent, 0 already there" in first.stdout
 
     second = subprocess.run(command, cwd=project.root, capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr
     assert yaml.safe_load((run_directory / "metadata.yaml").read_text())["trackers"]["mlflow"] == ids
     assert mlflow_history(client, ids["run_id"]) == {key: sorted(values) for key, values in expected.items()}
-    assert f"0 value(s) and figure(s) sent, {len(lines) + 1} already there" in second.stdout
+    assert f"0 value(s) and figure(s) sent, {len(lines) + pictures} already there" in second.stdout
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
 def test_export_refuses_bad_input_with_one_message(tmp_path, capsys):
-    from src.core.trackers import main
+    from run import main
 
     assert main(["--to", "mlflow"]) == 2
     assert "--to mlflow goes with --export RUN_DIR" in capsys.readouterr().err

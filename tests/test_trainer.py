@@ -56,28 +56,41 @@ def test_end_to_end_run_directory(project):
     assert "torch==" in (run / "packages.txt").read_text()
 
     records = read_metrics(run)
-    assert {(r["phase"], r["name"]) for r in records} == {
+    logged_names = {
         ("train", "loss"),
         ("train", "lr"),
+        ("train", "grad_norm"),
+        ("train", "samples_per_second"),
         ("train", "epoch_loss"),
+        ("train", "epoch_seconds"),
         ("val", "loss"),
         ("rollout", "loss"),
+        ("rollout", "final_angle_error"),  # the example's own metrics
+        ("rollout", "steps_before_divergence"),
     }
+    assert {(r["phase"], r["name"]) for r in records} == logged_names
     assert all(set(r) == {"step", "epoch", "phase", "name", "value", "time"} for r in records)
     baseline = [r for r in records if r["epoch"] == 0]
     assert {r["phase"] for r in baseline} == {"val", "rollout"} and all(r["step"] == 0 for r in baseline)
 
     events = EventAccumulator(str(run))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "train/epoch_loss", "val/loss", "rollout/loss"}
+    assert set(events.Tags()["scalars"]) == {f"{phase}/{name}" for phase, name in logged_names}
+    assert set(events.Tags()["images"]) == {"rollout/trajectories"}  # the example's figure, at each rollout
+    assert sorted(path.name for path in (run / "figures" / "rollout").iterdir()) == [
+        "000000000-trajectories.png",  # the baseline, then each epoch (rollout.every_n_epochs deleted: 1)
+        "000000002-trajectories.png",
+        "000000004-trajectories.png",
+    ]
     for record in records:
         logged = {e.step: e.value for e in events.Scalars(f"{record['phase']}/{record['name']}")}
         assert logged[record["step"]] == pytest.approx(record["value"], rel=1e-6)
 
     metadata = yaml.safe_load((run / "metadata.yaml").read_text())
     assert metadata["status"] == "finished" and metadata["epochs_done"] == 2
+    assert metadata["stop_reason"] == "finished all 2 epochs"
     assert metadata["commit"] == config["git"]["commit"] and metadata["summary"] == ""
-    rollout = [r["value"] for r in records if r["phase"] == "rollout"]
+    rollout = [r["value"] for r in records if (r["phase"], r["name"]) == ("rollout", "loss")]
     assert metadata["best"]["metric"] == "rollout/loss" and metadata["best"]["value"] == min(rollout[1:])
     assert metadata["last_checkpoint"] == "checkpoints/step-000000004.pt"  # 100 samples / batch 64: 2 steps an epoch
 
@@ -233,7 +246,7 @@ def test_each_evaluation_phase_can_be_switched_off(tmp_path, extra, phases, moni
 def test_rollout_every_n_epochs_and_always_after_the_last(tmp_path):
     trainer = make_trainer("epochs: 5\nrollout: {every_n_epochs: 2}\n", run_directory=tmp_path)
     trainer.fit()
-    assert [r["epoch"] for r in read_metrics(tmp_path) if r["phase"] == "rollout"] == [2, 4, 5]
+    assert [r["epoch"] for r in read_metrics(tmp_path) if (r["phase"], r["name"]) == ("rollout", "loss")] == [2, 4, 5]
 
 
 def test_rollout_max_samples_bounds_the_expensive_phase():
@@ -275,7 +288,7 @@ def test_gradient_clipping_bounds_the_update():
 def test_the_example_really_learns(tmp_path):
     trainer = make_trainer("epochs: 3\nevaluate_before_training: true\n", mini=False, run_directory=tmp_path)
     trainer.fit()
-    rollout = [r["value"] for r in read_metrics(tmp_path) if r["phase"] == "rollout"]
+    rollout = [r["value"] for r in read_metrics(tmp_path) if (r["phase"], r["name"]) == ("rollout", "loss")]
     assert rollout[-1] < rollout[0] / 10
 
 

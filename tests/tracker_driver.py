@@ -58,7 +58,7 @@ if mode == "figure":
     png = io.BytesIO()
     Image.new("RGB", (16, 12), (10, 120, 200)).save(png, format="PNG")
     (run_directory / "figures" / "rollout").mkdir(parents=True)
-    (run_directory / "figures" / "rollout" / f"{last}-trajectory.png").write_bytes(png.getvalue())
+    (run_directory / "figures" / "rollout" / f"{last:09d}-trajectory.png").write_bytes(png.getvalue())
     trackers.log_image(last, "rollout/trajectory", png.getvalue())
 if mode.startswith("kill"):
     logger.flush()

@@ -377,7 +377,8 @@ def _flatten_errors(errors: dict, prefix: str = "") -> Iterator[tuple[str, str]]
                 yield f"{prefix}{key}", message
 
 
-def _lookup(document: Any, dotted: str) -> Any:
+def lookup(document: Any, dotted: str) -> Any:
+    """The value at a dotted key of a plain nested dict, or None."""
     for name in dotted.split("."):
         if not isinstance(document, dict) or name not in document:
             return None
@@ -412,7 +413,7 @@ def validate(document: dict, schema: dict) -> dict:
         elif message == "required field":
             lines.append(f"missing required key {dotted!r}")
         else:
-            found = _describe(_lookup(document, dotted))
+            found = _describe(lookup(document, dotted))
             lines.append(f"key {dotted!r}: {message}, found {found}")
     raise UserError("invalid config:\n  " + "\n  ".join(lines))
 

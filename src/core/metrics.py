@@ -9,6 +9,7 @@ the file back to that length and tells TensorBoard to purge later steps, so
 neither holds values from the killed process's lost work.
 """
 
+import io
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from src.core.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+FIGURES_DIRECTORY = "figures"
 FLUSH_SECONDS = 10.0
 
 
@@ -26,7 +28,13 @@ class MetricLogger:
     its first line), and TensorBoard hides the values its earlier event files hold for
     steps after `resume_step` (-1: all of them, a restart from step 0)."""
 
-    def __init__(self, run_directory: Path, resume_from_byte: int | None = None, resume_step: int | None = None):
+    def __init__(
+        self,
+        run_directory: Path,
+        resume_from_byte: int | None = None,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+    ):
         self.path = Path(run_directory) / METRICS_FILE
         if resume_from_byte is not None:
             with open(self.path, "a+b") as stream:
@@ -49,8 +57,9 @@ class MetricLogger:
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self.Event, self.Summary = Event, Summary
-        self.tensorboard = EventFileWriter(str(run_directory))
-        if resume_step is not None and earlier_events:
+        self.tensorboard = EventFileWriter(str(run_directory)) if tensorboard else None
+        self.trackers = None  # W&B, MLflow (src/core/trackers.py): given every value and figure too
+        if self.tensorboard is not None and resume_step is not None and earlier_events:
             # What SummaryWriter(purge_step=...) writes: TensorBoard then hides the values that
             # earlier event files hold for this step and later ones.
             start = SessionLog(status=SessionLog.START)
@@ -64,9 +73,34 @@ class MetricLogger:
             record = {"step": step, "epoch": epoch, "phase": phase, "name": name, "value": value, "time": wall_time}
             self.buffer.append(json.dumps(record))
             summary.value.add(tag=f"{phase}/{name}", simple_value=value)
-        self.tensorboard.add_event(self.Event(wall_time=wall_time, step=step, summary=summary))
+        if self.tensorboard is not None:
+            self.tensorboard.add_event(self.Event(wall_time=wall_time, step=step, summary=summary))
+        if self.trackers is not None:
+            self.trackers.log_metrics(step, {f"{phase}/{name}": value for name, value in values.items()})
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
+
+    def log_image(self, step: int, phase: str, name: str, png: bytes) -> Path:
+        """A figure: to TensorBoard's Images tab as `<phase>/<name>`, and to
+        figures/<phase>/<step>-<name>.png (written whole or not at all)."""
+        from PIL import Image  # TensorBoard's image summary needs the size
+
+        with Image.open(io.BytesIO(png)) as image:
+            width, height = image.size
+            channels = len(image.getbands())
+        picture = self.Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
+        summary = self.Summary()
+        summary.value.add(tag=f"{phase}/{name}", image=picture)
+        if self.tensorboard is not None:
+            self.tensorboard.add_event(self.Event(wall_time=time.time(), step=step, summary=summary))
+        if self.trackers is not None:
+            self.trackers.log_image(step, f"{phase}/{name}", png)
+        path = self.path.parent / FIGURES_DIRECTORY / phase / figure_file_name(step, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        temporary.write_bytes(png)
+        os.replace(temporary, path)
+        return path
 
     def flush(self, durable: bool = False) -> int:
         """Write buffered lines; return the file's length (what a checkpoint records).
@@ -75,16 +109,28 @@ class MetricLogger:
             self.file.write("\n".join(self.buffer) + "\n")
             self.buffer.clear()
         self.file.flush()
-        self.tensorboard.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
         if durable:
             os.fsync(self.file.fileno())
         self.last_flush = time.monotonic()
         return self.file.tell()
 
-    def close(self) -> None:
-        self.flush()
-        self.file.close()
-        self.tensorboard.close()
+    def close(self, status: str = "finished") -> None:
+        """Flush and close every destination; trackers end their run with `status`."""
+        try:
+            self.flush()
+            self.file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        finally:
+            if self.trackers is not None:
+                self.trackers.close(status)
+
+
+def figure_file_name(step: int, name: str) -> str:
+    """figures/<phase>/<step>-<name>.png, the step zero-padded so that files sort by step."""
+    return f"{step:09d}-{name}.png"
 
 
 def read_metrics(run_directory: Path) -> list[dict]:
@@ -94,3 +140,20 @@ def read_metrics(run_directory: Path) -> list[dict]:
         return []
     with open(path, encoding="utf-8") as stream:
         return [json.loads(line) for line in stream if line.strip()]
+
+
+def write_hparams(run_directory: Path, parameters: dict, metrics: dict[str, float]) -> None:
+    """A run's hyperparameters (a sweep member's swept values) and final metrics for TensorBoard's
+    HParams tab, in an event file of its own in the run directory (so the values are this run's)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    shown = {
+        key: value if isinstance(value, bool | int | float | str) else json.dumps(value)
+        for key, value in parameters.items()
+    }
+    writer = EventFileWriter(str(run_directory), filename_suffix=".hparams")
+    for summary in hparams(shown, metrics):  # the experiment, the session's start and its end
+        writer.add_event(Event(wall_time=time.time(), summary=summary))
+    writer.close()

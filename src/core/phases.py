@@ -21,6 +21,17 @@ ROLLOUT = Phase("rollout", "eval", "eval_data_loader_type")  # the expensive thi
 PHASES = (TRAIN, VAL, ROLLOUT)
 EVALUATION_PHASES = (VAL, ROLLOUT)
 BY_NAME = {phase.name: phase for phase in PHASES}
+EVALUATION_PHASE_NAMES = tuple(phase.name for phase in EVALUATION_PHASES)
+
+# What the Trainer logs of its own in training, whatever the model (README, "Run directory").
+BUILT_IN_METRICS = (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/epoch_loss",
+    "train/samples_per_second",
+    "train/epoch_seconds",
+)
 
 # Logged values that measure the machine, not the model: they differ from run to run,
 # so comparisons of runs (resume, --reproduce) leave them out.

@@ -25,6 +25,7 @@ from src.core.errors import Refusal, UserError
 from src.core.resolve import check_config_names
 from src.core.rundir import log_root, read_run_files
 from src.core.template_schema import project_schema
+from src.core.trackers import check_trackers
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,11 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
     if args.print_config:
         print(dump_yaml(request.config.to_dict()), end="")
         return None
-    return Plan(request.config, str(find_data_directory(request.config)), logging_gate(args), args.mini)
+    data_directory = str(find_data_directory(request.config))
+    git = logging_gate(args)
+    if git is not None:
+        check_trackers(request.config.loggers)  # a named tracker that is not installed: before anything runs
+    return Plan(request.config, data_directory, git, args.mini)
 
 
 def plan_resume(args, request: Request) -> Plan:
@@ -102,6 +107,7 @@ def plan_resume(args, request: Request) -> Plan:
     if args.no_logging or args.allow_dirty_repo:
         raise UserError("--resume continues a logged run, so it cannot run with --no-logging or --allow-dirty-repo")
     git = provenance.gate()
+    check_trackers(request.config.loggers)
     check_same_commit(request.saved["git"]["commit"], git["commit"], "--resume", request.run_directory)
     data_directory = str(find_data_directory(request.config))
     check_same_data(request.saved.get("data_fingerprint"), data_directory, request.run_directory)

@@ -21,6 +21,7 @@ from src.core import provenance
 from src.core.checkpoint import DamagedCheckpoint, read_checkpoint, step_checkpoints
 from src.core.config import dump_yaml, split_provenance
 from src.core.metrics import read_metrics
+from src.core.phases import WALL_CLOCK_METRICS
 from src.core.rundir import CONFIG_FILE, METADATA_FILE, read_yaml, require_run_directory
 
 DIFFERS_EXIT_CODE = 4  # reproduced, but the results are not identical
@@ -47,8 +48,12 @@ def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
     a reproduction cut short (--epochs=1) is compared on the steps it ran.
     """
 
-    def keyed(records):
-        return {(r["step"], r["epoch"], r["phase"], r["name"]): r["value"] for r in records}
+    def keyed(records):  # what measures the machine (throughput, seconds) differs from run to run
+        return {
+            (r["step"], r["epoch"], r["phase"], r["name"]): r["value"]
+            for r in records
+            if f"{r['phase']}/{r['name']}" not in WALL_CLOCK_METRICS
+        }
 
     before, after = keyed(original), keyed(reproduction)
     last_step = max((key[0] for key in after), default=-1)

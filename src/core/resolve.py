@@ -22,7 +22,7 @@ from src.core.base import BaseDataset, BaseModel
 from src.core.checkpoint import load_model_weights
 from src.core.config import Config, nearest
 from src.core.errors import UserError
-from src.core.phases import PHASES, Phase
+from src.core.phases import BUILT_IN_METRICS, EVALUATION_PHASES, PHASES, Phase
 from src.core.seeding import configure_determinism, derive_seed, seed_everything
 
 LOSS_NAMESPACES = {"F": "torch.nn.functional", "nn": "torch.nn", "torch": "torch"}
@@ -234,24 +234,27 @@ def check_optimizer(optimizer: Config) -> None:
 
 
 def logged_metrics(config: Config) -> list[str]:
-    """The metrics a run with this config logs (src/core/trainer.py): the candidates for `checkpoint.monitor`."""
-    names = ["train/loss", "train/lr", "train/epoch_loss"]
-    if config.test_data_loader_type:
-        names.append("val/loss")
-    if config.eval_data_loader_type:
-        names.append("rollout/loss")
-    return names
+    """What a run with this config logs whatever its model: the built-in names (your model's
+    metrics and loss terms add theirs, known once they ran; see Trainer.check_monitor)."""
+    phases = [phase.name for phase in EVALUATION_PHASES if config[phase.loader_key]]
+    return [*BUILT_IN_METRICS, *(f"{phase}/loss" for phase in phases)]
 
 
 def check_monitor(config: Config) -> None:
-    """A `checkpoint.monitor` that is never logged would silently never pick a best checkpoint."""
+    """A `checkpoint.monitor` that is never logged would silently never pick a best checkpoint.
+    Here: its phase must be one this run has; the Trainer checks the name before training."""
     monitor = config.checkpoint.monitor
-    if monitor is not None and monitor not in logged_metrics(config):
+    if monitor is None or monitor in logged_metrics(config):
+        return
+    phases = ["train"] + [phase.name for phase in EVALUATION_PHASES if config[phase.loader_key]]
+    phase, _, name = monitor.partition("/")
+    if phase not in phases or not name:
         names = logged_metrics(config)
         raise UserError(
             f"config key 'checkpoint.monitor': {monitor!r} is not a metric this run logs"
             + nearest(monitor, names)
-            + f" (it logs: {', '.join(names)})"
+            + f"; expected '<phase>/<name>' with a phase of this run ({', '.join(phases)}), such as "
+            + ", ".join(names)
         )
 
 

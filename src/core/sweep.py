@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import provenance
-from src.core.config import Config, check_sweep_size, dump_yaml, finalize, set_key
+from src.core.config import Config, check_sweep_size, dump_yaml, finalize, lookup, set_key
 from src.core.errors import UserError
+from src.core.metrics import read_metrics, write_hparams
+from src.core.phases import WALL_CLOCK_METRICS
 from src.core.planning import find_data_directory
 from src.core.resolve import check_config_names
 from src.core.rundir import CONFIG_FILE, METADATA_FILE, create_run_directory, log_root, read_yaml, write_text_atomic
@@ -156,11 +158,27 @@ def run_locally(sweep: Sweep, flags: list[str]) -> int:
     return 1 if failed else 0
 
 
-def member_rows(sweep_directory: Path, slurm: bool = True) -> list[dict]:
-    """A row per member: its parameters, status, and the metrics its run logged last; with
-    `slurm`, the Slurm state of a submitted sweep's tasks (src/core/runs.py filters them)."""
-    from src.core.metrics import read_metrics
+def swept_values(sweep_directory: Path, member_config: dict) -> dict:
+    """A member's value of each swept key (`optimizer.lr`: 3e-4, ...), in the sweep's order."""
+    swept = (read_yaml(sweep_directory / "sweep.yaml") or {}).get("sweep") or {}
+    return {key: lookup(member_config, key) for key in swept}
 
+
+def final_metrics(run_directory: Path) -> dict[str, float]:
+    """The last value of every metric a run logged (training: the epoch loss and your metrics),
+    without those that measure the machine."""
+    final = {}
+    for record in read_metrics(run_directory):
+        key = f"{record['phase']}/{record['name']}"
+        if key in WALL_CLOCK_METRICS or key in ("train/loss", "train/lr", "train/grad_norm"):
+            continue
+        final[key] = record["value"]
+    return final
+
+
+def member_rows(sweep_directory: Path, slurm: bool = True) -> list[dict]:
+    """A row per member: its swept values, status, and the metrics its run logged last; with
+    `slurm`, the Slurm state of a submitted sweep's tasks (src/core/runs.py filters them)."""
     rows = []
     states = slurm_states(sweep_directory) if slurm else {}
     for config_file in sorted((sweep_directory / "configs").glob("*.yaml")):
@@ -169,14 +187,11 @@ def member_rows(sweep_directory: Path, slurm: bool = True) -> list[dict]:
         row = {"member": config_file.stem, "status": metadata.get("status", "not started")}
         if slurm and (sweep_directory / "slurm.json").exists():
             row["slurm"] = states.get(config_file.stem, "-")
-        final = {}
-        for record in read_metrics(run_directory):
-            if record["phase"] != "train" or record["name"] == "epoch_loss":
-                final[f"{record['phase']}/{record['name']}"] = record["value"]
+        row |= swept_values(sweep_directory, read_yaml(config_file) or {})
         best = metadata.get("best") or {}
         if best.get("value") is not None:
             row[f"best {best['metric']}"] = best["value"]
-        rows.append(row | final)
+        rows.append(row | final_metrics(run_directory))
     return rows
 
 
@@ -191,11 +206,15 @@ def write_table(sweep_directory: Path) -> None:
 
 def update_sweep_table(run_directory: Path) -> None:
     """When a run of a sweep ends (locally or as a Slurm task, on any node), its row in the
-    sweep's table follows; nothing happens for a run outside a sweep."""
+    sweep's table follows, and a finished run shows in TensorBoard's HParams tab with its
+    swept values and final metrics; nothing happens for a run outside a sweep."""
     sweep_directory = Path(run_directory).parent
     if not (sweep_directory / "sweep.yaml").is_file():
         return
     try:
+        if (read_yaml(run_directory / METADATA_FILE) or {}).get("status") == "finished":
+            parameters = swept_values(sweep_directory, read_yaml(run_directory / CONFIG_FILE) or {})
+            write_hparams(run_directory, parameters, final_metrics(run_directory))
         write_table(sweep_directory)
     except Exception as error:  # the table is a convenience: never fail the run for it
         print(f"warning: could not update {sweep_directory / 'sweep.csv'}: {error!r}", file=sys.stderr)

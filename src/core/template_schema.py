@@ -148,6 +148,16 @@ TEMPLATE_SCHEMA = {
             "every_n_steps": _count(nullable=True, default=None, meta=NEUTRAL),
         }
     ),
+    # Stop when `checkpoint.monitor` has not improved by more than `min_delta` for `patience`
+    # evaluations (null: never); the count is part of a checkpoint, so a resume stops alike.
+    "early_stopping": _section(
+        {
+            "patience": _count(nullable=True, default=None),
+            "min_delta": _float(min=0.0, default=0.0),
+        }
+    ),
+    # Your model's metrics() on training batches too, logged as train/<name> at logging steps.
+    "train_metrics": {"type": "boolean", "default": False},
     "log_every_n_steps": _count(default=50),
     # Where values go: metrics.jsonl (which --resume, --reproduce and --runs read, so it stays),
     # TensorBoard, and the optional experiment trackers (pip install -r requirements-trackers.txt).

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from src.core.errors import UserError
+from src.core.metrics import FIGURES_DIRECTORY, figure_file_name
 
 TRACKERS = ("wandb", "mlflow")
 INSTALL = "pip install -r requirements-trackers.txt"
@@ -271,9 +272,9 @@ class MlflowTracker:
 
 
 def _figure_path(step: int, tag: str) -> str:
-    """`rollout/trajectory` at step 400 -> figures/rollout/400-trajectory.png, as in the run directory."""
+    """`rollout/trajectory` at step 400 -> figures/rollout/000000400-trajectory.png, as in the run directory."""
     phase, _, name = tag.rpartition("/")
-    return f"figures/{phase or 'figures'}/{step}-{name}.png"
+    return f"{FIGURES_DIRECTORY}/{phase or 'figures'}/{figure_file_name(step, name)}"
 
 
 def default_mlflow_uri() -> str:
@@ -522,21 +523,3 @@ def export_run(run_directory: Path, to: str | None) -> int:
         return 0
     finally:
         lock.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m src.core.trackers --export RUN_DIR --to mlflow`, until run.py dispatches it."""
-    from src.core.cli import parse_command_line
-
-    try:
-        args = parse_command_line(argv)
-        if not args.export:
-            raise UserError("usage: python -m src.core.trackers --export RUN_DIR --to wandb|mlflow")
-        return export_run(Path(args.export), args.to)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,7 @@ What is logged, and when: README, "Run directory" and "Your own metrics".
 import contextlib
 import hashlib
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,16 +24,26 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from src.core import faults
+from src.core.base import BaseModel
 from src.core.checkpoint import FORMAT_VERSION, CheckpointWriter, step_file_name
-from src.core.config import Config
+from src.core.config import Config, nearest, split_provenance
 from src.core.data import EpochSampler, make_loader
-from src.core.distributed import DistContext, all_gather_object, all_reduce_sum
+from src.core.distributed import (
+    DistContext,
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+    share_from_rank_zero,
+)
+from src.core.errors import UserError
+from src.core.measures import SampleMeans, SplitSamples, figure_png, per_sample, split_loss
 from src.core.metrics import MetricLogger
-from src.core.phases import BY_NAME
+from src.core.phases import BUILT_IN_METRICS, BY_NAME, EVALUATION_PHASE_NAMES
 from src.core.policies import CheckpointSchedule, Monitor, Preempted, PreemptionStop
-from src.core.rundir import update_metadata
+from src.core.rundir import read_run_files, update_metadata
 from src.core.schedule import lr_factor
 from src.core.seeding import derive_seed, isolated_rng, restore_rng_state, rng_state
+from src.core.trackers import TRACKERS, Trackers
 
 SINGLE_PROCESS = DistContext()
 
@@ -51,6 +62,19 @@ def default_monitor(datasets: dict) -> str:
     if "rollout" in datasets:
         return "rollout/loss"
     return "val/loss" if "val" in datasets else "train/epoch_loss"
+
+
+def check_monitor_before_training(config: Config, model, loss_function, datasets, device, context) -> None:
+    """Fail on a misspelled `checkpoint.monitor` before the run directory exists: rank 0 probes
+    one batch with a throwaway Trainer when the name is not a built-in one (an exit-2 error
+    then reaches every rank)."""
+    if config.checkpoint.monitor is None or config.checkpoint.monitor in BUILT_IN_METRICS:
+        return
+
+    def probe() -> None:
+        Trainer(config, model, loss_function, datasets, device=device).check_monitor()
+
+    share_from_rank_zero(context, "monitor-checked", probe)
 
 
 def rescaled_position(
@@ -72,7 +96,7 @@ class RunFiles:
     checkpoints: CheckpointWriter | None = None
 
     @classmethod
-    def open(cls, directory: Path, context: DistContext, resume_state: dict | None, keep_recent: int) -> "RunFiles":
+    def open(cls, directory: Path, context: DistContext, resume_state: dict | None, config: Config) -> "RunFiles":
         if not context.is_main:
             return cls(directory)
         # A resumed run cuts metrics.jsonl back to what its checkpoint covers (to nothing when
@@ -81,21 +105,29 @@ class RunFiles:
             directory,
             resume_from_byte=resume_state["logging"]["metrics_bytes"] if resume_state else 0,
             resume_step=resume_state["progress"]["global_step"] if resume_state else -1,
+            tensorboard="tensorboard" in config.loggers,
         )
-        return cls(directory, logger, CheckpointWriter(directory / "checkpoints", keep_recent))
+        if any(name in TRACKERS for name in config.loggers):  # W&B, MLflow: the same run on a resume
+            saved, metadata = read_run_files(directory, "--resume")
+            provenance = split_provenance(saved)[1]
+            logger.trackers = Trackers.open(
+                config.loggers, directory, config.to_dict(), provenance, metadata.get("trackers")
+            )
+            update_metadata(directory, trackers=logger.trackers.ids())
+        return cls(directory, logger, CheckpointWriter(directory / "checkpoints", config.checkpoint.keep_recent))
 
     def wait(self) -> None:
         """Until the checkpoint write in flight is on disk (rank 0; a no-op elsewhere)."""
         if self.checkpoints is not None:
             self.checkpoints.wait()
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         """Release what was opened; a pending checkpoint write is finished first."""
         try:
             self.wait()
         finally:
             if self.logger is not None:
-                self.logger.close()
+                self.logger.close(status)
 
 
 class Trainer:
@@ -125,6 +157,7 @@ class Trainer:
         self.loss_function = loss_function
         self.commit, self.config_hash = commit, config_hash
         self.show_progress = show_progress and context.is_main
+        os.environ.setdefault("MPLBACKEND", "Agg")  # figures are drawn without a display
 
         self.model = model.to(device)
         self.train_model = (  # what training calls: the DDP wrapper when distributed
@@ -149,22 +182,32 @@ class Trainer:
             print(f"note: mixed_precision={config.mixed_precision} applies on CUDA only; training in float32")
 
         self.progress = Progress()
-        self.monitor = Monitor(config.checkpoint.monitor or default_monitor(datasets), config.checkpoint.mode)
+        stopping = config.early_stopping
+        self.monitor = Monitor(
+            config.checkpoint.monitor or default_monitor(datasets),
+            config.checkpoint.mode,
+            stopping.patience,
+            stopping.min_delta,
+        )
         self.checkpoint_schedule = CheckpointSchedule(config, context)
         self.preemption = PreemptionStop(preemption, config.log_every_n_steps, context) if preemption else None
-        # Running training-loss sums: since the last log line, and since the epoch began.
-        self.interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+        # Running training sums since the last log line: the loss and its terms (per batch) and,
+        # with `train_metrics`, your metrics (per sample); the loss since the epoch began.
+        self.interval_sums: dict[str, torch.Tensor] = {}
+        self.interval_metrics = SampleMeans(device)
         self.epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.interval_batches = self.epoch_batches = 0
+        self.interval_started, self.interval_samples = time.monotonic(), 0  # throughput (wall clock)
+        self.grad_norm: torch.Tensor | None = None  # before clipping, at logging steps
+        self.user_metrics = type(model).metrics is not BaseModel.metrics
+        self.user_split_metrics = type(model).split_metrics is not BaseModel.split_metrics
+        self.user_figures = type(model).figures is not BaseModel.figures
         self.checkpointed_step = -1
+        self.stop_reason: str | None = None
         if resume_state is not None:
             self.load_state_dict(resume_state)
         # The one switch for logging: the same on every rank (rank 0 alone holds the writers).
-        self.files = (
-            RunFiles.open(run_directory, context, resume_state, config.checkpoint.keep_recent)
-            if run_directory
-            else None
-        )
+        self.files = RunFiles.open(run_directory, context, resume_state, config) if run_directory else None
 
     # ------------------------------------------------------------------------------
     # The loop
@@ -172,10 +215,13 @@ class Trainer:
     def fit(self) -> dict:
         """Train until `epochs`; return the last epoch's metrics. The run's files are closed
         at the end, also when training fails."""
+        status = "failed"
         try:
-            return self._fit()
+            metrics = self._fit()
+            status = "finished"
+            return metrics
         finally:
-            self.close()
+            self.close(status)
 
     def _fit(self) -> dict:
         config, progress = self.config, self.progress
@@ -184,10 +230,10 @@ class Trainer:
             started = time.monotonic()
             baseline = self.log_evaluation(epoch=0)  # step 0, epoch 0
             self.print_summary(baseline, False, time.monotonic() - started)
-        while progress.epoch < config.epochs:
+        while progress.epoch < config.epochs and not self.monitor.stop_reason():
             started = time.monotonic()
             metrics = {"train/epoch_loss": self.train_one_epoch()}
-            self.log(progress.epoch + 1, metrics)
+            self.log(progress.epoch + 1, metrics | {"train/epoch_seconds": time.monotonic() - started})
             metrics |= self.log_evaluation(epoch=progress.epoch + 1)
             progress.epoch += 1
             progress.batch_in_epoch = 0
@@ -196,14 +242,46 @@ class Trainer:
             self.print_summary(metrics, improved, time.monotonic() - started)
             if self.preemption and self.preemption.due(progress.global_step, at_epoch_end=True):
                 self.stop_for_preemption()
+        self.stop_reason = self.monitor.stop_reason() or f"finished all {config.epochs} epochs"
+        if self.context.is_main:
+            if self.files is not None:
+                update_metadata(self.files.directory, stop_reason=self.stop_reason)
+            if self.stop_reason.startswith("early stopping"):
+                tqdm.write(f"stopped after epoch {progress.epoch}: {self.stop_reason}")
         if self.context.enabled:
             self.check_replicas()
         return metrics
 
-    def close(self) -> None:
-        """Finish the checkpoint write in flight and close the logs (rank 0); idempotent."""
+    def check_monitor(self) -> None:
+        """`checkpoint.monitor` must name a value this run logs. Names your model's hooks and loss
+        add are known only once they ran: then one batch of the monitored phase tells them."""
+        monitor = self.monitor.metric
+        known = set(BUILT_IN_METRICS) | {f"{phase}/loss" for phase in self.datasets}
+        phase = monitor.partition("/")[0]
+        if monitor not in known and phase in EVALUATION_PHASE_NAMES and phase in self.datasets:
+            known |= set(self.evaluate(phase, probe=True)[0])
+        if monitor not in known and phase == "train":
+            for evaluated in (name for name in EVALUATION_PHASE_NAMES if name in self.datasets):
+                probed = self.evaluate(evaluated, probe=True)[0]
+                known |= {f"train/{key.partition('/')[2]}" for key in probed if self.logs_in_training(key)}
+                break
+        if monitor not in known:
+            raise UserError(
+                f"config key 'checkpoint.monitor': {monitor!r} is not a metric this run logs"
+                + nearest(monitor, known)
+                + f" (it logs: {', '.join(sorted(known))})"
+            )
+
+    def logs_in_training(self, key: str) -> bool:
+        """Whether an evaluation's metric `key` is also logged in training (a loss term, or one of
+        your metrics with `train_metrics`)."""
+        name = key.partition("/")[2]
+        return name in self.interval_sums or (self.config.train_metrics and not name.startswith("_"))
+
+    def close(self, status: str = "finished") -> None:
+        """Finish the checkpoint write in flight and close the logs (rank 0)."""
         if self.files is not None:
-            self.files.close()
+            self.files.close(status)
 
     def check_replicas(self) -> None:
         """Under DDP every rank must end with the same weights; record each rank's hash."""
@@ -228,13 +306,21 @@ class Trainer:
             group_size = min(accumulation, self.batches_per_epoch - group_start)
             steps_now = batch_index + 1 == group_start + group_size  # the group's last batch
             with self.no_sync(not steps_now), self.autocast():
-                loss = self.compute_loss(self.train_model, batch)
+                losses, prediction, target, inputs = self.forward(self.train_model, batch)
+            loss = losses["loss"]
             self.backward(loss / group_size if group_size > 1 else loss)
-            detached = loss.detach()
-            self.interval_loss += detached
-            self.epoch_loss += detached
+            for name, value in losses.items():  # the loss and its terms, summed per batch
+                total = self.interval_sums.get(name)
+                if total is None:
+                    total = self.interval_sums[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+                total += value.detach()
+            self.epoch_loss += loss.detach()
             self.interval_batches += 1
             self.epoch_batches += 1
+            self.interval_samples += len(target)
+            if self.config.train_metrics and self.user_metrics:
+                with torch.no_grad():
+                    self.add_metrics(self.interval_metrics, prediction, target, inputs)
             progress.batch_in_epoch = batch_index + 1
             if steps_now:
                 self.optimizer_step()
@@ -250,27 +336,54 @@ class Trainer:
                         self.save_checkpoint(links=("last",))
             bar.update()
         bar.close()
-        loss = self.reduce_mean(self.epoch_loss, self.epoch_batches)
+        loss = float(self.reduce_mean(self.epoch_loss.reshape(1), self.epoch_batches)[0])
         self.epoch_loss.zero_()
         self.epoch_batches = 0
         return loss
 
-    def compute_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """The batch's `supervision` is the target; its other entries go to `forward` by name."""
+    def forward(
+        self, model: torch.nn.Module, batch: dict
+    ) -> tuple[dict[str, torch.Tensor], object, torch.Tensor, dict]:
+        """The batch's `supervision` is the target; its other entries go to `forward` by name.
+        Returns the loss (and its terms), the prediction, the target and the inputs."""
         batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
         supervision = batch.pop("supervision")
         prediction = model(**batch)
-        return self.loss_function(prediction, self.model.transform(supervision))
+        target = self.model.transform(supervision)
+        return split_loss(self.loss_function(prediction, target)), prediction, target, batch
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The loss that is minimised, for one batch."""
+        return self.forward(model, batch)[0]["loss"]
+
+    def add_metrics(self, means: SampleMeans, prediction, target: torch.Tensor, inputs: dict, keep=None) -> None:
+        """Your model's per-sample metrics of a batch, into sample-weighted sums (and `keep`)."""
+        samples = len(target)
+        values = {
+            name: per_sample(name, value, samples)
+            for name, value in self.model.metrics(prediction, target, inputs).items()
+        }
+        for name, value in values.items():
+            if not name.startswith("_"):
+                means.add(name, value.sum(), samples)
+        if keep is not None:
+            keep.add(values)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def optimizer_step(self) -> None:
-        """One optimizer step (clipping first, when configured); then the next step's learning rate."""
+        """One optimizer step (clipping first, when configured); then the next step's learning rate.
+        At logging steps the gradients' norm before clipping is kept for `train/grad_norm`."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        logs_now = (self.progress.global_step + 1) % self.config.log_every_n_steps == 0
         if self.config.gradient_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.gradient_clip_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.gradient_clip_norm)
+            self.grad_norm = norm.detach() if logs_now else None
+        elif logs_now:
+            gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self.grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else None
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -286,26 +399,53 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor
 
     @torch.no_grad()
-    def evaluate(self, phase: str) -> tuple[dict[str, float], list[dict]]:
-        """Validation ("val") or rollout ("rollout"): the sample-weighted mean loss over all
-        ranks, and each batch's loss. Runs on its own random streams (see seeding.py)."""
+    def evaluate(self, phase: str, probe: bool = False) -> tuple[dict[str, float], list[dict]]:
+        """Validation ("val") or rollout ("rollout"): the loss, its terms and your metrics, as
+        sample-weighted means over all ranks (plus your whole-split metrics), and each batch's
+        loss. Runs on its own random streams (see seeding.py). `probe`: one batch only, to
+        learn the names logged (nothing drawn, no fault point)."""
         limit = self.config.rollout.max_samples if phase == "rollout" else None
+        if probe:
+            limit = min(limit or math.inf, self.config.eval_batch_size or self.config.batch_size)
         loader, batches = self.loader(phase, limit=limit)
         mode = self.model.rollout() if phase == "rollout" else contextlib.nullcontext()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        means = SampleMeans(self.device)
+        split = SplitSamples() if self.user_split_metrics else None
+        draws = phase == "rollout" and self.user_figures and self.context.is_main and self.files and not probe
         batch_results = []
         self.model.eval()
         with isolated_rng(derive_seed(self.config.seed, phase, self.context.rank)), mode, self.autocast():
             for batch in self.bar(len(loader), 0, phase, batches):
-                samples = len(batch["supervision"])
-                loss = self.compute_loss(self.model, batch).double()
-                sums += torch.stack([loss * samples, torch.tensor(float(samples), device=self.device)])
-                batch_results.append({"samples": samples, "loss": loss})
-                faults.maybe_fail(phase, settle=self.wait_for_checkpoints)
+                losses, prediction, target, inputs = self.forward(self.model, batch)
+                samples = len(target)
+                for name, value in losses.items():
+                    means.add(name, value.detach().double() * samples, samples)
+                if self.user_metrics:
+                    self.add_metrics(means, prediction, target, inputs, keep=split)
+                if draws:
+                    self.draw_figures(phase, prediction, target, inputs)
+                    draws = False
+                batch_results.append({"samples": samples, "loss": losses["loss"].detach()})
+                if not probe:
+                    faults.maybe_fail(phase, settle=self.wait_for_checkpoints)
         self.model.train()
-        all_reduce_sum(sums, self.context)
+        metrics = {f"{phase}/{name}": value for name, value in means.reduce(self.context).items()}
+        if split is not None:
+            metrics |= {f"{phase}/{name}": float(value) for name, value in self.split_metrics(split).items()}
         details = [{"samples": item["samples"], "loss": item["loss"].item()} for item in batch_results]
-        return {f"{phase}/loss": (sums[0] / sums[1]).item()}, details
+        return metrics, details
+
+    def split_metrics(self, split: SplitSamples) -> dict[str, float]:
+        """Your whole-split metrics, computed on rank 0 from every rank's samples."""
+        samples = split.gather(self.context)
+        values = self.model.split_metrics(samples) if self.context.is_main else None
+        return broadcast_object(values, self.context)
+
+    def draw_figures(self, phase: str, prediction, target: torch.Tensor, inputs: dict) -> None:
+        """Your model's figures of this batch, to TensorBoard and RUN_DIR/figures/<phase>/ (rank 0)."""
+        for name, figure in self.model.figures(prediction, target, inputs).items():
+            png = figure_png(name, figure)
+            self.files.logger.log_image(self.progress.global_step, phase, name, png)
 
     # ------------------------------------------------------------------------------
     # Logging, best tracking, checkpoints
@@ -321,11 +461,25 @@ class Trainer:
             self.files.logger.log(self.progress.global_step, epoch, phase, values)
 
     def log_training(self, bar) -> None:
-        loss = self.reduce_mean(self.interval_loss, self.interval_batches)
-        self.interval_loss.zero_()
-        self.interval_batches = 0
-        self.log(self.progress.epoch + 1, {"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"]})
-        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        """The means since the last log line (over every rank), the learning rate, the gradients'
+        norm and the throughput."""
+        names = sorted(self.interval_sums)
+        sums = torch.stack([self.interval_sums[name] for name in names])
+        means = self.reduce_mean(sums, self.interval_batches)
+        values = {f"train/{name}": float(value) for name, value in zip(names, means, strict=True)}
+        values |= {f"train/{name}": value for name, value in self.interval_metrics.reduce(self.context).items()}
+        values["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.grad_norm is not None:
+            values["train/grad_norm"] = self.grad_norm.item()
+        seconds = time.monotonic() - self.interval_started
+        values["train/samples_per_second"] = self.interval_samples * self.context.world_size / max(seconds, 1e-9)
+        for total in self.interval_sums.values():
+            total.zero_()
+        self.interval_metrics = SampleMeans(self.device)
+        self.interval_batches = self.interval_samples = 0
+        self.interval_started = time.monotonic()
+        self.log(self.progress.epoch + 1, values)
+        bar.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
 
     def log_evaluation(self, epoch: int) -> dict[str, float]:
         """Run and log the validation and (when due) rollout phases."""
@@ -384,7 +538,13 @@ class Trainer:
     def state_dict(self) -> dict:
         own = {
             "rng": rng_state(),
-            "running_loss": [self.interval_loss, self.interval_batches, self.epoch_loss, self.epoch_batches],
+            "running": {
+                "interval_sums": dict(self.interval_sums),
+                "interval_batches": self.interval_batches,
+                "interval_metrics": dict(self.interval_metrics.sums),
+                "epoch_loss": self.epoch_loss,
+                "epoch_batches": self.epoch_batches,
+            },
         }
         per_rank = all_gather_object(own, self.context)  # every rank's random state, for an exact DDP resume
         logger = self.files.logger if self.files is not None else None
@@ -422,9 +582,13 @@ class Trainer:
         self.set_learning_rate(self.progress.global_step)
         self.monitor.load_state_dict(state.get("monitor") or {"best": state["best"]})
         own = state["per_rank"][self.context.rank % len(state["per_rank"])]
-        interval_loss, self.interval_batches, epoch_loss, self.epoch_batches = own["running_loss"]
-        self.interval_loss = interval_loss.to(self.device)
-        self.epoch_loss = epoch_loss.to(self.device)
+        running = own["running"]
+        self.interval_sums = {name: value.to(self.device) for name, value in running["interval_sums"].items()}
+        self.interval_metrics.sums = {
+            name: value.to(self.device) for name, value in running["interval_metrics"].items()
+        }
+        self.epoch_loss = running["epoch_loss"].to(self.device)
+        self.interval_batches, self.epoch_batches = running["interval_batches"], running["epoch_batches"]
         restore_rng_state(own["rng"])  # last: nothing may draw random numbers after this
 
     # ------------------------------------------------------------------------------
@@ -461,11 +625,12 @@ class Trainer:
             skip_batches=skip_batches,
         )
 
-    def reduce_mean(self, loss_sum: torch.Tensor, batches: int) -> float:
-        """The mean over the batches of every rank (a sync point: called at logging steps only)."""
-        sums = torch.stack([loss_sum, torch.tensor(float(batches), dtype=torch.float64, device=self.device)])
-        sums = all_reduce_sum(sums, self.context)
-        return (sums[0] / sums[1]).item()
+    def reduce_mean(self, sums: torch.Tensor, batches: int) -> torch.Tensor:
+        """Per-batch sums as means over the batches of every rank (a sync point: called at
+        logging steps and epoch ends only)."""
+        count = torch.tensor([float(batches)], dtype=torch.float64, device=self.device)
+        reduced = all_reduce_sum(torch.cat([sums.reshape(-1), count]), self.context)
+        return (reduced[:-1] / reduced[-1]).cpu()
 
     def autocast(self):
         if not self.use_amp:
