@@ -1,4 +1,5 @@
-"""DataLoader workers die with their training process, even one killed by `kill -9`."""
+"""Seeding and how torch computes: DataLoader workers die with their training process, even
+one killed by `kill -9`; the `torch_threads` key."""
 
 import os
 import signal
@@ -7,7 +8,24 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 from conftest import DELETE
+
+from src.core.config import config_hash, finalize, parse_yaml
+from src.core.errors import UserError
+from src.core.seeding import apply_torch_threads
+from src.schema import SCHEMA
+
+MINIMAL = """\
+description: test
+data_directory: data/pendulum
+model_type: PendulumModel
+loss_function: F.mse_loss
+train_data_loader_type: PendulumSteps
+epochs: 2
+batch_size: 8
+"""
 
 # A dataset as slow as one on a busy network filesystem: a worker is always inside
 # __getitem__, where torch's own parent check (every 5 s, between batches) never runs.
@@ -82,3 +100,30 @@ def test_dataloader_workers_do_not_outlive_a_killed_training_process(project):
             if running(pid):
                 os.kill(pid, signal.SIGKILL)
         process.stderr.close()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", "min value is 1"), ("two", "must be of integer type")])
+def test_torch_threads_must_be_a_positive_integer(value, expected):
+    with pytest.raises(UserError) as caught:
+        finalize(parse_yaml(MINIMAL + f"torch_threads: {value}\n", "x"), SCHEMA)
+    assert "torch_threads" in str(caught.value) and expected in str(caught.value)
+
+
+def test_torch_threads_defaults_to_torchs_choice_and_counts_as_affecting_results():
+    """Another thread count sums in another order (torch.sum of 4M floats differs in its last
+    bits between 1 and 2 threads), so a resume may not change it."""
+    default = finalize(parse_yaml(MINIMAL, "x"), SCHEMA)
+    one = finalize(parse_yaml(MINIMAL + "torch_threads: 1\n", "x"), SCHEMA)
+    assert default.torch_threads is None and one.torch_threads == 1
+    assert config_hash(default, SCHEMA) != config_hash(one, SCHEMA)
+
+
+def test_apply_torch_threads_sets_them_and_none_leaves_them():
+    before = torch.get_num_threads()
+    try:
+        apply_torch_threads(None)
+        assert torch.get_num_threads() == before
+        apply_torch_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -79,6 +79,13 @@ def _running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
+def apply_torch_threads(threads: int | None) -> None:
+    """The `torch_threads` config key: intra-op CPU threads, set before the model is built so
+    that every operation of the run uses it (None: leave torch's default, one per core)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def configure_determinism(deterministic: bool | str, device: torch.device) -> bool:
     """Apply the `deterministic` config key ("auto": on for the CPU, off for CUDA); return it."""
     enabled = device.type == "cpu" if deterministic == "auto" else bool(deterministic)

@@ -42,6 +42,10 @@ TEMPLATE_SCHEMA = {
     # Keyword arguments of the dataset classes: `all` for every split, then per phase.
     "data_loader_parameters": _section({phase: FREE_DICT for phase in ("all", "train", "test", "eval")}),
     "num_workers": {"type": "integer", "min": 0, "default": 0},
+    # Intra-op CPU threads (torch.set_num_threads); null: torch's default, one per core. Small
+    # models on shared machines run several times faster with 1. It changes the order of
+    # parallel sums, hence the last bits of results: it affects results, and --resume keeps it.
+    "torch_threads": {"type": "integer", "min": 1, "nullable": True, "default": None},
     # How long and how hard to train.
     "epochs": {"type": "integer", "required": True, "min": 1, "meta": NEUTRAL},
     "batch_size": {"type": "integer", "required": True, "min": 1},
