@@ -238,6 +238,13 @@ def test_environment_section_names_the_versions():
     assert "cuda" in section and "cudnn" in section
 
 
+def test_installed_packages_read_the_same_names_and_versions_as_importlib():
+    import importlib.metadata
+
+    parsed = {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    assert provenance.installed_packages() == sorted(parsed, key=str.lower)
+
+
 def test_installed_packages_match_pip_freeze():
     freeze = subprocess.run(
         [sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True
