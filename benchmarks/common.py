@@ -32,10 +32,11 @@ class Measurement:
     seconds: float
     max_rss_mib: float
     stdout: str
+    cpu_seconds: float  # user + system, the process and the children it waited for
 
 
 def measure(command: list[str], cwd: Path, env: dict | None = None) -> Measurement:
-    """Wall time and peak resident memory of one process (os.wait4 gives that child's own rusage)."""
+    """Wall time, CPU time and peak resident memory of one process (os.wait4 gives that child's own rusage)."""
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         started = time.perf_counter()
         process = subprocess.Popen(
@@ -48,7 +49,7 @@ def measure(command: list[str], cwd: Path, env: dict | None = None) -> Measureme
         output, errors = stdout.read().decode(), stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({os.waitstatus_to_exitcode(status)}):\n{errors[-3000:]}")
-    return Measurement(seconds, usage.ru_maxrss / 1024, output)
+    return Measurement(seconds, usage.ru_maxrss / 1024, output, usage.ru_utime + usage.ru_stime)
 
 
 def epoch_seconds(stdout: str) -> float:

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, side by side, printed and written to benchmarks/results/latest.md.
 
-python benchmarks/run_all.py [--repetitions N] [--only training,startup,gate,checkpoint,trackers]
+python benchmarks/run_all.py [--repetitions N] [--only training,classifier,startup,gate,checkpoint,trackers]
 """
 
 import argparse
@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import checkpointing
+import classifier_overhead
 import epoch_overhead
 import git_gate
 import startup
@@ -42,7 +43,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--only", default="training,startup,gate,checkpoint,trackers")
+    parser.add_argument("--only", default="training,classifier,startup,gate,checkpoint,trackers")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         run(set(args.only.split(",")), args.repetitions, Path(scratch))
@@ -71,6 +72,12 @@ def run(chosen: set[str], repetitions: int, scratch: Path) -> None:
             "\n".join([HEADER, *(c.row() for c in comparisons)]) + "\n",
             "### 5. Peak resident memory (whole process)\n",
             "\n".join(["| task | Trainer | plain loop | difference |", "|---|---|---|---|", *memory]) + "\n",
+        )
+    if "classifier" in chosen:
+        rows = [c.row() for c in classifier_overhead.run(scratch, repetitions)]
+        report(
+            "### 6. What users fork: a small classifier, whole process (A = as named, B = as named)\n",
+            "\n".join([HEADER, *rows]) + "\n",
         )
     if "startup" in chosen:
         rows = startup.run(project, next(iter(configs.values())), repetitions)

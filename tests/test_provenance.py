@@ -62,6 +62,65 @@ def test_long_lists_are_cut_at_twenty_with_a_count(repo):
     assert "(25 in" in message
 
 
+@pytest.mark.parametrize(
+    ("mark", "change", "expected"),
+    [
+        ("--assume-unchanged", lambda r: (r / "a.txt").write_text("changed\n"), "modified (assume-unchanged): a.txt"),
+        ("--skip-worktree", lambda r: (r / "a.txt").write_text("changed\n"), "modified (skip-worktree): a.txt"),
+        ("--assume-unchanged", lambda r: (r / "a.txt").unlink(), "deleted (assume-unchanged): a.txt"),
+        ("--skip-worktree", lambda r: (r / "a.txt").unlink(), "deleted (skip-worktree): a.txt"),
+    ],
+    ids=["assume-unchanged", "skip-worktree", "assume-unchanged-deleted", "skip-worktree-deleted"],
+)
+def test_files_git_status_is_told_to_trust_are_checked_by_content(repo, mark, change, expected):
+    git(repo, "update-index", mark, "a.txt")
+    assert provenance.gate(repo)["commit"]  # marked but unchanged: clean
+    change(repo)
+    assert git(repo, "status", "--porcelain") == ""  # git status itself sees nothing
+    assert [expected] == provenance.repository_state(repo).changes
+    assert expected in refusal(repo)
+
+
+def test_a_marked_symbolic_link_is_compared_by_its_target(repo):
+    (repo / "link").symlink_to("a.txt")
+    git(repo, "add", "link")
+    git(repo, "commit", "-q", "-m", "link")
+    git(repo, "update-index", "--assume-unchanged", "link", "b.txt")
+    assert provenance.gate(repo)["commit"]  # the link's target is a.txt, as committed
+    (repo / "link").unlink()
+    (repo / "link").symlink_to("b.txt")
+    assert provenance.repository_state(repo).changes == ["modified (assume-unchanged): link"]
+
+
+def test_the_index_is_read_without_git_only_where_no_file_is_marked(repo):
+    """The common case costs no second git process: the index's own flags say nothing is marked."""
+    index = repo / ".git" / "index"
+    assert provenance.index_may_mark_files(index) is False
+    git(repo, "update-index", "--assume-unchanged", "b.txt")
+    assert provenance.index_may_mark_files(index) is True
+    git(repo, "update-index", "--no-assume-unchanged", "b.txt")
+    git(repo, "update-index", "--skip-worktree", "a.txt")
+    assert provenance.index_may_mark_files(index) is True
+    git(repo, "update-index", "--no-skip-worktree", "a.txt")
+    assert provenance.index_may_mark_files(index) is False
+    git(repo, "update-index", "--index-version", "4")  # a format not read here: git is asked
+    assert provenance.index_may_mark_files(index) is True
+
+
+def test_an_index_version_4_and_a_linked_worktree_are_checked_too(repo, tmp_path):
+    git(repo, "update-index", "--index-version", "4")
+    git(repo, "update-index", "--skip-worktree", "a.txt")
+    (repo / "a.txt").write_text("changed\n")
+    assert "modified (skip-worktree): a.txt" in refusal(repo)
+    linked = tmp_path / "linked"
+    git(repo, "worktree", "add", "-q", "--detach", str(linked))
+    assert provenance.gate(linked)["commit"]
+    git(linked, "update-index", "--assume-unchanged", "b.txt")
+    assert provenance.index_may_mark_files(Path(git(linked, "rev-parse", "--git-dir")) / "index") is True
+    (linked / "b.txt").write_text("changed\n")
+    assert "modified (assume-unchanged): b.txt" in refusal(linked)
+
+
 @pytest.fixture
 def with_submodule(repo, tmp_path):
     library = tmp_path / "library"
@@ -177,6 +236,13 @@ def test_environment_section_names_the_versions():
     assert section["torch"] == str(torch.__version__) and section["numpy"] == numpy.__version__
     assert section["python"].count(".") == 2 and section["hostname"] and section["cpu_count"] >= 1
     assert "cuda" in section and "cudnn" in section
+
+
+def test_installed_packages_read_the_same_names_and_versions_as_importlib():
+    import importlib.metadata
+
+    parsed = {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    assert provenance.installed_packages() == sorted(parsed, key=str.lower)
 
 
 def test_installed_packages_match_pip_freeze():

@@ -3,6 +3,11 @@
 The gate is the template's promise: nothing is logged from a working tree that
 differs from a commit. One `git status --porcelain=v2` call answers both "is it
 clean?" and "which commit?", so the gate costs about as much as `git status`.
+
+`git status` trusts two index bits, assume-unchanged and skip-worktree, and does not
+look at such files at all. While it runs, the gate reads the index file itself for
+those bits; only where one is set (or the index format is one it does not read) does
+it ask git for the marked paths and compare their contents by hash.
 """
 
 import hashlib
@@ -30,10 +35,8 @@ DATA_HASH_LIMIT_BYTES = 256 * 2**20
 MAX_LISTED_PATHS = 20
 
 
-def run_git(
-    args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True, stdin: str | None = None
-) -> subprocess.CompletedProcess:
-    """Run a git command; a missing git binary is a refusal with a clear message."""
+def start_git(args: list[str], cwd: Path | str = PROJECT_ROOT, stdin: int | None = None) -> subprocess.Popen:
+    """Start a git command (output captured as text); a missing git binary is a refusal."""
     if shutil.which("git") is None:
         raise Refusal(
             "git is not installed (no 'git' on PATH): the template records the commit of "
@@ -41,10 +44,27 @@ def run_git(
         )
     # Git's messages in English whatever the user's locale: the gate reads some of them.
     environment = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C"}
-    result = subprocess.run(["git", *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=environment)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"'git {' '.join(args)}' failed in {cwd}: {result.stderr.strip()}")
-    return result
+    return subprocess.Popen(
+        ["git", *args], cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    )
+
+
+def finish_git(
+    process: subprocess.Popen, cwd: Path | str, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess:
+    """Wait for a git command started by start_git; with `check`, a failure raises."""
+    stdout, stderr = process.communicate(input)
+    if check and process.returncode != 0:
+        raise RuntimeError(f"'{' '.join(process.args)}' failed in {cwd}: {stderr.strip()}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_git(
+    args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run a git command; a missing git binary is a refusal with a clear message."""
+    process = start_git(args, cwd, stdin=None if input is None else subprocess.PIPE)
+    return finish_git(process, cwd, check, input)
 
 
 @dataclass
@@ -78,11 +98,14 @@ def _describe_change(xy: str, submodule: str, path: str, original: str | None) -
 
 def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
     """Read the commit, branch and uncommitted changes of the repository holding `root`."""
-    result = run_git(
+    status = start_git(
         ["status", "--porcelain=v2", "--branch", "-z", "--ignore-submodules=none", "--untracked-files=normal"],
         cwd=root,
-        check=False,
     )
+    # Read the index while git status runs (on another core), so the check costs almost nothing.
+    index = _index_file(Path(root))
+    maybe_marked = index is None or index_may_mark_files(index)
+    result = finish_git(status, root, check=False)
     if result.returncode != 0:
         if "not a git repository" in result.stderr:
             raise NotARepository(root)
@@ -109,7 +132,103 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], next(records)))
         elif record.startswith("? "):
             state.changes.append(f"untracked: {record[2:]}")
+    if maybe_marked and state.commit is not None:
+        state.changes.extend(marked_file_changes(Path(root)))
     return state
+
+
+# An index entry (git's Documentation/gitformat-index.txt, versions 2 and 3) is 40 bytes of
+# stat data, a 20-byte SHA-1, 2 bytes of flags, the path, and 1 to 8 NULs up to a multiple of
+# 8 bytes. The flags' high byte holds assume-valid (0x80: what --assume-unchanged sets),
+# "extended flags follow" (0x40: skip-worktree or intent-to-add), the merge stage (0x30) and
+# the path length's top 4 bits. Above 0x0E: a mark, a conflict, or a path of 3,840 bytes or more.
+_FLAGS_OFFSET = 60
+_PLAIN_ENTRY_HIGH_BYTE_MAX = 0x0E
+_SHA1_BYTES = 20
+
+
+def _index_file(root: Path) -> Path | None:
+    """The index file git reads for `root`, found as git finds it; None where that is not
+    plain (GIT_DIR and friends set, no .git found), so that the caller asks git instead."""
+    if any(name in os.environ for name in ("GIT_DIR", "GIT_INDEX_FILE", "GIT_WORK_TREE", "GIT_COMMON_DIR")):
+        return None
+    for directory in (root.resolve(), *root.resolve().parents):
+        dot_git = directory / ".git"
+        if dot_git.is_dir():
+            return dot_git / "index"
+        if dot_git.is_file():  # a linked worktree or a submodule: "gitdir: <path>"
+            text = dot_git.read_text(errors="replace").strip()
+            return (directory / text[len("gitdir: ") :]) / "index" if text.startswith("gitdir: ") else None
+    return None
+
+
+def index_may_mark_files(index: Path) -> bool:
+    """Whether any entry of a git index may be marked assume-unchanged or skip-worktree.
+
+    Reads index formats 2 and 3 with SHA-1 (git's default), about 5 ms per 50,000 files,
+    while git status runs. Answers True when unsure (another format, a split index, a
+    conflict, an unreadable file): the caller then asks git, which is right, only slower.
+    """
+    try:
+        data = index.read_bytes()
+    except OSError:
+        return True
+    if data[:4] != b"DIRC" or int.from_bytes(data[4:8], "big") not in (2, 3):
+        return True
+    end = len(data) - _SHA1_BYTES
+    position = 12 + _FLAGS_OFFSET  # the first entry's flags; the loop walks from flags to flags
+    try:
+        for _ in range(int.from_bytes(data[8:12], "big")):
+            high = data[position]
+            if high > _PLAIN_ENTRY_HIGH_BYTE_MAX:
+                return True
+            path_length = high << 8 | data[position + 1]
+            position += (_FLAGS_OFFSET + 2 + path_length + 8) & ~7
+        position -= _FLAGS_OFFSET  # the end of the last entry
+        while position < end:  # extensions: signature, size, data
+            if data[position : position + 4] == b"link":  # a split index: entries live elsewhere too
+                return True
+            position += 8 + int.from_bytes(data[position + 4 : position + 8], "big")
+    except IndexError:
+        return True
+    return position != end  # anything else than landing on the trailer: not a format read here
+
+
+def marked_file_changes(root: Path) -> list[str]:
+    """Files marked assume-unchanged or skip-worktree whose content differs from the index
+    ("modified (skip-worktree): src/model.py") or that are missing ("deleted (...)")."""
+    listing = run_git(["ls-files", "-v", "-s", "-z"], cwd=root).stdout  # "h 100644 <blob> 0\tpath"
+    marked = []
+    for record in filter(None, listing.split("\0")):
+        info, _, path = record.partition("\t")
+        tag, mode, blob, _stage = info.split(" ")
+        assume_unchanged, skip_worktree = tag.islower(), tag in "Ss"
+        if assume_unchanged or skip_worktree:
+            marks = ["assume-unchanged"] * assume_unchanged + ["skip-worktree"] * skip_worktree
+            marked.append((path, mode, blob, ", ".join(marks)))
+    changes, files = [], []
+    for path, mode, blob, marks in marked:
+        file = root / path
+        if mode == "160000":  # a submodule: git status checks its commit
+            continue
+        if not file.is_symlink() and not file.is_file():
+            changes.append(f"deleted ({marks}): {path}")
+        elif mode == "120000":  # a symbolic link's blob is its target; git hash-object would follow it
+            if not file.is_symlink() or _blob_hash(os.fsencode(os.readlink(file)), blob) != blob:
+                changes.append(f"modified ({marks}): {path}")
+        else:
+            files.append((path, blob, marks))
+    if files:  # one call for all of them, with git's own filters (line endings, LFS) applied
+        hashes = run_git(["hash-object", "--stdin-paths"], cwd=root, input="".join(f"{p}\n" for p, _, _ in files))
+        for (path, blob, marks), current in zip(files, hashes.stdout.split(), strict=True):
+            if current != blob:
+                changes.append(f"modified ({marks}): {path}")
+    return changes
+
+
+def _blob_hash(content: bytes, like: str) -> str:
+    """Git's object id of a blob, in the repository's hash (SHA-1, or SHA-256 for 64 hex digits)."""
+    return hashlib.new("sha256" if len(like) == 64 else "sha1", b"blob %d\0" % len(content) + content).hexdigest()
 
 
 class NotARepository(Refusal):
@@ -216,12 +335,22 @@ def remove_worktree(path: Path) -> None:
 
 
 def installed_packages() -> list[str]:
-    """`pip freeze` without starting pip: every installed distribution as name==version."""
-    packages = {
-        f"{dist.metadata['Name']}=={dist.version}"
-        for dist in importlib.metadata.distributions()
-        if dist.metadata["Name"]
-    }
+    """`pip freeze` without starting pip: every installed distribution as name==version.
+
+    Reads only the `Name` and `Version` headers of each METADATA file: `dist.metadata`
+    parses every whole file with the email parser, twice per package, which cost a
+    logged run's start 0.13 s for 130 packages (this: 0.01 s, the same list).
+    """
+    packages = set()
+    for dist in importlib.metadata.distributions():
+        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""  # where importlib looks
+        fields: dict[str, str] = {}
+        for line in text.split("\n\n", 1)[0].splitlines():  # the headers end at the first blank line
+            key, colon, value = line.partition(":")
+            if colon and key in ("Name", "Version") and key not in fields:
+                fields[key] = value.strip()
+        if fields.get("Name"):
+            packages.add(f"{fields['Name']}=={fields.get('Version')}")
     return sorted(packages, key=str.lower)
 
 

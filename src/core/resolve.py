@@ -23,7 +23,7 @@ from src.core.checkpoint import load_model_weights
 from src.core.config import Config, nearest
 from src.core.errors import UserError
 from src.core.phases import BUILT_IN_METRICS, EVALUATION_PHASES, PHASES, Phase
-from src.core.seeding import configure_determinism, derive_seed, seed_everything
+from src.core.seeding import apply_torch_threads, configure_determinism, derive_seed, seed_everything
 
 LOSS_NAMESPACES = {"F": "torch.nn.functional", "nn": "torch.nn", "torch": "torch"}
 USER_MODULES = ("src.model", "src.data_loader")
@@ -315,6 +315,7 @@ def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str,
 def build_parts(config: Config, data_directory: str, mini: bool, device: torch.device, rank: int = 0):
     """The model (the same initial weights on every rank), its datasets and its loss function."""
     seed_everything(config.seed)
+    apply_torch_threads(config.torch_threads)
     configure_determinism(config.deterministic, device)
     model = build_model(config)
     if config.bootstrap_model_file:

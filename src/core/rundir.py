@@ -166,8 +166,8 @@ def lock_run_directory(run_directory: Path):
 
     A second process resuming the same run is refused instead of interleaving its
     checkpoints. The kernel drops the lock when the holder dies, even by kill -9;
-    a POSIX lock (lockf) is not inherited by forked DataLoader workers, which may
-    outlive a killed trainer by a few seconds.
+    a POSIX lock (lockf) is not inherited by forked DataLoader workers (which, on
+    Linux, die with their parent: see seeding.seed_worker).
     """
     handle = open(run_directory / ".lock", "a+")  # noqa: SIM115 (held until the process ends)
     try:

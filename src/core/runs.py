@@ -40,7 +40,7 @@ def commits_on_remote(commits: set[str], repository: Path = provenance.PROJECT_R
 
     def git(*args: str, stdin: str = "") -> str | None:
         try:
-            result = provenance.run_git(list(args), cwd=repository, check=False, stdin=stdin)
+            result = provenance.run_git(list(args), cwd=repository, check=False, input=stdin)
         except Refusal:  # no git
             return None
         return result.stdout if result.returncode == 0 else None

@@ -4,13 +4,17 @@
 - `rng_state` / `restore_rng_state` capture all four streams for a checkpoint.
 - `isolated_rng` runs the evaluation phases on their own fixed streams, so
   evaluating (or not) never changes training, and `--evaluate` gets the same numbers.
-- `seed_worker` seeds NumPy and Python in DataLoader workers from torch's worker seed.
+- `seed_worker` seeds NumPy and Python in DataLoader workers from torch's worker seed,
+  and makes each worker die with the training process (`die_with_parent`).
 """
 
 import contextlib
+import ctypes
 import hashlib
+import multiprocessing
 import os
 import random
+import signal
 import sys
 
 import numpy as np
@@ -30,10 +34,56 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: torch seeds each worker; give NumPy and Python the same seed."""
+    """DataLoader `worker_init_fn`: torch seeds each worker; give NumPy and Python the same seed.
+    A worker also dies with the training process, even one killed by `kill -9`."""
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+    if torch.utils.data.get_worker_info() is not None:  # never arm it in the training process itself
+        die_with_parent()
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere nothing).
+
+    Without it, the DataLoader workers of a training process killed with `kill -9` live on
+    until torch's own check notices, up to 5 s later, and indefinitely while they are inside
+    a slow `__getitem__`, holding memory, GPU handles and open files. The signal follows
+    the thread that started the worker, which for the Trainer's loaders is the main thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no C library with prctl: nothing to arm
+        return
+    if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    # The parent may have died before the signal was armed: then it never comes, so act now.
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid and not _running(parent.pid):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie has). Under the "forkserver" start
+    method the OS parent is the server, not `pid`, so a living `pid` is not an orphan's sign."""
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            stat = stream.read()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def apply_torch_threads(threads: int | None) -> None:
+    """The `torch_threads` config key: intra-op CPU threads, set before the model is built so
+    that every operation of the run uses it (None: leave torch's default, one per core)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def configure_determinism(deterministic: bool | str, device: torch.device) -> bool:

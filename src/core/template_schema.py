@@ -101,6 +101,10 @@ TEMPLATE_SCHEMA = {
     # Keyword arguments of the dataset classes: `all` for every split, then per phase.
     "data_loader_parameters": _section({phase: FREE_DICT for phase in ("all", "train", "test", "eval")}),
     "num_workers": {"type": "integer", "min": 0, "max": 1024, "default": 0},
+    # Intra-op CPU threads (torch.set_num_threads); null: torch's default, one per core. Small
+    # models on shared machines run several times faster with 1. It changes the order of
+    # parallel sums, hence the last bits of results: it affects results, and --resume keeps it.
+    "torch_threads": {"type": "integer", "min": 1, "max": 1024, "nullable": True, "default": None},
     # How long and how hard to train.
     "epochs": _count(required=True, meta=NEUTRAL),
     "batch_size": _count(required=True),
