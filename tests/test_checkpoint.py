@@ -188,3 +188,26 @@ def test_a_snapshot_reuses_the_previous_ones_memory_and_each_file_keeps_its_valu
     for step in (1, 2):
         loaded = read_checkpoint(tmp_path / f"step-00000000{step}.pt")["model"]["weight"]
         assert torch.equal(loaded, torch.full((64, 64), float(step)))
+
+
+def test_the_files_a_checkpoint_covers_are_on_disk_before_it_becomes_visible(tmp_path, monkeypatch):
+    """metrics.jsonl is fsynced by the writer thread, after the checkpoint's own data and before
+    the rename that makes it visible: training never waits for it, and no checkpoint covers
+    bytes a power cut could lose."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", descriptor))
+        return real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", os.path.basename(target)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with open(tmp_path / "metrics.jsonl", "w") as metrics:
+        write_checkpoint(tmp_path / "checkpoints", state(3), sync_first=(metrics.fileno(),))
+        synced = events.index(("fsync", metrics.fileno()))
+    assert synced < events.index(("replace", "step-000000003.pt"))

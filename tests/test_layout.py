@@ -62,6 +62,16 @@ def test_the_modules_import_no_cycle_and_the_machinery_never_imports_run_py():
     assert importers_of_run == []
 
 
+def test_tests_share_one_helper_module_and_never_import_each_other():
+    tests = sorted((REPO / "tests").glob("*.py"))
+    for path in tests:
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            modules += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            for module in modules:
+                assert not module.startswith(("test_", "tests.", "conftest")), f"{path.name} imports {module}"
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -10,7 +10,7 @@ from src.core.metrics import MetricLogger, read_metrics
 def test_a_resume_cuts_back_to_the_checkpoint_and_purges_later_tensorboard_steps(tmp_path):
     logger = MetricLogger(tmp_path)
     logger.log(1, 1, "train", {"loss": 1.0})
-    covered = logger.flush(durable=True)  # what a checkpoint at step 1 records
+    covered = logger.flush()  # what a checkpoint at step 1 records
     logger.log(2, 1, "train", {"loss": 2.0})  # logged by the process that is then killed
     logger.close()
 

@@ -3,7 +3,7 @@ bitwise with a run that was never interrupted."""
 
 import pytest
 import yaml
-from helpers import NOISY, QUICK_RUN, assert_same_run, logged_values
+from helpers import NOISY, QUICK_RUN, assert_same_run, logged_values, run_directory
 
 from src.core.checkpoint import read_checkpoint
 
@@ -135,3 +135,30 @@ def test_resume_refuses_a_hand_edited_config_and_changed_data(project):
     assert "Traceback" not in result.stderr
     metadata = yaml.safe_load((run / "metadata.yaml").read_text())
     assert (metadata["status"], metadata["resumes"]) == ("running", [])  # nothing recorded
+
+
+# A run killed before its first checkpoint restarts from step 0 in the same directory.
+# point: (TEMPLATE_FAULT, extra flags)
+EARLY_KILL_POINTS = {
+    "right after the run directory exists": ("run_directory:1", ()),
+    "during the baseline evaluation": ("val:3", ()),
+    "before the first checkpoint": ("train_step:3", ()),  # the first is at step 5
+    "mid-epoch, before any checkpoint, with workers": ("train_step:4", ("--num_workers=2",)),
+}
+
+
+@pytest.mark.parametrize("point", list(EARLY_KILL_POINTS))
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(project, point):
+    fault, extra = EARLY_KILL_POINTS[point]
+    args = (*RUN, *extra)
+    assert project.run(*args, "--run_name=reference").returncode == 0
+    killed = project.run(*args, "--run_name=killed", env={"TEMPLATE_FAULT": fault})
+    assert killed.returncode == -9, killed.stderr
+    run = run_directory(project, "killed")
+    assert not list((run / "checkpoints").glob("step-*.json"))  # no checkpoint to resume from
+    (run / ".metadata.yaml.tmp-999999").write_text("")  # what a process killed while writing leaves
+    resumed = project.run("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from the start (no valid checkpoint)" in resumed.stdout
+    assert_same_run(run_directory(project, "reference"), run)
+    assert not list(run.glob(".*.tmp-*"))  # leftovers of the killed process are removed

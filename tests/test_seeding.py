@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DELETE
+from helpers import DELETE
 
 from src.core.config import config_hash, finalize, parse_yaml
 from src.core.errors import UserError
 from src.core.seeding import apply_torch_threads
-from src.schema import SCHEMA
+from src.core.template_schema import project_schema
+
+SCHEMA = project_schema()
 
 MINIMAL = """\
 description: test

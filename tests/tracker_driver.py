@@ -45,7 +45,7 @@ for step in range(first, last + 1):
     logger.log(step, 1, "train", values)
     trackers.log_metrics(step, {f"train/{key}": value for key, value in values.items()})
     if step == checkpoint:
-        saved.write_text(json.dumps({"bytes": logger.flush(durable=True), "step": step}))
+        saved.write_text(json.dumps({"bytes": logger.flush(), "step": step}))
         if mode != "kill-unflushed":
             trackers.flush()
     if mode == "break" and step == (first + last) // 2:

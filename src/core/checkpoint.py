@@ -85,8 +85,12 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(temporary, path)
 
 
-def write_checkpoint(directory: Path, state: dict, links: tuple[str, ...] = ()) -> Path:
-    """Write `state` atomically as step-<step>.pt with its manifest, then point `links` at it."""
+def write_checkpoint(
+    directory: Path, state: dict, links: tuple[str, ...] = (), sync_first: tuple[int, ...] = ()
+) -> Path:
+    """Write `state` atomically as step-<step>.pt with its manifest, then point `links` at it.
+    `sync_first`: descriptors of files the checkpoint covers (metrics.jsonl), fsynced before
+    the checkpoint becomes visible."""
     directory.mkdir(parents=True, exist_ok=True)
     step = state["progress"]["global_step"]
     path = directory / step_file_name(step)
@@ -97,6 +101,8 @@ def write_checkpoint(directory: Path, state: dict, links: tuple[str, ...] = ()) 
             torch.save(state, hashing)
             stream.flush()
             os.fsync(stream.fileno())
+        for descriptor in sync_first:
+            os.fsync(descriptor)
         os.replace(temporary, path)
         manifest = {
             "file": path.name,
@@ -275,28 +281,36 @@ class CheckpointWriter:
             if manifest_file.exists():
                 self.protected[name] = json.loads(manifest_file.read_text()).get("links_to", "")
 
-    def save(self, state: dict, links: tuple[str, ...], on_written: Callable[[Path], None]) -> None:
+    def save(
+        self,
+        state: dict,
+        links: tuple[str, ...],
+        on_written: Callable[[Path], None],
+        sync_first: tuple[int, ...] = (),
+    ) -> None:
         self._raise_pending_error()
         if not self.background:
-            self._write(state, links, on_written)
+            self._write(state, links, on_written, sync_first)
             return
         self.wait()  # at most one write in flight: bounded memory, ordered files
         self._snapshot = snapshot(state, reuse=self._snapshot)  # the previous one is on disk now
         self._thread = threading.Thread(
-            target=self._write_in_background, args=(self._snapshot, links, on_written), daemon=True
+            target=self._write_in_background, args=(self._snapshot, links, on_written, sync_first), daemon=True
         )
         self._thread.start()
 
-    def _write(self, state: dict, links: tuple[str, ...], on_written: Callable[[Path], None]) -> None:
-        path = write_checkpoint(self.directory, state, links)
+    def _write(
+        self, state: dict, links: tuple[str, ...], on_written: Callable[[Path], None], sync_first: tuple[int, ...]
+    ) -> None:
+        path = write_checkpoint(self.directory, state, links, sync_first)
         for name in links:
             self.protected[name] = path.name
         prune_checkpoints(self.directory, self.keep_recent, set(self.protected.values()))
         on_written(path)
 
-    def _write_in_background(self, state, links, on_written) -> None:
+    def _write_in_background(self, state, links, on_written, sync_first) -> None:
         try:
-            self._write(state, links, on_written)
+            self._write(state, links, on_written, sync_first)
         except BaseException as error:  # handed to the training thread
             self._error = error
 

@@ -1,8 +1,8 @@
 """Test-only fault injection: stop or fail the process at an exact point.
 
 The crash tests set `TEMPLATE_FAULT=<point>:<n>[:<action>][@<rank>]` to reach the n-th
-occurrence of a named point (`train_step`, `val` and `rollout` batches,
-`checkpoint_write`) and then `kill` (SIGKILL, the default: nothing is cleaned up, as
+occurrence of a named point (`run_directory` once it is made, `train_step`, `val` and
+`rollout` batches, `checkpoint_write`) and then `kill` (SIGKILL, the default: nothing is cleaned up, as
 with a node failure), `enospc` (raise a disk-full error) or `exit` (end the process at
 once with status 0: the start-up benchmark's stopwatch). `@<rank>` limits it to one
 rank of a distributed run. It acts in torchrun's first attempt only, so a restarted

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.core import provenance
+from src.core import faults, provenance
 from src.core.checkpoint import (
     CheckpointWriteError,
     newest_valid_checkpoint,
@@ -126,6 +126,7 @@ def create_run_directory(plan: Plan, args, world_size: int) -> Path:
         provenance.installed_packages(),
     )
     print(f"logging to {directory}")
+    faults.maybe_fail("run_directory")
     return directory
 
 

@@ -530,7 +530,7 @@ class Trainer:
         def written(path: Path) -> None:  # on the writer's thread, once the file is on disk
             update_metadata(path.parent.parent, last_checkpoint=f"checkpoints/{path.name}", **metadata)
 
-        self.files.checkpoints.save(state, links, on_written=written)
+        self.files.checkpoints.save(state, links, on_written=written, sync_first=(self.files.logger.fileno(),))
 
     # ------------------------------------------------------------------------------
     # State: everything a checkpoint holds
@@ -558,7 +558,7 @@ class Trainer:
             "best": dict(self.monitor.best),
             "monitor": self.monitor.state_dict(),
             "per_rank": per_rank,
-            "logging": {"metrics_bytes": logger.flush(durable=True) if logger else 0},
+            "logging": {"metrics_bytes": logger.flush() if logger else 0},  # fsynced before the checkpoint shows
             "world_size": self.context.world_size,
             "commit": self.commit,
             "config_hash": self.config_hash,
