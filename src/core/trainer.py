@@ -215,13 +215,14 @@ class Trainer:
     def fit(self) -> dict:
         """Train until `epochs`; return the last epoch's metrics. The run's files are closed
         at the end, also when training fails."""
-        status = "failed"
         try:
             metrics = self._fit()
-            status = "finished"
-            return metrics
-        finally:
-            self.close(status)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self.close("failed")
+            raise
+        self.close("finished")
+        return metrics
 
     def _fit(self) -> dict:
         config, progress = self.config, self.progress
