@@ -50,7 +50,7 @@ def quiet_storage_errors_in_threads() -> None:
 
 def warn(message: str) -> None:
     """A warning for the user, on stderr (the run goes on)."""
-    print(message, file=sys.stderr)
+    print(message, file=sys.stderr, flush=True)
 
 
 def report(error: UserError) -> int:
