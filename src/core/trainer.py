@@ -38,7 +38,7 @@ from src.core.distributed import (
 from src.core.errors import UserError
 from src.core.measures import SampleMeans, SplitSamples, figure_png, per_sample, split_loss
 from src.core.metrics import MetricLogger
-from src.core.phases import BUILT_IN_METRICS, BY_NAME, EVALUATION_PHASE_NAMES
+from src.core.phases import BY_NAME, EVALUATION_PHASE_NAMES
 from src.core.policies import CheckpointSchedule, Monitor, Preempted, PreemptionStop
 from src.core.rundir import read_run_files, update_metadata
 from src.core.schedule import lr_factor
@@ -68,7 +68,7 @@ def check_monitor_before_training(config: Config, model, loss_function, datasets
     """Fail on a misspelled `checkpoint.monitor` before the run directory exists: rank 0 probes
     one batch with a throwaway Trainer when the name is not a built-in one (an exit-2 error
     then reaches every rank)."""
-    if config.checkpoint.monitor is None or config.checkpoint.monitor in BUILT_IN_METRICS:
+    if config.checkpoint.monitor in (None, "train/epoch_loss", "val/loss", "rollout/loss"):
         return
 
     def probe() -> None:
@@ -254,30 +254,22 @@ class Trainer:
         return metrics
 
     def check_monitor(self) -> None:
-        """`checkpoint.monitor` must name a value this run logs. Names your model's hooks and loss
-        add are known only once they ran: then one batch of the monitored phase tells them."""
+        """`checkpoint.monitor` must name a value of an evaluation (val/..., rollout/...) or
+        train/epoch_loss: what is known at each epoch's end. Names your model's hooks and loss add
+        are known only once they ran: then one batch of the monitored phase tells them."""
         monitor = self.monitor.metric
-        known = set(BUILT_IN_METRICS) | {f"{phase}/loss" for phase in self.datasets}
+        known = {"train/epoch_loss"} | {f"{phase}/loss" for phase in self.datasets if phase != "train"}
         phase = monitor.partition("/")[0]
         if monitor not in known and phase in EVALUATION_PHASE_NAMES and phase in self.datasets:
             known |= set(self.evaluate(phase, probe=True)[0])
-        if monitor not in known and phase == "train":
-            for evaluated in (name for name in EVALUATION_PHASE_NAMES if name in self.datasets):
-                probed = self.evaluate(evaluated, probe=True)[0]
-                known |= {f"train/{key.partition('/')[2]}" for key in probed if self.logs_in_training(key)}
-                break
         if monitor not in known:
+            during_training = " (other training values are logged between evaluations)" if phase == "train" else ""
             raise UserError(
-                f"config key 'checkpoint.monitor': {monitor!r} is not a metric this run logs"
+                f"config key 'checkpoint.monitor': {monitor!r} is not a metric of this run's evaluations"
+                + during_training
                 + nearest(monitor, known)
-                + f" (it logs: {', '.join(sorted(known))})"
+                + f" (it can monitor: {', '.join(sorted(known))})"
             )
-
-    def logs_in_training(self, key: str) -> bool:
-        """Whether an evaluation's metric `key` is also logged in training (a loss term, or one of
-        your metrics with `train_metrics`)."""
-        name = key.partition("/")[2]
-        return name in self.interval_sums or (self.config.train_metrics and not name.startswith("_"))
 
     def close(self, status: str = "finished") -> None:
         """Finish the checkpoint write in flight and close the logs (rank 0)."""
