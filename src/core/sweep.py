@@ -81,6 +81,11 @@ def expand(document: dict, schema: dict) -> list[SweepMember]:
     if not isinstance(sweep, dict) or not sweep:
         raise UserError("config key 'sweep': expected a mapping of dotted keys to lists of values")
     for key, values in sweep.items():
+        if str(key).split(".")[0] == "slurm":  # one array script holds one set of resources
+            raise UserError(
+                f"config key 'sweep.{key}': a sweep cannot vary Slurm resources (its array job asks for "
+                "one set for every task); set 'slurm' outside the sweep, or run one sweep per setting"
+            )
         if not isinstance(values, list) or not values:
             raise UserError(
                 f"config key 'sweep.{key}': expected a non-empty list of values, found {values!r} "
