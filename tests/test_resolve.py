@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from helpers import MINIMAL
 
 from src.core.base import BaseDataset, BaseModel
@@ -72,8 +73,64 @@ def test_code_in_a_name_is_rejected_and_never_run(tmp_path, code):
     code = code.format(marker=marker)
     for key in ("loss_function", "model_type", "train_data_loader_type"):
         config = finalize({**parse_yaml(MINIMAL, "t"), key: code}, SCHEMA)
-        assert "is not a name" in message_of(check_config_names, config)
+        message = message_of(check_config_names, config)
+        # `eval('1')` has the form of a loss call with a literal argument: refused as no loss of torch or yours
+        assert "is not a name" in message or (key == "loss_function" and "not a loss function (not found)" in message)
     assert not marker.exists()
+
+
+def test_the_original_templates_loss_calls_are_parsed_with_their_literal_arguments():
+    assert isinstance(resolve_loss_function("torch.nn.MSELoss()"), torch.nn.MSELoss)
+    assert resolve_loss_function('nn.CrossEntropyLoss(reduction="sum")').reduction == "sum"
+    huber = resolve_loss_function("nn.HuberLoss('none', 0.5)")  # positional, as the class takes them
+    assert (huber.reduction, huber.delta) == ("none", 0.5)
+    weighted = resolve_loss_function("nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-1)")
+    assert (weighted.label_smoothing, weighted.ignore_index) == (0.1, -1)
+    smooth = resolve_loss_function("F.smooth_l1_loss(beta=0.5)")  # a function: its settings fixed
+    prediction, target = torch.zeros(3), torch.tensor([0.2, 1.0, 3.0])
+    assert torch.equal(smooth(prediction, target), F.smooth_l1_loss(prediction, target, beta=0.5))
+    assert resolve_loss_function("F.mse_loss()") is F.mse_loss
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("torch.nn.MSELoss(__import__('os').system('touch {marker}'))", "argument 1 is not a literal"),
+        ("nn.MSELoss(reduction=__import__('os').system('touch {marker}'))", "argument 'reduction' is not a literal"),
+        ("nn.MSELoss(*__import__('os').system('touch {marker}'))", "argument 1 is not a literal"),
+        ("nn.MSELoss(**{{'reduction': 'sum'}})", "unpacks a mapping"),
+        ("nn.MSELoss(reduction={{'sum'}})", "argument 'reduction' is not a literal"),  # a set
+        ("nn.MSELoss()()", "is not a name"),
+        ("nn.MSELoss(bogus=1)", "nn.MSELoss(bogus=1) cannot be built: TypeError"),
+        ("F.mse_loss(1)", "gives a function positional arguments"),
+        ("F.mse_loss(bogus=1)", "unexpected keyword argument 'bogus'"),
+        ("nn._Loss()", "is not a name"),
+    ],
+)
+def test_loss_calls_with_anything_but_literals_are_refused_and_never_run(tmp_path, text, expected):
+    marker = tmp_path / "ran"
+    assert expected in message_of(resolve_loss_function, text.format(marker=marker))
+    assert not marker.exists()
+
+
+def test_a_config_in_the_original_templates_form_trains_and_a_loss_with_code_runs_nothing(project):
+    original = {"ngpus_per_node": 1, "num_nodes": 1, "node_idx": 0, "backend": "gloo", "url": "tcp://127.0.0.1:1"}
+    project.write_config("original.yaml", loss_function="torch.nn.MSELoss()", multigpu_parameters=original)
+    project.write_config("unsafe.yaml", loss_function="torch.nn.MSELoss(__import__('os').system('touch MARKER'))")
+    project.commit("configs in the original template's form")
+    shown = project.run("original.yaml", "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    printed = yaml.safe_load(shown.stdout)  # the mapped values, and the original section as given
+    assert printed["distributed"]["backend"] == "gloo" and printed["distributed"]["rdzv_endpoint"] == "127.0.0.1:1"
+    assert printed["multigpu_parameters"] == original
+    result = project.run("original.yaml", "--mini", "--cpu", "--epochs=1", "--batch_size=50", "--run_name=original")
+    assert result.returncode == 0, result.stderr
+    assert (project.root / "logs/PendulumModel/original/checkpoints/last.pt").exists()
+    refused = project.run("unsafe.yaml", "--mini", "--cpu", "--epochs=1")
+    assert refused.returncode == 2 and "argument 1 is not a literal" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (project.root / "MARKER").exists()
+    assert project.run_directories() == [project.root / "logs/PendulumModel/original"]  # nothing else written
 
 
 def test_classes_resolve_in_the_users_files():

@@ -203,6 +203,7 @@ TEMPLATE_SCHEMA = {
             "nproc_per_node": _count(default=1),
             "nnodes": _count(default=1),
             "rdzv_endpoint": {"type": "string", "nullable": True, "default": None},  # host:port of node 0
+            "node_rank": _count(0, nullable=True, default=None),  # set: a static rendezvous (multigpu_parameters)
             "backend": {"type": "string", "allowed": ["auto", "nccl", "gloo"], "default": "auto"},
             "timeout_seconds": _float(min=1.0, max=MAX_SECONDS, default=600.0),  # a dead rank fails the job after this
             "max_restarts": _count(0, default=0),  # torchrun restarts, which resume
@@ -247,7 +248,7 @@ TEMPLATE_SCHEMA = {
             "ngpus_per_node": _count(),
             "num_nodes": _count(),
             "node_idx": _count(0),
-            "backend": {"type": "string"},
+            "backend": {"type": "string", "allowed": ["auto", "nccl", "gloo"]},
             "url": {"type": "string"},
         },
     },
