@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from src.core.base import BaseDataset, BaseModel
-from src.core.checkpoint import load_model_weights
+from src.core.bootstrap import bootstrap_model
 from src.core.config import Config, nearest
 from src.core.errors import UserError
 from src.core.phases import BUILT_IN_METRICS, EVALUATION_PHASES, PHASES, Phase
@@ -408,7 +408,7 @@ def build_parts(config: Config, data_directory: str, mini: bool, device: torch.d
     configure_determinism(config.deterministic, device)
     model = build_model(config)
     if config.bootstrap_model_file:
-        model.load_state_dict(load_model_weights(config.bootstrap_model_file))
+        bootstrap_model(model, config)
     datasets = build_datasets(config, data_directory, mini=mini)
     seed_everything(derive_seed(config.seed, "rank", rank))  # each rank its own dropout and augmentations
     return model, datasets, resolve_loss_function(config.loss_function)

@@ -94,6 +94,8 @@ TEMPLATE_SCHEMA = {
     "model_type": {"type": "string", "required": True},
     "model_parameters": FREE_DICT,  # keyword arguments of the model class
     "bootstrap_model_file": {"type": "string", "nullable": True, "default": None},
+    "bootstrap_model_key": {"type": "string", "nullable": True, "default": None},  # "state_dict": the entry holding it
+    "bootstrap_model_prefix": {"type": "string", "nullable": True, "default": None},  # "module.": stripped from names
     "loss_function": {"type": "string", "required": True},  # F.mse_loss, or a function of yours
     "train_data_loader_type": {"type": "string", "required": True},
     "test_data_loader_type": {"type": "string", "nullable": True, "default": None},

@@ -48,7 +48,7 @@ from src.core.metrics import FIGURES_DIRECTORY, figure_file_name
 
 TRACKERS = ("wandb", "mlflow")
 INSTALL = "pip install -r requirements-trackers.txt"
-PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint")
+PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint", "bootstrap")
 FLUSH_SECONDS = 10.0  # MLflow receives buffered values at least this often
 FLUSH_TIMEOUT_SECONDS = 60.0  # flush() and close() wait at most this long for a slow tracker
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
