@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import MINIMAL
+from helpers import DATA, MINIMAL
 
 from src.core.base import BaseDataset, BaseModel
 from src.core.config import finalize, parse_yaml
 from src.core.errors import UserError
 from src.core.resolve import build_datasets, build_model, check_config_names, resolve_class, resolve_loss_function
 from src.core.template_schema import project_schema
-from src.data_loader import PendulumSteps
+from src.data_loader import PendulumSteps, PendulumTrajectories
 from src.model import PendulumModel, loss_function_example
 
 SCHEMA = project_schema()
@@ -181,6 +181,38 @@ def test_the_base_classes_themselves_are_refused():
         config = finalize({**parse_yaml(MINIMAL, "t"), **parse_yaml(extra, "t")}, SCHEMA)
         message = message_of(check_config_names, config)
         assert "is the base class itself; expected a subclass of it" in message and key in message
+
+
+def test_mini_reaches_a_constructor_that_asks_for_it_before_it_loads(monkeypatch):
+    import src.data_loader
+
+    seen = []
+
+    class Large(PendulumSteps):
+        def __init__(self, data_directory, split, mini: bool = False):
+            seen.append(mini)
+            super().__init__(data_directory, split, mini=mini)
+
+    monkeypatch.setattr(src.data_loader, "Large", Large, raising=False)
+    config = finalize({**parse_yaml(MINIMAL, "t"), "train_data_loader_type": "Large"}, SCHEMA)
+    check_config_names(config)
+    (_, dataset), *_ = build_datasets(config, str(DATA), mini=True).values()
+    assert seen == [True] and len(dataset) == 100
+    build_datasets(config, str(DATA), mini=False)
+    assert seen == [True, False]
+    # `mini` is the flag's to set, not the config's
+    setting = {**config.to_dict(), "data_loader_parameters": {"all": {"mini": True}}}
+    assert "has no parameter 'mini'" in message_of(check_config_names, finalize(setting, SCHEMA))
+
+
+@pytest.mark.parametrize("dataset_class", [PendulumSteps, PendulumTrajectories])
+def test_the_examples_load_only_what_mini_keeps_and_keep_the_same_items(dataset_class):
+    full, small = dataset_class(str(DATA), "train"), dataset_class(str(DATA), "train", mini=True)
+    assert len(small) < len(full)
+    kept, expected = small.mini_subset(), full.mini_subset()
+    assert len(kept) == len(expected) == 100
+    for index in range(100):  # --mini trains on exactly the items it trained on before
+        assert all(torch.equal(kept[index][key], expected[index][key]) for key in expected[index])
 
 
 def test_a_dataset_needs_len_and_getitem(monkeypatch):

@@ -271,6 +271,11 @@ def dataset_arguments(config: Config, phase: Phase) -> dict:
     return {**parameters.all.to_dict(), **parameters[phase.split].to_dict()}
 
 
+def takes_mini(dataset_class: type) -> bool:
+    """Whether the constructor wants to know about --mini before it loads (BaseDataset's docstring)."""
+    return "mini" in inspect.signature(dataset_class).parameters
+
+
 def check_config_names(config: Config) -> None:
     """Resolve every name in the config and check every argument list (builds nothing)."""
     model_class = resolve_class("model_type", config.model_type, "src.model", BaseModel)
@@ -284,7 +289,7 @@ def check_config_names(config: Config) -> None:
                 f"data_loader_parameters.{phase.split}",
                 dataset_class,
                 dataset_arguments(config, phase),
-                given_elsewhere=("data_directory", "split"),
+                given_elsewhere=("data_directory", "split", *(["mini"] if takes_mini(dataset_class) else [])),
             )
     check_optimizer(config.optimizer)
     check_monitor(config)
@@ -383,7 +388,8 @@ def build_model(config: Config) -> torch.nn.Module:
 
 
 def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str, tuple[type, Dataset]]:
-    """(class, dataset) of each configured phase, by phase name; `--mini` takes a subset."""
+    """(class, dataset) of each configured phase, by phase name; `--mini` takes a subset (and
+    reaches the constructor first, as `mini=True`, when it has a `mini` parameter)."""
     datasets = {}
     for phase in PHASES:
         if config[phase.loader_key] is None:
@@ -392,7 +398,7 @@ def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str,
         dataset = construct(
             f"data_loader_parameters.{phase.split}",
             dataset_class,
-            dataset_arguments(config, phase),
+            {**dataset_arguments(config, phase), **({"mini": mini} if takes_mini(dataset_class) else {})},
             (TypeError, ValueError, OverflowError, MemoryError),
             data_directory,
             phase.split,
