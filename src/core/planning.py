@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import provenance
+from src.core.bootstrap import bootstrap_record, check_bootstrap
 from src.core.config import (
     Config,
     ConfigEdits,
@@ -57,6 +58,7 @@ class Plan:
     git: dict | None  # None: this run logs nothing
     mini: bool  # --mini, or a resumed run's own setting
     resume_from: Path | None = None  # a run directory to continue
+    bootstrap: dict | None = None  # a new run's initial weights: {path, sha256} (src/core/bootstrap.py)
 
 
 def read_request(args, edits: ConfigEdits | None = None, resume: str | None = None) -> Request:
@@ -99,7 +101,7 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
     git = logging_gate(args)
     if git is not None:
         check_trackers(request.config.loggers)  # a named tracker that is not installed: before anything runs
-    return Plan(request.config, data_directory, git, args.mini)
+    return Plan(request.config, data_directory, git, args.mini, bootstrap=bootstrap_record(request.config))
 
 
 def plan_resume(args, request: Request) -> Plan:
@@ -111,6 +113,7 @@ def plan_resume(args, request: Request) -> Plan:
     check_same_commit(request.saved["git"]["commit"], git["commit"], "--resume", request.run_directory)
     data_directory = str(find_data_directory(request.config))
     check_same_data(request.saved.get("data_fingerprint"), data_directory, request.run_directory)
+    check_bootstrap(request.saved.get("bootstrap"), "--resume", request.run_directory)
     mini = request.saved["flags"]["mini"]
     return Plan(request.config, data_directory, git, mini, resume_from=request.run_directory)
 

@@ -138,6 +138,7 @@ def create_run_directory(plan: Plan, args, world_size: int) -> Path:
             "command_line": shlex.join(["python", "run.py", *args.argv]),
             "environment": {**provenance.environment_provenance(), "world_size": world_size},
             "data_fingerprint": provenance.data_fingerprint(plan.data_directory),
+            **({"bootstrap": plan.bootstrap} if plan.bootstrap else {}),
         },
         provenance.installed_packages(),
     )

@@ -35,13 +35,13 @@ from src.core.distributed import (
     broadcast_object,
     share_from_rank_zero,
 )
-from src.core.errors import UserError
+from src.core.errors import UserError, warn
 from src.core.measures import SampleMeans, SplitSamples, figure_png, per_sample, split_loss
 from src.core.metrics import MetricLogger
 from src.core.phases import BY_NAME, EVALUATION_PHASE_NAMES
 from src.core.policies import CheckpointSchedule, Monitor, Preempted, PreemptionStop
 from src.core.rundir import read_run_files, update_metadata
-from src.core.schedule import lr_factor
+from src.core.schedule import lr_factor, zero_lr_extension
 from src.core.seeding import derive_seed, isolated_rng, restore_rng_state, rng_state
 from src.core.trackers import TRACKERS, Trackers
 
@@ -573,6 +573,11 @@ class Trainer:
             )
         self.schedule_steps = state["schedule_steps"]
         self.set_learning_rate(self.progress.global_step)
+        stalled = zero_lr_extension(
+            self.config.scheduler, self.schedule_steps, self.steps_per_epoch * self.config.epochs
+        )
+        if stalled and self.context.is_main:
+            warn(stalled)
         self.monitor.load_state_dict(state.get("monitor") or {"best": state["best"]})
         own = state["per_rank"][self.context.rank % len(state["per_rank"])]
         running = own["running"]
