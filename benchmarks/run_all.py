@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, side by side, printed and written to benchmarks/results/latest.md.
 
-python benchmarks/run_all.py [--repetitions N] [--only training,startup,gate,checkpoint]
+python benchmarks/run_all.py [--repetitions N] [--only training,startup,gate,checkpoint,archive]
 """
 
 import argparse
@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import archive
 import checkpointing
 import epoch_overhead
 import git_gate
@@ -41,7 +42,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--only", default="training,startup,gate,checkpoint")
+    parser.add_argument("--only", default="training,startup,gate,checkpoint,archive")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         run(set(args.only.split(",")), args.repetitions, Path(scratch))
@@ -84,6 +85,10 @@ def run(chosen: set[str], repetitions: int, scratch: Path) -> None:
             subprocess.run(["python", "data/generate_pendulum.py"], cwd=project, check=True, capture_output=True)
         comparisons, notes = checkpointing.run(data, max(3, repetitions // 2), scratch)
         report("### 4. Checkpointing\n", "\n".join([HEADER, *(c.row() for c in comparisons)]) + "\n", *notes)
+    if "archive" in chosen:  # against moto's S3 server on localhost
+        comparisons, notes = archive.run(repetitions)
+        rows = "\n".join([HEADER, *(c.row() for c in comparisons)]) + "\n"
+        report("### 6. Archiving to S3 (A = as named, B = without it)\n", rows, *notes)
     print(f"written to {results / 'latest.md'}")
 
 

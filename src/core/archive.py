@@ -297,6 +297,7 @@ class RunUploader:
         self.location = run_location(uri, self.run_directory)
         self.store = Store(self.location)
         self.archived: dict[str, str] = {}  # step file name -> the manifest text the archive holds
+        self.unverified: set[str] = set()  # step files the archive holds a manifest for that does not match
         self.refused: set[str] = set()  # local step files that failed verification (never sent again)
         self.sent_files: dict[str, tuple[int, int]] = {}  # run file -> (size, mtime_ns) when sent
         self.sent_pointers: dict[str, str] = {}
@@ -325,6 +326,8 @@ class RunUploader:
             text = self.store.read(f"checkpoints/{manifest_path(Path(name)).name}")
             if text is not None and _manifest_bytes(text) == remote[name]:
                 self.archived[name] = text.decode()
+            elif text is not None:
+                self.unverified.add(name)
         self.scanned = True
 
     def sync(self, pruned: set[str] = frozenset(), upload_files: bool = True) -> UploadReport:
@@ -348,7 +351,9 @@ class RunUploader:
         self.upload_pointers()
         self.report.newest_step = self.newest_archived_step()
         if upload_files:
-            self.upload_run_files()
+            for name in run_files(self.run_directory):
+                if name != METADATA_FILE:
+                    self.upload_run_file(name)
             self.record_status("synced")
             self.upload_run_file(METADATA_FILE)  # last, so that the archived copy says synced
         return self.report
@@ -356,9 +361,10 @@ class RunUploader:
     def upload_checkpoint(self, path: Path, manifest_text: str) -> None:
         manifest = json.loads(manifest_text)
         manifest_name = f"checkpoints/{manifest_path(path).name}"
-        if path.name in self.archived or self.store.size(manifest_name) is not None:
+        if path.name in self.archived or path.name in self.unverified:
             self.store.remove(manifest_name)  # another checkpoint of that step (a resumed run): unverified now
             self.archived.pop(path.name, None)
+            self.unverified.discard(path.name)
         with ThreadPoolExecutor(max_workers=1) as pool:  # hash while uploading: hashlib releases the GIL
             digest = pool.submit(sha256_of_file, path)
             self.store.upload(path, f"checkpoints/{path.name}")
@@ -392,10 +398,6 @@ class RunUploader:
             if self.sent_pointers.get(name) != text and json.loads(text).get("links_to") in self.archived:
                 self.store.write(f"checkpoints/{name}.json", text.encode())
                 self.sent_pointers[name] = text
-
-    def upload_run_files(self) -> None:
-        for name in run_files(self.run_directory):
-            self.upload_run_file(name)
 
     def upload_run_file(self, name: str) -> None:
         path = self.run_directory / name
