@@ -108,7 +108,7 @@ def run(repetitions: int, parts: str = "training,one-shot") -> tuple[list[Compar
         comparisons, notes = [], []
         with tempfile.TemporaryDirectory(prefix="bench-archive-") as scratch:
             if "training" in parts:
-                mirrored, final_syncs = training_with_mirror(Path(scratch), max(repetitions, 5), "bench")
+                mirrored, final_syncs = training_with_mirror(Path(scratch), repetitions, "bench")
                 comparisons.append(mirrored)
                 final = sorted(final_syncs)[len(final_syncs) // 2]
                 notes.append(f"Final sync after training (Mirror.close): median {final:.3f} s.")

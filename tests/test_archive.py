@@ -20,6 +20,7 @@ from src.core.archive import ENVIRONMENT_VARIABLE, Mirror, Store, archive_run, a
 from src.core.checkpoint import CheckpointWriter, read_checkpoint, step_checkpoints
 from src.core.config import validate
 from src.core.errors import UserError
+from src.core.metrics import read_metrics
 from src.core.rundir import read_yaml, update_metadata
 from src.schema import SCHEMA
 from tests.s3_server import CREDENTIALS, MotoServer
@@ -407,9 +408,32 @@ def test_a_missing_back_end_is_one_clear_message():
 RUN = ("sample_runconfig.yaml", "--mini", "--cpu", "--epochs=2", "--batch_size=8", "--checkpoint.every_n_steps=5")
 
 
-def test_a_killed_run_archived_restored_elsewhere_and_resumed_equals_an_uninterrupted_one(project, s3_archive):
-    from tests.test_resume import assert_same_run
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """Bitwise the same final training state and the same logged values."""
+    a, b = (read_checkpoint(run / "checkpoints" / "last.pt") for run in (reference, resumed))
+    for part in ("model", "optimizer", "progress", "per_rank", "best"):
+        assert_equal(a[part], b[part], part)
+    assert [(r["step"], r["phase"], r["name"], r["value"]) for r in read_metrics(resumed)] == [
+        (r["step"], r["phase"], r["name"], r["value"]) for r in read_metrics(reference)
+    ]
 
+
+def assert_equal(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_equal(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, where
+
+
+def test_a_killed_run_archived_restored_elsewhere_and_resumed_equals_an_uninterrupted_one(project, s3_archive):
     assert project.run(*RUN, "--run_name=reference").returncode == 0
     killed = project.run(*RUN, "--run_name=moved", env={"TEMPLATE_FAULT": "train_step:17"})
     assert killed.returncode == -signal.SIGKILL
@@ -442,8 +466,6 @@ def integrated() -> bool:
 
 @pytest.mark.skipif(not integrated(), reason="needs the Trainer and run.py integration (see src/core/archive.py)")
 def test_a_run_mirrors_while_it_trains_and_resumes_from_s3_after_its_disk_is_lost(project, s3_archive):
-    from tests.test_resume import assert_same_run
-
     assert project.run(*RUN, "--run_name=reference").returncode == 0
     env = {ENVIRONMENT_VARIABLE: s3_archive}
     killed = project.run(*RUN, "--run_name=moved", env={**env, "TEMPLATE_FAULT": "train_step:17"})
