@@ -16,7 +16,14 @@ import pytest
 import torch
 import yaml
 
-from src.core.archive import ENVIRONMENT_VARIABLE, Mirror, Store, archive_run, archive_uri, restore_run
+from src.core.archive import (
+    ENVIRONMENT_VARIABLE,
+    Mirror,
+    Store,
+    archive_run,
+    archive_uri,
+    restore_run,
+)
 from src.core.checkpoint import CheckpointWriter, read_checkpoint, step_checkpoints
 from src.core.config import validate
 from src.core.errors import UserError
@@ -391,15 +398,19 @@ def test_a_missing_back_end_is_one_clear_message():
         "from src.core.archive import main\n"
         "sys.exit(main(sys.argv[1:]))"
     )
+    check = "from src.core.archive import check_archive\ncheck_archive({'archive': {'uri': sys.argv[-1]}})"
     for uri, package in (("s3://bucket/runs", "s3fs"), ("gs://bucket/runs", "gcsfs")):
         result = subprocess.run(
             [sys.executable, "-c", code, "--runs", uri], cwd=REPO, capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 2, result.stderr
         scheme = uri.split(":")[0]
-        assert result.stderr.strip() == (
-            f"error: {scheme}:// needs {package}: pip install -r requirements-archive.txt (or make install-archive)"
+        message = f"{scheme}:// needs {package}: pip install -r requirements-archive.txt (or make install-archive)"
+        assert result.stderr.strip() == f"error: {message}"
+        at_plan_time = subprocess.run(
+            [sys.executable, "-c", code.split("\n")[0] + "\n" + check, uri], cwd=REPO, capture_output=True, text=True
         )
+        assert f"src.core.errors.UserError: {message}" in at_plan_time.stderr  # raised before anything is written
 
 
 # ---------------------------------------------------------------------------------------

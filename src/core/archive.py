@@ -21,7 +21,8 @@ local server) are reached through the standard AWS_ENDPOINT_URL variable.
 
 Integration (the Trainer and run.py):
 
-    mirror = Mirror(run_directory, uri)   # uri: archive_uri(config); starts the worker thread
+    uri = check_archive(config)           # at plan time, before the run directory: exit 2 on bad input
+    mirror = Mirror(run_directory, uri)   # rank 0, when uri is not None; starts the worker thread
     CheckpointWriter(..., archive=mirror) # calls mirror.checkpoint_durable(path) after the manifest
                                           # and mirror.checkpoints_pruned(names) after pruning
     mirror.sync_run_files()               # whenever run files changed (any time; coalesced)
@@ -128,6 +129,15 @@ def archive_uri(config: dict) -> str | None:
         return None
     uri = section.get("uri") or os.environ.get(ENVIRONMENT_VARIABLE) or None
     return check_uri(uri) if uri else None
+
+
+def check_archive(config: dict) -> str | None:
+    """Before a run writes anything: its archive URI (or None), refused with one UserError when
+    it holds credentials, has an unknown scheme, or its back end is not installed. No network."""
+    uri = archive_uri(config)
+    if uri is not None:
+        Store(uri)
+    return uri
 
 
 def run_location(uri: str, run_directory: Path) -> str:
