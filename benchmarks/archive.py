@@ -65,14 +65,14 @@ def one_shot_archive(scratch: Path, repetitions: int, bucket: str) -> Comparison
     return Comparison("1 GiB checkpoint: --archive (verified) / plain s3fs put_file", a, b)
 
 
-def training_with_mirror(scratch: Path, repetitions: int, bucket: str) -> tuple[Comparison, list[float]]:
+def training_with_mirror(scratch: Path, repetitions: int, bucket: str) -> tuple[list[Comparison], list[float]]:
     config = (
         (REPO / "sample_runconfig.yaml")
         .read_text()
         .replace("data_directory: data/pendulum", f"data_directory: {REPO / 'data' / 'pendulum'}")
     )
     counter = iter(range(10**6))
-    final_syncs = []
+    final_syncs, cpu = [], {True: [], False: []}  # process CPU seconds (every thread): robust to a busy machine
 
     def fit(mirrored: bool) -> float:
         run = scratch / "runs" / f"run-{next(counter)}"
@@ -80,9 +80,10 @@ def training_with_mirror(scratch: Path, repetitions: int, bucket: str) -> tuple[
         trainer = in_process_trainer(config, run, mini=False)
         mirror = Mirror(run, f"s3://{bucket}/mirrored") if mirrored else None
         trainer.checkpoints.archive = mirror
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         trainer.fit()
         seconds = time.perf_counter() - started
+        cpu[mirrored].append(time.process_time() - cpu_started)
         if mirror is not None:
             closing = time.perf_counter()
             assert mirror.close(120)
@@ -92,11 +93,13 @@ def training_with_mirror(scratch: Path, repetitions: int, bucket: str) -> tuple[
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
         fit(True), fit(False)  # warm-up
         final_syncs.clear()
+        cpu[True].clear(), cpu[False].clear()
         a, b = [], []
         for _ in range(repetitions):
             a.append(fit(True))
             b.append(fit(False))
-    return Comparison("the example (sample_runconfig.yaml, 8 epochs): fit() mirrored / not", a, b), final_syncs
+    name = "the example (sample_runconfig.yaml, 8 epochs): fit() mirrored / not"
+    return [Comparison(name, a, b), Comparison(f"{name}, process CPU time", cpu[True], cpu[False])], final_syncs
 
 
 def run(repetitions: int, parts: str = "training,one-shot") -> tuple[list[Comparison], list[str]]:
@@ -109,7 +112,7 @@ def run(repetitions: int, parts: str = "training,one-shot") -> tuple[list[Compar
         with tempfile.TemporaryDirectory(prefix="bench-archive-") as scratch:
             if "training" in parts:
                 mirrored, final_syncs = training_with_mirror(Path(scratch), repetitions, "bench")
-                comparisons.append(mirrored)
+                comparisons += mirrored
                 final = sorted(final_syncs)[len(final_syncs) // 2]
                 notes.append(f"Final sync after training (Mirror.close): median {final:.3f} s.")
             if "one-shot" in parts:
