@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 DATA := data/pendulum/train/trajectories.npy
 PYTEST_ARGS ?=
 
-.PHONY: help install data demo test check lint format bench clean docker-build
+.PHONY: help install install-archive data demo test check lint format bench clean docker-build
 
 help:
 	@echo "make demo    install, make the example data, train sample_runconfig.yaml with logging"
@@ -17,13 +17,19 @@ help:
 	@echo "make format  ruff format and ruff check --fix"
 	@echo "make bench   run the benchmarks (benchmarks/README.md)"
 	@echo "make data    simulate the example pendulum data into data/pendulum"
+	@echo "make install-archive  add the S3 and GCS back ends for archiving runs (s3fs, gcsfs)"
 
-$(INSTALLED): requirements.txt requirements-dev.txt requirements-trackers.txt
+$(INSTALLED): requirements.txt requirements-dev.txt requirements-trackers.txt requirements-archive.txt requirements-s3-server.txt
 	test -d $(VENV) || $(PYTHON_FOR_VENV) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 install: $(INSTALLED)
+
+# The object-store back ends of the archive (README, "Archiving runs to object storage"); make test has them.
+install-archive:
+	test -d $(VENV) || $(PYTHON_FOR_VENV) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-archive.txt
 
 $(DATA): $(INSTALLED) data/generate_pendulum.py
 	$(PYTHON) data/generate_pendulum.py --out data/pendulum
@@ -53,10 +59,13 @@ format: $(INSTALLED)
 # The benchmarks run in their own environment: the same requirements plus Lightning, for its column,
 # and the trackers, for theirs.
 BENCH_VENV := .venv-bench
-$(BENCH_VENV)/.installed: requirements.txt requirements-trackers.txt benchmarks/requirements-lightning.txt
+# The benchmarks of the trackers and of the archive need them, and the local S3 server.
+BENCH_REQUIREMENTS := requirements.txt benchmarks/requirements-lightning.txt requirements-trackers.txt \
+	requirements-archive.txt requirements-s3-server.txt
+$(BENCH_VENV)/.installed: $(BENCH_REQUIREMENTS)
 	test -d $(BENCH_VENV) || $(PYTHON_FOR_VENV) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
-		-r benchmarks/requirements-lightning.txt -r requirements-trackers.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements-lightning.txt \
+		-r requirements-trackers.txt -r requirements-archive.txt -r requirements-s3-server.txt
 	touch $@
 
 bench: $(BENCH_VENV)/.installed $(DATA)

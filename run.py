@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from src.core.archive import run_archive_command
 from src.core.cli import parse_command_line
 from src.core.distributed import (
     choose_device,
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_command_line(argv)
         if args.requeue:  # installed first, so that no warning is lost
             signal.signal(signal.SIGUSR1, lambda *_: PREEMPTION.set())
+        archived = run_archive_command(args)  # --archive, --restore, --runs URI
+        if archived is not None:
+            return archived
         if args.runs is not None:
             return show_runs(args)
         if args.note:
@@ -99,6 +103,7 @@ def train(args, request) -> int:
                 device=device,
                 context=context,
                 run_directory=run.directory,
+                archive=run.mirror,
                 resume_state=run.checkpoint,
                 commit=run.commit,
                 config_hash=run.config_hash,

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, side by side, printed and written to benchmarks/results/latest.md.
 
-python benchmarks/run_all.py [--repetitions N] [--only training,classifier,startup,gate,checkpoint,trackers]
+python benchmarks/run_all.py [--repetitions N] [--only training,classifier,startup,gate,checkpoint,trackers,archive]
 """
 
 import argparse
@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import archive
 import checkpointing
 import classifier_overhead
 import epoch_overhead
@@ -43,7 +44,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--only", default="training,classifier,startup,gate,checkpoint,trackers")
+    parser.add_argument("--only", default="training,classifier,startup,gate,checkpoint,trackers,archive")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         run(set(args.only.split(",")), args.repetitions, Path(scratch))
@@ -95,8 +96,12 @@ def run(chosen: set[str], repetitions: int, scratch: Path) -> None:
     if "trackers" in chosen:
         rows = [c.row() for c in trackers.run(max(repetitions, 7), scratch)]
         rows = rows or ["| neither wandb nor mlflow is installed (pip install -r requirements-trackers.txt) | | | | |"]
-        title = "### 6. Experiment trackers (A = TensorBoard + metrics.jsonl + the tracker, B = without it)\n"
+        title = "### 7. Experiment trackers (A = TensorBoard + metrics.jsonl + the tracker, B = without it)\n"
         report(title, "\n".join([HEADER, *rows]) + "\n")
+    if "archive" in chosen:  # against moto's S3 server on localhost
+        comparisons, notes = archive.run(repetitions)
+        rows = "\n".join([HEADER, *(c.row() for c in comparisons)]) + "\n"
+        report("### 8. Archiving to S3 (A = as named, B = without it)\n", rows, *notes)
     print(f"written to {results / 'latest.md'}")
 
 

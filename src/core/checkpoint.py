@@ -208,16 +208,19 @@ def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def prune_checkpoints(directory: Path, keep_recent: int, protected: set[str]) -> None:
+def prune_checkpoints(directory: Path, keep_recent: int, protected: set[str]) -> list[str]:
     """Delete complete step files beyond the `keep_recent` newest, never one in `protected`
-    (best, last). Only files with a manifest count as recent, so a leftover without one
-    can never push the only valid checkpoint out."""
+    (best, last); return the names deleted. Only files with a manifest count as recent, so a
+    leftover without one can never push the only valid checkpoint out."""
     infos = [info for info in step_checkpoints(directory) if manifest_path(info.path).exists()]
+    deleted = []
     for info in infos[: max(0, len(infos) - keep_recent)]:
         if info.path.name in protected:
             continue
         manifest_path(info.path).unlink(missing_ok=True)
         info.path.unlink(missing_ok=True)
+        deleted.append(info.path.name)
+    return deleted
 
 
 def set_aside_newer_than(directory: Path, step: int) -> list[str]:
@@ -265,13 +268,15 @@ class CheckpointWriter:
 
     `save()` blocks only while it copies the state to CPU memory; the write, the
     fsync and the manifest happen behind training. A failed write is raised by the
-    next `save()` or by `wait()`, so training stops with the error.
+    next `save()` or by `wait()`, so training stops with the error. `archive` (an
+    `archive.Mirror`) hears of each durable checkpoint and of each pruned one.
     """
 
-    def __init__(self, directory: Path, keep_recent: int, background: bool = True):
+    def __init__(self, directory: Path, keep_recent: int, background: bool = True, archive=None):
         self.directory = directory
         self.keep_recent = keep_recent
         self.background = background
+        self.archive = archive
         self.protected: dict[str, str] = {}  # "last"/"best" -> step file name
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -305,7 +310,10 @@ class CheckpointWriter:
         path = write_checkpoint(self.directory, state, links, sync_first)
         for name in links:
             self.protected[name] = path.name
-        prune_checkpoints(self.directory, self.keep_recent, set(self.protected.values()))
+        pruned = prune_checkpoints(self.directory, self.keep_recent, set(self.protected.values()))
+        if self.archive is not None:  # only wakes the mirror's thread: never waits for the store
+            self.archive.checkpoints_pruned(pruned)
+            self.archive.checkpoint_durable(path)
         on_written(path)
 
     def _write_in_background(self, state, links, on_written, sync_first) -> None:

@@ -412,6 +412,8 @@ def validate(document: dict, schema: dict) -> dict:
             lines.append(f"unknown key {dotted!r}{hint or ' (not in src/schema.py)'}")
         elif message == "required field":
             lines.append(f"missing required key {dotted!r}")
+        elif message.endswith("(value not shown)"):  # it holds a secret: never echo it
+            lines.append(f"key {dotted!r}: {message}")
         else:
             found = _describe(lookup(document, dotted))
             lines.append(f"key {dotted!r}: {message}, found {found}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import provenance
+from src.core.archive import check_archive, is_archive_uri, restore_for_resume
 from src.core.bootstrap import bootstrap_record, check_bootstrap
 from src.core.config import (
     Config,
@@ -65,6 +66,8 @@ def read_request(args, edits: ConfigEdits | None = None, resume: str | None = No
     """Read the config the command line names, once, and validate it."""
     edits = args.edits if edits is None else edits
     resume = resume or args.resume
+    if is_archive_uri(resume):  # --resume s3://...: download and verify it, then resume it here
+        resume = str(restore_for_resume(resume, log_root(args.log_dir)))
     if resume:
         if args.config is not None:
             raise UserError("--resume uses the run's own config; drop the config file argument")
@@ -99,8 +102,9 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
         return None
     data_directory = str(find_data_directory(request.config))
     git = logging_gate(args)
-    if git is not None:
-        check_trackers(request.config.loggers)  # a named tracker that is not installed: before anything runs
+    if git is not None:  # a tracker not installed, an archive URI with credentials: before anything runs
+        check_trackers(request.config.loggers)
+        check_archive(request.config.to_dict())
     return Plan(request.config, data_directory, git, args.mini, bootstrap=bootstrap_record(request.config))
 
 

@@ -58,16 +58,21 @@ def summarize(run_directory: Path, root: Path, config: dict, on_remote: dict[str
     """One row of the table; `on_remote` (from commits_on_remote) overrides the mark
     recorded when the run started."""
     metadata = read_yaml(run_directory / METADATA_FILE) or {}
-    git = config.get("git") or {}
     status = metadata.get("status", "?")
     if status == "running" and not is_locked(run_directory):
         status = "crashed"
+    row = make_row(str(run_directory.relative_to(root)), config, metadata, status, on_remote)
+    return {"order": (row["started"], (run_directory / CONFIG_FILE).stat().st_mtime), **row}
+
+
+def make_row(run: str, config: dict, metadata: dict, status: str, on_remote: dict[str, bool]) -> dict:
+    """A row of the table from a run's config.yaml and metadata.yaml (local or archived)."""
+    git = config.get("git") or {}
     resumes = len(metadata.get("resumes") or [])
     best = metadata.get("best") or {}
     pushed = on_remote.get(git.get("commit") or "", git.get("commit_on_remote"))
     return {
-        "order": (str(metadata.get("started", "")), (run_directory / CONFIG_FILE).stat().st_mtime),
-        "run": str(run_directory.relative_to(root)),
+        "run": run,
         "started": str(metadata.get("started", "")),
         "commit": (git.get("commit") or "")[:10] + ("" if pushed else "*"),
         "status": status + (f" (resumed {resumes}x)" if resumes else ""),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import faults, provenance
+from src.core.archive import Mirror, archive_uri
 from src.core.checkpoint import (
     CheckpointWriteError,
     newest_valid_checkpoint,
@@ -47,6 +48,8 @@ class Run:
     commit: str | None
     config_hash: str
     context: DistContext
+    mirror: Mirror | None = None  # rank 0's copy to the archive, when the config names one
+    archive_timeout: float = 600.0
 
     def fit(self, fit: Callable[[], object], on_preempted: Callable[[], str]) -> int:
         """Run `fit`, and record how it ended in metadata.yaml (rank 0); return the exit code.
@@ -56,6 +59,8 @@ class Run:
         finally:
             if self.records:
                 update_sweep_table(self.directory)
+            if self.mirror is not None and not self.mirror.close(self.archive_timeout):
+                warn(f"warning: the archive is behind; complete it with: python run.py --archive {self.directory}")
 
     @property
     def records(self) -> bool:
@@ -120,7 +125,10 @@ def open_run(plan: Plan, args, context: DistContext) -> Iterator[Run]:
                 context, "checkpoint", lambda: start_resume(directory, context, hash_of_config, commit)
             )
             checkpoint = read_checkpoint(path) if path else None
-        yield Run(directory, checkpoint, commit, hash_of_config, context)
+        uri = archive_uri(plan.config.to_dict()) if context.is_main and directory is not None else None
+        mirror = Mirror(directory, uri) if uri else None  # after the resume chose its checkpoint
+        timeout = plan.config.archive.final_sync_timeout_seconds
+        yield Run(directory, checkpoint, commit, hash_of_config, context, mirror, timeout)
     finally:
         if lock is not None:
             lock.close()

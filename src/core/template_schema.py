@@ -82,6 +82,20 @@ NAME = {
     "nullable": True,
     "default": None,
 }
+
+
+def _archive_uri(field, value, error):
+    """Refuse a URI holding credentials (they would be saved with the run) or of an unknown scheme."""
+    if value:
+        from src.core.archive import check_uri  # only when a config names an archive
+        from src.core.errors import UserError
+
+        try:
+            check_uri(value)
+        except UserError as problem:
+            error(field, str(problem))
+
+
 FREE_DICT = {"type": "dict", "default": {}}
 
 TEMPLATE_SCHEMA = {
@@ -237,6 +251,16 @@ TEMPLATE_SCHEMA = {
             "extra_sbatch": {"type": "list", "schema": {"type": "string"}, "default": []},  # "--constraint=a100"
             "setup": {"type": "list", "schema": {"type": "string"}, "default": []},  # "module load cuda"
             "signal_seconds": _count(default=120),  # --requeue's warning
+        },
+        meta=NEUTRAL,
+    ),
+    # Where the run is mirrored while it trains (README, "Archiving runs to object storage").
+    "archive": _section(
+        {
+            # s3://bucket/prefix, gs://bucket/prefix, file:///shared/runs; null: $TEMPLATE_ARCHIVE_URI, if set
+            "uri": {"type": "string", "nullable": True, "default": None, "check_with": _archive_uri},
+            "enabled": {"type": "boolean", "default": True},  # false: not even $TEMPLATE_ARCHIVE_URI
+            "final_sync_timeout_seconds": _float(min=0.0, default=600.0),  # the wait for the last upload
         },
         meta=NEUTRAL,
     ),

@@ -96,7 +96,9 @@ class RunFiles:
     checkpoints: CheckpointWriter | None = None
 
     @classmethod
-    def open(cls, directory: Path, context: DistContext, resume_state: dict | None, config: Config) -> "RunFiles":
+    def open(
+        cls, directory: Path, context: DistContext, resume_state: dict | None, config: Config, archive=None
+    ) -> "RunFiles":
         if not context.is_main:
             return cls(directory)
         # A resumed run cuts metrics.jsonl back to what its checkpoint covers (to nothing when
@@ -114,7 +116,8 @@ class RunFiles:
                 config.loggers, directory, config.to_dict(), provenance, metadata.get("trackers")
             )
             update_metadata(directory, trackers=logger.trackers.ids())
-        return cls(directory, logger, CheckpointWriter(directory / "checkpoints", config.checkpoint.keep_recent))
+        checkpoints = CheckpointWriter(directory / "checkpoints", config.checkpoint.keep_recent, archive=archive)
+        return cls(directory, logger, checkpoints)
 
     def wait(self) -> None:
         """Until the checkpoint write in flight is on disk (rank 0; a no-op elsewhere)."""
@@ -145,11 +148,13 @@ class Trainer:
         commit: str | None = None,
         config_hash: str | None = None,
         preemption: threading.Event | None = None,
+        archive=None,
         show_progress: bool = False,
     ):
         """`run_directory`: where to log (None: nothing is written). `resume_state`: the
         checkpoint to continue from (None: start at step 0). `preemption`: an event that,
-        once set (SIGUSR1 under --requeue), makes the run checkpoint and stop."""
+        once set (SIGUSR1 under --requeue), makes the run checkpoint and stop. `archive`: rank 0's
+        archive.Mirror, told of every durable checkpoint (None: no archive)."""
         self.config = config
         self.device = device
         self.context = context
@@ -207,7 +212,7 @@ class Trainer:
         if resume_state is not None:
             self.load_state_dict(resume_state)
         # The one switch for logging: the same on every rank (rank 0 alone holds the writers).
-        self.files = RunFiles.open(run_directory, context, resume_state, config) if run_directory else None
+        self.files = RunFiles.open(run_directory, context, resume_state, config, archive) if run_directory else None
 
     # ------------------------------------------------------------------------------
     # The loop
