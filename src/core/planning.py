@@ -115,9 +115,12 @@ def plan_resume(args, request: Request) -> Plan:
     return Plan(request.config, data_directory, git, mini, resume_from=request.run_directory)
 
 
-def load_run(run_directory: str | Path, edits: ConfigEdits, flag: str) -> tuple[Path, dict, Config]:
+def load_run(
+    run_directory: str | Path, edits: ConfigEdits, flag: str, may_change: frozenset[str] | None = frozenset()
+) -> tuple[Path, dict, Config]:
     """A logged run's saved config (read once), with the command line's edits if they leave
-    results unchanged; and its recorded provenance."""
+    results unchanged (or touch only `may_change`, dotted keys; None: anything may change,
+    for a branch, which is a new run); and its recorded provenance."""
     run_directory = Path(run_directory)
     schema = project_schema()
     document, saved = split_provenance(read_run_files(run_directory, flag)[0])
@@ -125,11 +128,19 @@ def load_run(run_directory: str | Path, edits: ConfigEdits, flag: str) -> tuple[
     config = finalize(apply_edits(original, edits, schema), schema)
     before, after = result_affecting_keys(original, schema), result_affecting_keys(config, schema)
     changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    changed = [key for key in changed if may_change is not None and key not in may_change]
+    if changed and may_change:
+        raise UserError(
+            f"{flag} cannot change {', '.join(changed)}: it would no longer evaluate the run's results. "
+            f"An evaluation may change only: {', '.join(sorted(may_change))} (and keys that leave "
+            "results unchanged)."
+        )
     if changed:
         raise UserError(
             f"{flag} cannot change {', '.join(changed)}: they change what the run computes, so the "
-            "result would not belong to this run. Start a new run instead. (Keys such as "
-            "epochs, description and checkpoint timing may change.)"
+            "result would not belong to this run. Start a new run instead (or branch one: "
+            "--resume RUN_DIR --from-step N). (Keys such as epochs, max_steps, description and "
+            "checkpoint timing may change.)"
         )
     check_config_names(config)
     return run_directory, saved, config

@@ -148,6 +148,10 @@ TEMPLATE_SCHEMA = {
             "monitor": {"type": "string", "nullable": True, "default": None},  # default: rollout/loss, val/loss...
             "mode": {"type": "string", "allowed": ["min", "max"], "default": "min"},
             "keep_recent": _count(default=2, meta=NEUTRAL),
+            # Milestones never pruned (beside keep_recent, best and last), for a history to --evaluate:
+            # checkpoints at steps that are multiples of N, and at the end of every N-th epoch.
+            "keep_every_n_steps": _count(nullable=True, default=None, meta=NEUTRAL),
+            "keep_every_n_epochs": _count(nullable=True, default=None, meta=NEUTRAL),
             # Mid-epoch checkpoints every N optimizer steps (beside every `checkpoint_interval` seconds).
             "every_n_steps": _count(nullable=True, default=None, meta=NEUTRAL),
         }

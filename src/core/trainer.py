@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from src.core import faults
 from src.core.base import BaseModel
-from src.core.checkpoint import FORMAT_VERSION, CheckpointWriter, step_file_name
+from src.core.checkpoint import FORMAT_VERSION, CheckpointWriter, Retention, step_file_name
 from src.core.config import Config, nearest, split_provenance
 from src.core.data import EpochSampler, make_loader
 from src.core.distributed import (
@@ -86,6 +86,11 @@ def rescaled_position(
     return min(position - position % accumulation, batches)
 
 
+def retention(config: Config) -> Retention:
+    keep = config.checkpoint
+    return Retention(keep.keep_recent, keep.keep_every_n_steps, keep.keep_every_n_epochs)
+
+
 @dataclass
 class RunFiles:
     """Where a logged run writes: given to the Trainer on every rank, or None (no logging).
@@ -114,7 +119,7 @@ class RunFiles:
                 config.loggers, directory, config.to_dict(), provenance, metadata.get("trackers")
             )
             update_metadata(directory, trackers=logger.trackers.ids())
-        return cls(directory, logger, CheckpointWriter(directory / "checkpoints", config.checkpoint.keep_recent))
+        return cls(directory, logger, CheckpointWriter(directory / "checkpoints", retention(config)))
 
     def wait(self) -> None:
         """Until the checkpoint write in flight is on disk (rank 0; a no-op elsewhere)."""
@@ -399,11 +404,14 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor
 
     @torch.no_grad()
-    def evaluate(self, phase: str, probe: bool = False) -> tuple[dict[str, float], list[dict]]:
+    def evaluate(
+        self, phase: str, probe: bool = False, on_batch: Callable | None = None
+    ) -> tuple[dict[str, float], list[dict]]:
         """Validation ("val") or rollout ("rollout"): the loss, its terms and your metrics, as
         sample-weighted means over all ranks (plus your whole-split metrics), and each batch's
         loss. Runs on its own random streams (see seeding.py). `probe`: one batch only, to
-        learn the names logged (nothing drawn, no fault point)."""
+        learn the names logged (nothing drawn, no fault point). `on_batch(prediction, target,
+        inputs)`: called with each batch (--evaluate --save-outputs)."""
         limit = self.config.rollout.max_samples if phase == "rollout" else None
         if probe:
             limit = min(limit or math.inf, self.config.eval_batch_size or self.config.batch_size)
@@ -425,6 +433,8 @@ class Trainer:
                 if draws:
                     self.draw_figures(phase, prediction, target, inputs)
                     draws = False
+                if on_batch is not None:
+                    on_batch(prediction, target, inputs)
                 batch_results.append({"samples": samples, "loss": losses["loss"].detach()})
                 if not probe:
                     faults.maybe_fail(phase, settle=self.wait_for_checkpoints)
