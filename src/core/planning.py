@@ -23,7 +23,7 @@ from src.core.config import (
 from src.core.distributed import DistContext, launch_settings
 from src.core.errors import Refusal, UserError
 from src.core.resolve import check_config_names
-from src.core.rundir import log_root, read_run_files
+from src.core.rundir import CONFIG_FILE, METADATA_FILE, log_root, read_run_files, read_yaml
 from src.core.template_schema import project_schema
 from src.core.trackers import check_trackers
 
@@ -90,6 +90,10 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
         request = read_request(args)
     if request.sweep is not None:
         raise UserError("a sweep runs its members one by one: start it with python run.py, not torchrun")
+    if args.auto_resume and request.run_directory is None and not args.print_config:
+        request = auto_resume_request(args, request)
+        if request is None:  # that run has finished already
+            return None
     if request.run_directory is not None:
         return plan_resume(args, request)
     if args.print_config:
@@ -113,6 +117,54 @@ def plan_resume(args, request: Request) -> Plan:
     check_same_data(request.saved.get("data_fingerprint"), data_directory, request.run_directory)
     mini = request.saved["flags"]["mini"]
     return Plan(request.config, data_directory, git, mini, resume_from=request.run_directory)
+
+
+def auto_resume_request(args, request: Request) -> Request | None:
+    """--auto-resume: continue `<project>/<run_name>` if it exists with this commit and config,
+    or start it (the same request); None when it has finished. Anything else is refused, so a
+    re-submitted job script never overwrites, nor forks, a run."""
+    config = request.config
+    if not config.run_name:
+        raise UserError("--auto-resume finds the run by its name: set run_name in the config or --run_name=NAME")
+    directory = run_parent(args, config) / config.run_name
+    if not directory.exists():
+        return request
+    if not (directory / CONFIG_FILE).exists():
+        raise Refusal(
+            f"--auto-resume: {directory} exists but holds no {CONFIG_FILE} (a run killed while it was "
+            "being created, or not a run directory); move it away, or choose another run_name"
+        )
+    _, saved, saved_config = load_run(directory, ConfigEdits(), "--auto-resume", may_change=None)
+    differences = []
+    current_commit = provenance.gate()["commit"]
+    if saved["git"]["commit"] != current_commit:
+        differences.append(f"commit ({str(saved['git']['commit'])[:12]} there, HEAD is {current_commit[:12]})")
+    schema = project_schema()
+    before, after = result_affecting_keys(saved_config, schema), result_affecting_keys(config, schema)
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    if changed:
+        differences.append(f"config ({', '.join(changed)})")
+    if bool(saved["flags"]["mini"]) != bool(args.mini):
+        differences.append(f"--mini ({'on' if saved['flags']['mini'] else 'off'} there)")
+    if differences:
+        raise Refusal(
+            f"--auto-resume: {directory} was made with another {' and '.join(differences)}; it is left as it is. "
+            "Choose another run_name, or check out the run's commit and config."
+        )
+    metadata = read_yaml(directory / METADATA_FILE) or {}
+    if metadata.get("status") == "finished" and not extends(config, metadata):
+        print(f"{directory} has finished already ({metadata.get('stop_reason') or 'all epochs done'}); nothing to do")
+        return None
+    print(f"--auto-resume: {directory} exists with this commit and config; continuing it")
+    return Request(config, directory, saved)
+
+
+def extends(config: Config, metadata: dict) -> bool:
+    """Whether a finished run's config asks for more training (a larger epochs or max_steps)."""
+    if config.get("max_steps"):
+        return config.max_steps > (metadata.get("global_step") or 0)
+    stopped_early = str(metadata.get("stop_reason") or "").startswith("early stopping")
+    return not stopped_early and config.epochs > (metadata.get("epochs_done") or 0)
 
 
 def load_run(
