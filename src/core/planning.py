@@ -5,10 +5,11 @@ Under torchrun, rank 0 makes the plan and every rank receives it (src/core/distr
 """
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from src.core import provenance
+from src.core.checkpoint import manifest_path, step_checkpoints, step_file_name
 from src.core.config import (
     Config,
     ConfigEdits,
@@ -37,6 +38,7 @@ class Request:
     run_directory: Path | None = None  # --resume
     saved: dict | None = None  # the resumed run's provenance sections (git, flags, data...)
     sweep: dict | None = None  # a sweep's edited document: its members are validated one by one
+    branch: dict | None = None  # --resume RUN_DIR --from-step N: the parent run, step and checkpoint
 
     @property
     def launch(self) -> dict:
@@ -57,6 +59,7 @@ class Plan:
     git: dict | None  # None: this run logs nothing
     mini: bool  # --mini, or a resumed run's own setting
     resume_from: Path | None = None  # a run directory to continue
+    branch: dict | None = None  # a new run starting from another run's checkpoint (--from-step)
 
 
 def read_request(args, edits: ConfigEdits | None = None, resume: str | None = None) -> Request:
@@ -66,6 +69,8 @@ def read_request(args, edits: ConfigEdits | None = None, resume: str | None = No
     if resume:
         if args.config is not None:
             raise UserError("--resume uses the run's own config; drop the config file argument")
+        if getattr(args, "from_step", None) is not None and resume == args.resume:
+            return read_branch(args, edits)
         run_directory, saved, config = load_run(resume, edits, "--resume")
         return Request(config, run_directory, saved)
     if args.config is None:
@@ -96,6 +101,8 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
             return None
     if request.run_directory is not None:
         return plan_resume(args, request)
+    if request.branch is not None:
+        return plan_branch(args, request)
     if args.print_config:
         print(dump_yaml(request.config.to_dict()), end="")
         return None
@@ -117,6 +124,35 @@ def plan_resume(args, request: Request) -> Plan:
     check_same_data(request.saved.get("data_fingerprint"), data_directory, request.run_directory)
     mini = request.saved["flags"]["mini"]
     return Plan(request.config, data_directory, git, mini, resume_from=request.run_directory)
+
+
+def read_branch(args, edits: ConfigEdits) -> Request:
+    """--resume RUN_DIR --from-step N: a new run from the parent's checkpoint at step N, with
+    the parent's config and any edits (results may change: it is a new run). Named
+    `<parent>-from-<N>` unless the edits set run_name."""
+    parent = Path(args.resume)
+    if not any(key == "run_name" for key, _ in edits.overrides) and "run_name" not in dict(edits.modify):
+        edits = replace(edits, overrides=[*edits.overrides, ("run_name", f"{parent.name}-from-{args.from_step}")])
+    _, saved, config = load_run(parent, edits, "--resume --from-step", may_change=None)
+    checkpoint = parent / "checkpoints" / step_file_name(args.from_step)
+    if not checkpoint.exists() or not manifest_path(checkpoint).exists():
+        kept = [info.step for info in step_checkpoints(parent / "checkpoints") if manifest_path(info.path).exists()]
+        raise UserError(
+            f"--from-step {args.from_step}: {parent} keeps no checkpoint of step {args.from_step}; "
+            f"steps kept: {', '.join(map(str, kept)) or 'none'} (keep more with checkpoint.keep_every_n_steps "
+            "or keep_every_n_epochs)"
+        )
+    branch = {"run": str(parent.resolve()), "step": args.from_step, "checkpoint": str(checkpoint.resolve())}
+    return Request(config, None, saved, branch=branch)
+
+
+def plan_branch(args, request: Request) -> Plan:
+    """A branch runs the parent's code: the same commit, or its checkpoint would meet other code."""
+    git = provenance.gate()
+    check_trackers(request.config.loggers)
+    check_same_commit(request.saved["git"]["commit"], git["commit"], "--from-step", Path(request.branch["run"]))
+    data_directory = str(find_data_directory(request.config))
+    return Plan(request.config, data_directory, git, request.saved["flags"]["mini"], branch=request.branch)
 
 
 def auto_resume_request(args, request: Request) -> Request | None:

@@ -3,6 +3,7 @@ resume) and locked by rank 0, the checkpoint a resume continues from, and the fi
 status in metadata.yaml (finished, failed, interrupted, preempted)."""
 
 import contextlib
+import json
 import shlex
 import sys
 import traceback
@@ -13,6 +14,8 @@ from pathlib import Path
 from src.core import faults, provenance
 from src.core.checkpoint import (
     CheckpointWriteError,
+    DamagedCheckpoint,
+    manifest_path,
     newest_valid_checkpoint,
     read_checkpoint,
     set_aside_newer_than,
@@ -46,6 +49,7 @@ class Run:
     commit: str | None
     config_hash: str
     context: DistContext
+    branched: bool = False  # a new run from another run's checkpoint (--from-step)
 
     def fit(self, fit: Callable[[], object], on_preempted: Callable[[], str]) -> int:
         """Run `fit`, and record how it ended in metadata.yaml (rank 0); return the exit code.
@@ -104,16 +108,34 @@ def open_run(plan: Plan, args, context: DistContext) -> Iterator[Run]:
                 context, "checkpoint", lambda: start_resume(directory, context, hash_of_config, commit)
             )
             checkpoint = read_checkpoint(path) if path else None
-        yield Run(directory, checkpoint, commit, hash_of_config, context)
+        if plan.branch is not None:
+            checkpoint = read_branch_checkpoint(Path(plan.branch["checkpoint"]))
+        yield Run(directory, checkpoint, commit, hash_of_config, context, branched=plan.branch is not None)
     finally:
         if lock is not None:
             lock.close()
 
 
+def read_branch_checkpoint(path: Path) -> dict:
+    try:
+        return read_checkpoint(path)
+    except DamagedCheckpoint as error:
+        raise UserError(f"--from-step: cannot branch from {error}") from None
+
+
+def branch_provenance(branch: dict) -> dict:
+    """What a branch records of its parent: the run, the step, and the checkpoint's SHA-256."""
+    checkpoint = Path(branch["checkpoint"])
+    sha256 = json.loads(manifest_path(checkpoint).read_text())["sha256"]
+    return {"run": branch["run"], "step": branch["step"], "checkpoint": checkpoint.name, "checkpoint_sha256": sha256}
+
+
 def create_run_directory(plan: Plan, args, world_size: int) -> Path:
-    """The new run's directory, with its config and provenance stamped in (rank 0)."""
+    """The new run's directory, with its config and provenance stamped in (rank 0). A branch
+    goes next to its parent."""
+    parent = branch_provenance(plan.branch) if plan.branch else None
     directory = start_run(
-        run_parent(args, plan.config),
+        Path(plan.branch["run"]).parent if plan.branch else run_parent(args, plan.config),
         plan.config.run_name,
         plan.config.to_dict(),
         {
@@ -122,9 +144,13 @@ def create_run_directory(plan: Plan, args, world_size: int) -> Path:
             "command_line": shlex.join(["python", "run.py", *args.argv]),
             "environment": {**provenance.environment_provenance(), "world_size": world_size},
             "data_fingerprint": provenance.data_fingerprint(plan.data_directory),
+            **({"parent": parent} if parent else {}),
         },
         provenance.installed_packages(),
     )
+    if parent:
+        update_metadata(directory, parent=parent)
+        print(f"branching from {parent['run']} at step {parent['step']}")
     print(f"logging to {directory}")
     faults.maybe_fail("run_directory")
     return directory

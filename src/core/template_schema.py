@@ -107,6 +107,8 @@ TEMPLATE_SCHEMA = {
     "torch_threads": {"type": "integer", "min": 1, "max": 1024, "nullable": True, "default": None},
     # How long and how hard to train.
     "epochs": _count(required=True, meta=NEUTRAL),
+    # Stop after this many optimizer steps in all (null: after `epochs`); when set, epochs does not limit.
+    "max_steps": _count(nullable=True, default=None, meta=NEUTRAL),
     "batch_size": _count(required=True),
     "eval_batch_size": _count(nullable=True, default=None),
     "seed": {"type": "integer", "min": 0, "max": MAX_SEED, "default": 0},

@@ -35,7 +35,7 @@ from src.core.distributed import (
     broadcast_object,
     share_from_rank_zero,
 )
-from src.core.errors import UserError
+from src.core.errors import UserError, warn
 from src.core.measures import SampleMeans, SplitSamples, figure_png, per_sample, split_loss
 from src.core.metrics import MetricLogger
 from src.core.phases import BUILT_IN_METRICS, BY_NAME, EVALUATION_PHASE_NAMES
@@ -151,10 +151,14 @@ class Trainer:
         config_hash: str | None = None,
         preemption: threading.Event | None = None,
         show_progress: bool = False,
+        branched: bool = False,
     ):
         """`run_directory`: where to log (None: nothing is written). `resume_state`: the
         checkpoint to continue from (None: start at step 0). `preemption`: an event that,
-        once set (SIGUSR1 under --requeue), makes the run checkpoint and stop."""
+        once set (SIGUSR1 under --requeue), makes the run checkpoint and stop. `branched`:
+        `resume_state` is another run's (--from-step): this new run takes its weights,
+        optimizer state, position and random streams, but its own config's optimizer
+        settings and schedule, a fresh best and early-stopping count, and logs from there."""
         self.config = config
         self.device = device
         self.context = context
@@ -173,8 +177,8 @@ class Trainer:
         self.optimizer = model.configure_optimizer(config.optimizer)
         self.batches_per_epoch = math.ceil(self._sampler("train").per_rank / config.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
-        # The schedule's length: kept from the first attempt when a resume extends `epochs`.
-        self.schedule_steps = config.scheduler.total_steps or self.steps_per_epoch * config.epochs
+        # The schedule's length: kept from the first attempt when a resume extends `epochs` or `max_steps`.
+        self.schedule_steps = config.scheduler.total_steps or config.max_steps or self.steps_per_epoch * config.epochs
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the schedule scales this
         self.set_learning_rate(0)
@@ -210,9 +214,11 @@ class Trainer:
         self.checkpointed_step = -1
         self.stop_reason: str | None = None
         if resume_state is not None:
-            self.load_state_dict(resume_state)
+            self.load_state_dict(resume_state, branched)
+            self.warn_if_lr_zero()
         # The one switch for logging: the same on every rank (rank 0 alone holds the writers).
-        self.files = RunFiles.open(run_directory, context, resume_state, config) if run_directory else None
+        continued = None if branched else resume_state  # a branch's log starts empty, at step N+1
+        self.files = RunFiles.open(run_directory, context, continued, config) if run_directory else None
 
     # ------------------------------------------------------------------------------
     # The loop
@@ -235,19 +241,22 @@ class Trainer:
             started = time.monotonic()
             baseline = self.log_evaluation(epoch=0)  # step 0, epoch 0
             self.print_summary(baseline, False, time.monotonic() - started)
-        while progress.epoch < config.epochs and not self.monitor.stop_reason():
+        while not self.steps_done() and not self.monitor.stop_reason():
             started = time.monotonic()
             metrics = {"train/epoch_loss": self.train_one_epoch()}
             self.log(progress.epoch + 1, metrics | {"train/epoch_seconds": time.monotonic() - started})
             metrics |= self.log_evaluation(epoch=progress.epoch + 1)
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
+            if progress.batch_in_epoch == self.batches_per_epoch:  # else max_steps stopped it mid-epoch
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
             improved = self.monitor.update(metrics, progress.global_step, progress.epoch)
             self.save_checkpoint(links=("last", "best") if improved else ("last",))
             self.print_summary(metrics, improved, time.monotonic() - started)
             if self.preemption and self.preemption.due(progress.global_step, at_epoch_end=True):
                 self.stop_for_preemption()
-        self.stop_reason = self.monitor.stop_reason() or f"finished all {config.epochs} epochs"
+        self.stop_reason = self.monitor.stop_reason() or (
+            f"reached max_steps {config.max_steps}" if config.max_steps else f"finished all {config.epochs} epochs"
+        )
         if self.context.is_main:
             if self.files is not None:
                 update_metadata(self.files.directory, stop_reason=self.stop_reason)
@@ -256,6 +265,26 @@ class Trainer:
         if self.context.enabled:
             self.check_replicas()
         return metrics
+
+    def steps_done(self) -> bool:
+        """`max_steps` (optimizer steps in all) when set, else `epochs`, ends the training."""
+        if self.config.max_steps:
+            return self.progress.global_step >= self.config.max_steps
+        return self.progress.epoch >= self.config.epochs
+
+    def warn_if_lr_zero(self) -> None:
+        """A resumed run keeps its schedule's length; training past a schedule that decayed to 0 learns nothing."""
+        end = self.config.max_steps or self.steps_per_epoch * self.config.epochs
+        if not self.context.is_main or end <= self.schedule_steps:
+            return
+        if lr_factor(end - 1, self.config.scheduler, self.schedule_steps) == 0:
+            first = max(self.schedule_steps, self.progress.global_step) + 1
+            warn(
+                f"warning: the learning-rate schedule ends at step {self.schedule_steps} (its length is kept "
+                f"from the run's start) at final_lr_fraction 0, so steps {first} to {end} would train at lr 0. "
+                "To train on with a learning rate, branch a new run: "
+                f"--resume RUN_DIR --from-step N --scheduler.total_steps={end} (or another schedule)"
+            )
 
     def check_monitor(self) -> None:
         """`checkpoint.monitor` must name a value this run logs. Names your model's hooks and loss
@@ -334,6 +363,9 @@ class Trainer:
                     self.files.wait()  # a background write failed (disk full): stop now, with its error
                 if progress.global_step % config.log_every_n_steps == 0:
                     self.log_training(bar)
+                if config.max_steps and progress.global_step >= config.max_steps:
+                    bar.update()
+                    break
                 if progress.batch_in_epoch < self.batches_per_epoch:  # the epoch's end saves anyway
                     if self.preemption and self.preemption.due(progress.global_step):
                         self.stop_for_preemption()
@@ -342,8 +374,9 @@ class Trainer:
             bar.update()
         bar.close()
         loss = float(self.reduce_mean(self.epoch_loss.reshape(1), self.epoch_batches)[0])
-        self.epoch_loss.zero_()
-        self.epoch_batches = 0
+        if progress.batch_in_epoch == self.batches_per_epoch:  # a resumed partial epoch goes on summing
+            self.epoch_loss.zero_()
+            self.epoch_batches = 0
         return loss
 
     def forward(
@@ -574,9 +607,13 @@ class Trainer:
             "config_hash": self.config_hash,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, branched: bool = False) -> None:
         self.model.load_state_dict(state["model"])
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        if branched:  # the branch's own optimizer settings (a lower lr...), not the parent's
+            for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+                group.update(settings)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
@@ -588,9 +625,10 @@ class Trainer:
                 self.config.gradient_accumulation_steps,
                 self.batches_per_epoch,
             )
-        self.schedule_steps = state["schedule_steps"]
+        if not branched:  # a branch's schedule follows its own config, from step 0
+            self.schedule_steps = state["schedule_steps"]
+            self.monitor.load_state_dict(state.get("monitor") or {"best": state["best"]})
         self.set_learning_rate(self.progress.global_step)
-        self.monitor.load_state_dict(state.get("monitor") or {"best": state["best"]})
         own = state["per_rank"][self.context.rank % len(state["per_rank"])]
         running = own["running"]
         self.interval_sums = {name: value.to(self.device) for name, value in running["interval_sums"].items()}
