@@ -25,7 +25,7 @@ from src.core.distributed import (
     share_from_rank_zero,
     shutdown,
 )
-from src.core.errors import UserError, report
+from src.core.errors import UserError, quiet_storage_errors_in_threads, report
 from src.core.evaluation import evaluate_run
 from src.core.planning import make_plan, read_request
 from src.core.reproduce import reproduce
@@ -41,6 +41,7 @@ PREEMPTION = threading.Event()
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_storage_errors_in_threads()  # a full disk is reported once, by the training thread
     try:
         args = parse_command_line(argv)
         if args.requeue:  # installed first, so that no warning is lost

@@ -85,5 +85,5 @@ def test_max_steps_limits_and_extends_a_run(project):
     # Past a schedule that decayed to 0 (cosine to final_lr_fraction 0 at step 13): a warning.
     extended = project.run("--resume", str(run), "--max_steps=20")
     assert extended.returncode == 0, extended.stderr
-    assert "steps 14 to 20 would train at lr 0" in extended.stderr and "--from-step" in extended.stderr
+    assert "the 7 steps after it train at lr 0" in extended.stderr and "--from-step" in extended.stderr
     assert yaml.safe_load((run / "metadata.yaml").read_text())["global_step"] == 20

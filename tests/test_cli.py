@@ -171,6 +171,16 @@ def test_flags_are_parsed_in_place():
     assert args.edits.overrides == [("a.b", "[1, 2]"), ("n", "3")]
 
 
+def test_repeated_edit_flags_add_up_instead_of_replacing_each_other():
+    edits = ["--delete", "a", "--delete", "b.c", "d", "--modify", "e", "1", "--modify", "f", "2"]
+    args = parse_command_line(["c.yaml", *edits, "--find-replace", "x", "y", "--find-replace", "u", "v"])
+    assert args.edits.delete == ["a", "b.c", "d"]
+    assert args.edits.modify == [("e", "1"), ("f", "2")]
+    assert args.edits.find_replace == [("x", "y"), ("u", "v")]
+    # Each occurrence holds whole pairs: the partner of a value is never taken from the next flag.
+    assert "--modify takes pairs" in parse_error(["c.yaml", "--modify", "e", "--modify", "1"])
+
+
 def parse_error(argv: list[str]) -> str:
     with pytest.raises(UserError) as caught:
         parse_command_line(argv)

@@ -307,6 +307,19 @@ def test_original_template_layout_is_valid(tmp_path):
     )
     config = load_config(write(tmp_path, original), ConfigEdits(), SCHEMA)
     assert config.multigpu_parameters.ngpus_per_node == 2 and config.checkpoint_interval == 3600.0
+    # Mapped onto `distributed` once, as the config is finalized; the original section kept as given.
+    mapped = config.distributed
+    assert (mapped.nproc_per_node, mapped.nnodes, mapped.node_rank) == (2, 1, 0)
+    assert (mapped.backend, mapped.rdzv_endpoint, mapped.timeout_seconds) == ("nccl", "localhost:23456", 600.0)
+    assert config.multigpu_parameters.to_dict() == {
+        "ngpus_per_node": 2,
+        "num_nodes": 1,
+        "node_idx": 0,
+        "backend": "nccl",
+        "url": "tcp://localhost:23456",
+    }
+    unknown = original.replace("backend: nccl", "backend: mpi")
+    assert "multigpu_parameters.backend" in error_of(load_config, write(tmp_path, unknown), ConfigEdits(), SCHEMA)
 
 
 # --- the frozen config ---------------------------------------------------------------

@@ -8,9 +8,12 @@ import time
 
 import pytest
 import yaml
-from helpers import NOISY, QUICK_RUN, assert_same_run, free_port, logged_values, run_directory
+from helpers import MINIMAL, NOISY, QUICK_RUN, assert_same_run, free_port, logged_values, run_directory
 
 from src.core.checkpoint import read_checkpoint
+from src.core.config import finalize, parse_yaml
+from src.core.distributed import launch_settings, torchrun_arguments
+from src.core.template_schema import project_schema
 
 # 100 training pairs: batches of 8 on each of 2 ranks (a global batch of 16), 7 steps an epoch.
 RUN = (*QUICK_RUN, "--epochs=3", "--checkpoint.every_n_steps=3", *NOISY)
@@ -117,6 +120,20 @@ def test_the_original_multigpu_parameters_section_launches_too(project):
     result = project.run("original.yaml", *RUN[1:], "--run_name=original")
     assert result.returncode == 0, result.stderr
     assert len(metadata(run_directory(project, "original"))["replica_parameters_sha256"]) == 2
+
+
+def test_the_original_sections_nodes_start_a_static_rendezvous():
+    original = "multigpu_parameters: {ngpus_per_node: 4, num_nodes: 2, node_idx: 1, url: 'tcp://node0:29500'}\n"
+    config = finalize(parse_yaml(MINIMAL + original, "original"), project_schema())
+    assert torchrun_arguments(launch_settings(config)) == [
+        "--nproc-per-node=4",
+        "--max-restarts=0",
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=node0",
+        "--master-port=29500",
+    ]
+    assert config.distributed.backend == "auto"  # not given: the template's own choice
 
 
 def test_a_refusal_on_rank_zero_stops_every_rank_with_its_exit_code(project):

@@ -3,14 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MINIMAL
+import yaml
+from helpers import DATA, MINIMAL
 
 from src.core.base import BaseDataset, BaseModel
 from src.core.config import finalize, parse_yaml
 from src.core.errors import UserError
 from src.core.resolve import build_datasets, build_model, check_config_names, resolve_class, resolve_loss_function
 from src.core.template_schema import project_schema
-from src.data_loader import PendulumSteps
+from src.data_loader import PendulumSteps, PendulumTrajectories
 from src.model import PendulumModel, loss_function_example
 
 SCHEMA = project_schema()
@@ -72,8 +73,64 @@ def test_code_in_a_name_is_rejected_and_never_run(tmp_path, code):
     code = code.format(marker=marker)
     for key in ("loss_function", "model_type", "train_data_loader_type"):
         config = finalize({**parse_yaml(MINIMAL, "t"), key: code}, SCHEMA)
-        assert "is not a name" in message_of(check_config_names, config)
+        message = message_of(check_config_names, config)
+        # `eval('1')` has the form of a loss call with a literal argument: refused as no loss of torch or yours
+        assert "is not a name" in message or (key == "loss_function" and "not a loss function (not found)" in message)
     assert not marker.exists()
+
+
+def test_the_original_templates_loss_calls_are_parsed_with_their_literal_arguments():
+    assert isinstance(resolve_loss_function("torch.nn.MSELoss()"), torch.nn.MSELoss)
+    assert resolve_loss_function('nn.CrossEntropyLoss(reduction="sum")').reduction == "sum"
+    huber = resolve_loss_function("nn.HuberLoss('none', 0.5)")  # positional, as the class takes them
+    assert (huber.reduction, huber.delta) == ("none", 0.5)
+    weighted = resolve_loss_function("nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-1)")
+    assert (weighted.label_smoothing, weighted.ignore_index) == (0.1, -1)
+    smooth = resolve_loss_function("F.smooth_l1_loss(beta=0.5)")  # a function: its settings fixed
+    prediction, target = torch.zeros(3), torch.tensor([0.2, 1.0, 3.0])
+    assert torch.equal(smooth(prediction, target), F.smooth_l1_loss(prediction, target, beta=0.5))
+    assert resolve_loss_function("F.mse_loss()") is F.mse_loss
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("torch.nn.MSELoss(__import__('os').system('touch {marker}'))", "argument 1 is not a literal"),
+        ("nn.MSELoss(reduction=__import__('os').system('touch {marker}'))", "argument 'reduction' is not a literal"),
+        ("nn.MSELoss(*__import__('os').system('touch {marker}'))", "argument 1 is not a literal"),
+        ("nn.MSELoss(**{{'reduction': 'sum'}})", "unpacks a mapping"),
+        ("nn.MSELoss(reduction={{'sum'}})", "argument 'reduction' is not a literal"),  # a set
+        ("nn.MSELoss()()", "is not a name"),
+        ("nn.MSELoss(bogus=1)", "nn.MSELoss(bogus=1) cannot be built: TypeError"),
+        ("F.mse_loss(1)", "gives a function positional arguments"),
+        ("F.mse_loss(bogus=1)", "unexpected keyword argument 'bogus'"),
+        ("nn._Loss()", "is not a name"),
+    ],
+)
+def test_loss_calls_with_anything_but_literals_are_refused_and_never_run(tmp_path, text, expected):
+    marker = tmp_path / "ran"
+    assert expected in message_of(resolve_loss_function, text.format(marker=marker))
+    assert not marker.exists()
+
+
+def test_a_config_in_the_original_templates_form_trains_and_a_loss_with_code_runs_nothing(project):
+    original = {"ngpus_per_node": 1, "num_nodes": 1, "node_idx": 0, "backend": "gloo", "url": "tcp://127.0.0.1:1"}
+    project.write_config("original.yaml", loss_function="torch.nn.MSELoss()", multigpu_parameters=original)
+    project.write_config("unsafe.yaml", loss_function="torch.nn.MSELoss(__import__('os').system('touch MARKER'))")
+    project.commit("configs in the original template's form")
+    shown = project.run("original.yaml", "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    printed = yaml.safe_load(shown.stdout)  # the mapped values, and the original section as given
+    assert printed["distributed"]["backend"] == "gloo" and printed["distributed"]["rdzv_endpoint"] == "127.0.0.1:1"
+    assert printed["multigpu_parameters"] == original
+    result = project.run("original.yaml", "--mini", "--cpu", "--epochs=1", "--batch_size=50", "--run_name=original")
+    assert result.returncode == 0, result.stderr
+    assert (project.root / "logs/PendulumModel/original/checkpoints/last.pt").exists()
+    refused = project.run("unsafe.yaml", "--mini", "--cpu", "--epochs=1")
+    assert refused.returncode == 2 and "argument 1 is not a literal" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (project.root / "MARKER").exists()
+    assert project.run_directories() == [project.root / "logs/PendulumModel/original"]  # nothing else written
 
 
 def test_classes_resolve_in_the_users_files():
@@ -124,6 +181,38 @@ def test_the_base_classes_themselves_are_refused():
         config = finalize({**parse_yaml(MINIMAL, "t"), **parse_yaml(extra, "t")}, SCHEMA)
         message = message_of(check_config_names, config)
         assert "is the base class itself; expected a subclass of it" in message and key in message
+
+
+def test_mini_reaches_a_constructor_that_asks_for_it_before_it_loads(monkeypatch):
+    import src.data_loader
+
+    seen = []
+
+    class Large(PendulumSteps):
+        def __init__(self, data_directory, split, mini: bool = False):
+            seen.append(mini)
+            super().__init__(data_directory, split, mini=mini)
+
+    monkeypatch.setattr(src.data_loader, "Large", Large, raising=False)
+    config = finalize({**parse_yaml(MINIMAL, "t"), "train_data_loader_type": "Large"}, SCHEMA)
+    check_config_names(config)
+    (_, dataset), *_ = build_datasets(config, str(DATA), mini=True).values()
+    assert seen == [True] and len(dataset) == 100
+    build_datasets(config, str(DATA), mini=False)
+    assert seen == [True, False]
+    # `mini` is the flag's to set, not the config's
+    setting = {**config.to_dict(), "data_loader_parameters": {"all": {"mini": True}}}
+    assert "has no parameter 'mini'" in message_of(check_config_names, finalize(setting, SCHEMA))
+
+
+@pytest.mark.parametrize("dataset_class", [PendulumSteps, PendulumTrajectories])
+def test_the_examples_load_only_what_mini_keeps_and_keep_the_same_items(dataset_class):
+    full, small = dataset_class(str(DATA), "train"), dataset_class(str(DATA), "train", mini=True)
+    assert len(small) < len(full)
+    kept, expected = small.mini_subset(), full.mini_subset()
+    assert len(kept) == len(expected) == 100
+    for index in range(100):  # --mini trains on exactly the items it trained on before
+        assert all(torch.equal(kept[index][key], expected[index][key]) for key in expected[index])
 
 
 def test_a_dataset_needs_len_and_getitem(monkeypatch):

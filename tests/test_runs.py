@@ -8,7 +8,7 @@ import time
 
 import yaml
 
-from src.core.runs import filter_rows
+from src.core.runs import COLUMNS, filter_rows
 
 RUN = ("sample_runconfig.yaml", "--mini", "--cpu", "--epochs=2", "--batch_size=8", "--checkpoint.every_n_steps=5")
 
@@ -62,6 +62,17 @@ def test_runs_table_shows_finished_failed_running_crashed_and_resumed_runs(proje
     assert [row["run"] for row in table(project, "--filter", "FINISHED RUN")] == ["PendulumModel/done"]
     readable = project.run("--runs")
     assert readable.returncode == 0 and "5 row(s)" in readable.stdout and "crashed" in readable.stdout
+
+
+def test_runs_on_a_fresh_clone_prints_an_empty_table(project):
+    assert not (project.root / "logs").exists()
+    result = project.run("--runs")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[: len(COLUMNS)] == list(COLUMNS) and "0 row(s)" in result.stdout
+    assert table(project) == []  # --csv: the header alone
+    assert not (project.root / "logs").exists()  # listing creates nothing
+    missing = project.run("--runs", "no/such/dir")  # a directory named by the user must exist
+    assert missing.returncode == 2 and "no such directory" in missing.stderr
 
 
 def test_note_sets_the_summary_and_keeps_the_rest(project):

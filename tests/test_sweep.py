@@ -72,8 +72,8 @@ def test_cartesian_product_in_order_and_plain_lists_stay_plain():
 
 
 def test_a_list_value_can_itself_be_swept():
-    members = expand(document("sweep: {slurm.extra_sbatch: [['--exclusive'], []]}\n"), SCHEMA)
-    assert [m.config["slurm"]["extra_sbatch"] for m in members] == [["--exclusive"], []]
+    members = expand(document("sweep: {loggers: [[tensorboard, jsonl], [jsonl]]}\n"), SCHEMA)
+    assert [m.config["loggers"] for m in members] == [["tensorboard", "jsonl"], ["jsonl"]]
 
 
 def test_member_names_are_short_and_readable():
@@ -99,6 +99,9 @@ def test_member_names_are_short_and_readable():
         ("sweep: {optimizer.lr: [fast]}\n", "sweep member 0-lr=fast: invalid config"),
         ("sweep: {model_type: [PendulumModel, Nope]}\n", "sweep member 1-model_type=Nope"),
         ("sweep: {seed: [0, 1, 2, 3], epochs: [1, 2, 3]}\nmax_sweep_size: 10\n", "4 x 3 values make 12 runs"),
+        # One array script asks for one set of resources: varying them would be silently ignored.
+        ("sweep: {slurm.time: ['1:00:00', '2:00:00']}\n", "sweep.slurm.time': a sweep cannot vary Slurm"),
+        ("sweep: {slurm: [{nodes: 1}, {nodes: 2}]}\n", "sweep.slurm': a sweep cannot vary Slurm"),
     ],
 )
 def test_bad_sweeps_are_errors(extra, message):

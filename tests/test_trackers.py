@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import QUICK_RUN, REPO
 
 from src.core.config import finalize
 from src.core.errors import UserError
@@ -303,3 +303,38 @@ def test_export_refuses_bad_input_with_one_message(tmp_path, capsys):
     assert "invalid choice: 'neptune'" in capsys.readouterr().err
     assert main(["--export", str(tmp_path), "--to", "mlflow"]) == 2
     assert f"--export {tmp_path}: no config.yaml there" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Through the real training flow: python run.py, killed and resumed
+
+
+def test_a_real_run_killed_and_resumed_has_one_continuous_history_in_each_tracker(project, tmp_path):
+    """Both trackers on a logged pendulum run, kill -9 mid-epoch, --resume: each tracker run holds
+    every (step, value) of metrics.jsonl once, the same run continued (ids kept in metadata.yaml)."""
+    args = (*QUICK_RUN, "--epochs=2", "--checkpoint.every_n_steps=5", "--loggers=[tensorboard, jsonl, mlflow, wandb]")
+    args += (f"--mlflow.tracking_uri={(tmp_path / 'mlruns').as_uri()}", "--wandb.mode=offline")
+    env = {"WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    killed = project.run(*args, "--run_name=tracked", env={**env, "TEMPLATE_FAULT": "train_step:22"})
+    assert killed.returncode == -9, killed.stderr
+    run = project.root / "logs" / "PendulumModel" / "tracked"
+    first_ids = yaml.safe_load((run / "metadata.yaml").read_text())["trackers"]
+    resumed = project.run("--resume", str(run), env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    ids = yaml.safe_load((run / "metadata.yaml").read_text())["trackers"]
+    assert ids["mlflow"]["run_id"] == first_ids["mlflow"]["run_id"] and ids["wandb"]["id"] == first_ids["wandb"]["id"]
+
+    expected: dict[str, list] = {}
+    for line in read_metrics(run):
+        expected.setdefault(f"{line['phase']}/{line['name']}", []).append((line["step"], line["value"]))
+    assert mlflow_history(mlflow_client(tmp_path), ids["mlflow"]["run_id"]) == {
+        k: sorted(v) for k, v in expected.items()
+    }
+    rows = wandb_history(run, ids["wandb"]["id"])
+    steps = Counter(row["step"]["num"] for row in rows)
+    assert set(steps.values()) == {1} and sorted(steps) == sorted({step for v in expected.values() for step, _ in v})
+    logged = {(key, step): value for key, values in expected.items() for step, value in values}
+    for row in rows:
+        for key, value in history_item(row).items():
+            if (key, row["step"]["num"]) in logged:
+                assert value == pytest.approx(logged[(key, row["step"]["num"])], rel=1e-12)

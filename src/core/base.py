@@ -76,8 +76,15 @@ class BaseModel(nn.Module):
         return {"prediction": prediction, "target": target}
 
 
+MINI_ITEMS = 100  # what --mini keeps by default
+
+
 class BaseDataset(Dataset):
-    """A dataset of one split, with the hooks the Trainer uses."""
+    """A dataset of one split, with the hooks the Trainer uses.
+
+    `--mini` before loading: give your constructor a `mini: bool = False` parameter and it is
+    passed (True under --mini), so a large dataset can read only the files of its first
+    MINI_ITEMS items. `mini_subset()` is still applied to what the constructor built."""
 
     def __init__(self, data_directory: str, split: str):
         # `split` is "train", "test" (validation) or "eval" (rollout): the config's names.
@@ -85,8 +92,8 @@ class BaseDataset(Dataset):
         self.directory = Path(data_directory) / ("train" if split == "train" else "test")
 
     def mini_subset(self) -> Dataset:
-        """What `--mini` trains on: by default the first 100 items."""
-        return Subset(self, range(min(100, len(self))))
+        """What `--mini` trains on: by default the first MINI_ITEMS (100) items."""
+        return Subset(self, range(min(MINI_ITEMS, len(self))))
 
     @classmethod
     def get_dataloader(cls, dataset, *, batch_size, sampler, num_workers, generator, pin_memory) -> DataLoader:

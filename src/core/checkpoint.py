@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from src.core import faults
-from src.core.errors import UserError, warn
+from src.core.errors import warn
 from src.core.rundir import fsync_directory, now
 
 FORMAT_VERSION = 1
@@ -355,20 +355,3 @@ class CheckpointWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-
-def load_model_weights(path: str | Path) -> dict:
-    """A state dict from `bootstrap_model_file`: a checkpoint of this template or a bare state dict."""
-    path = Path(path)
-    if manifest_path(path).exists():
-        try:
-            return read_checkpoint(path)["model"]
-        except DamagedCheckpoint as error:
-            raise UserError(f"bootstrap_model_file: {error}") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"bootstrap_model_file {str(path)!r} does not exist") from None
-    except Exception as error:
-        raise UserError(f"bootstrap_model_file {str(path)!r} cannot be loaded safely: {error}") from None
-    return state.get("model", state) if isinstance(state, dict) else state

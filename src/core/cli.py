@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-logging", action="store_true", help="write nothing: no run directory, logs or checkpoints")
     add("--allow-dirty-repo", action="store_true", help="run with uncommitted changes (asks; logging off)")
     add("--y", action="store_true", help="answer yes to the --allow-dirty-repo question")
-    add("--find-replace", nargs="+", metavar="OLD NEW", default=[], help="replace substrings in string values")
-    add("--delete", nargs="+", metavar="KEY", default=[], help="remove keys (names or dotted paths)")
-    add("--modify", nargs="+", metavar="KEY VALUE", default=[], help="replace a key's value (VALUE is YAML)")
+    # Given twice, these add up (argparse's default would keep only the last occurrence).
+    add("--find-replace", nargs="+", action="append", metavar="OLD NEW", default=[], help="replace substrings")
+    add("--delete", nargs="+", action="append", metavar="KEY", default=[], help="remove keys (names or dotted paths)")
+    add("--modify", nargs="+", action="append", metavar="KEY VALUE", default=[], help="replace a key's value (YAML)")
     add("--print-config", action="store_true", help="print the resolved, validated config and exit")
     add("--log-dir", metavar="DIR", help="where run directories go (default: logs/ in the project)")
     add("--resume", metavar="RUN_DIR", help="continue a logged run from its newest valid checkpoint")
@@ -81,13 +82,17 @@ def _step(text: str) -> int:
     return int(text)
 
 
-def _pairs(values: list[str], flag: str, names: str) -> list[tuple[str, str]]:
-    if len(values) % 2:
-        raise UserError(
-            f"{flag} takes pairs ({names}), but got {len(values)} value(s): {' '.join(values)}; "
-            "the last one has no partner"
-        )
-    return list(zip(values[::2], values[1::2], strict=True))
+def _pairs(occurrences: list[list[str]], flag: str, names: str) -> list[tuple[str, str]]:
+    """The pairs of every occurrence of `flag`, in order; each occurrence must hold whole pairs."""
+    pairs = []
+    for values in occurrences:
+        if len(values) % 2:
+            raise UserError(
+                f"{flag} takes pairs ({names}), but got {len(values)} value(s): {' '.join(values)}; "
+                "the last one has no partner"
+            )
+        pairs += zip(values[::2], values[1::2], strict=True)
+    return pairs
 
 
 def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +121,7 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--to {args.to} goes with --export RUN_DIR (which run to replay into {args.to})")
     args.edits = ConfigEdits(
         find_replace=_pairs(args.find_replace, "--find-replace", "OLD NEW"),
-        delete=list(args.delete),
+        delete=[key for keys in args.delete for key in keys],
         modify=_pairs(args.modify, "--modify", "KEY VALUE"),
         overrides=overrides,
     )

@@ -31,7 +31,7 @@ from src.core.errors import UserError
 
 # Keys that `run.py` adds to a run's saved config.yaml. They describe a run rather
 # than configure one, so they are dropped when a saved config is loaded again.
-PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint", "parent")
+PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint", "bootstrap", "parent")
 
 
 # Bounds on any YAML the template reads (config files, command-line values, run files), far
@@ -520,9 +520,26 @@ def count_values(document: Any) -> int:
     return count
 
 
+def map_original_sections(document: dict) -> dict:
+    """The original template's `multigpu_parameters` mapped onto `distributed` (which it
+    overrides), here and only here, so that every reader (torchrun's launcher, the process
+    group, `--print-config`) sees the same values; the section itself stays as given."""
+    original, settings = document.get("multigpu_parameters"), document.get("distributed")
+    if not original or not isinstance(settings, dict):
+        return document
+    names = {"ngpus_per_node": "nproc_per_node", "num_nodes": "nnodes", "node_idx": "node_rank", "backend": "backend"}
+    mapped = {new: original[old] for old, new in names.items() if original.get(old) is not None}
+    if original.get("url"):  # tcp://host:port, the address of node 0
+        mapped["rdzv_endpoint"] = original["url"].split("://", 1)[-1]
+    if original.get("num_nodes", 1) > 1:  # the original numbered its nodes: a static rendezvous
+        mapped.setdefault("node_rank", 0)
+    return {**document, "distributed": {**settings, **mapped}}
+
+
 def finalize(document: dict, schema: dict) -> Config:
-    """Steps 6 to 8: defaults, validation, freezing."""
-    return Config(validate(apply_defaults(document, schema), schema))
+    """Steps 6 to 8: defaults, validation (the original template's sections then mapped
+    onto the template's), freezing."""
+    return Config(map_original_sections(validate(apply_defaults(document, schema), schema)))
 
 
 def load_config(path: str | Path, edits: ConfigEdits, schema: dict) -> Config:

@@ -178,18 +178,9 @@ def shutdown(context: DistContext, finished: bool) -> None:
 
 
 def launch_settings(config: Config) -> dict:
-    """The `distributed` section, or the original template's `multigpu_parameters` mapped onto it."""
-    settings = config.distributed.to_dict()
-    original = config.multigpu_parameters
-    if original:
-        settings["nproc_per_node"] = original.get("ngpus_per_node", 1)
-        settings["nnodes"] = original.get("num_nodes", 1)
-        settings["node_rank"] = original.get("node_idx", 0)
-        if original.get("backend"):
-            settings["backend"] = original["backend"]
-        if original.get("url"):  # tcp://host:port, the address of node 0
-            settings["rdzv_endpoint"] = original["url"].split("://", 1)[-1]
-    return settings
+    """The `distributed` section (the original template's `multigpu_parameters` are mapped onto
+    it when the config is finalized: src/core/config.py, map_original_sections)."""
+    return config.distributed.to_dict()
 
 
 def torchrun_arguments(settings: dict) -> list[str]:
@@ -199,7 +190,7 @@ def torchrun_arguments(settings: dict) -> list[str]:
         return [*arguments, "--standalone"]
     if not settings.get("rdzv_endpoint"):
         raise UserError("distributed.nnodes > 1 needs distributed.rdzv_endpoint (host:port of the first node)")
-    if "node_rank" in settings:  # the original template numbered its nodes: a static rendezvous
+    if settings.get("node_rank") is not None:  # the original template numbered its nodes: a static rendezvous
         host, _, port = settings["rdzv_endpoint"].rpartition(":")
         return [
             *arguments,

@@ -12,6 +12,8 @@ neither holds values from the killed process's lost work.
 import io
 import json
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +28,10 @@ class MetricLogger:
     """`resume_from_byte`/`resume_step`: the run directory is being reused by a resume. Its
     metrics.jsonl is cut back to that many bytes (created if missing: a run killed before
     its first line), and TensorBoard hides the values its earlier event files hold for
-    steps after `resume_step` (-1: all of them, a restart from step 0)."""
+    steps after `resume_step` (-1: all of them, a restart from step 0).
+
+    TensorBoard's events are made and written by a thread of their own (its import alone
+    costs a small run a few percent), so the training thread only queues plain values."""
 
     def __init__(
         self,
@@ -50,31 +55,26 @@ class MetricLogger:
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.buffer: list[str] = []
         self.last_flush = time.monotonic()
-        # TensorBoard's own event writer (torch's SummaryWriter wraps it, at twice the cost per value),
-        # imported here so that a run without logging never loads TensorBoard.
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self.Event, self.Summary = Event, Summary
-        self.tensorboard = EventFileWriter(str(run_directory)) if tensorboard else None
         self.trackers = None  # W&B, MLflow (src/core/trackers.py): given every value and figure too
-        if self.tensorboard is not None and resume_step is not None and earlier_events:
-            # What SummaryWriter(purge_step=...) writes: TensorBoard then hides the values that
-            # earlier event files hold for this step and later ones.
-            start = SessionLog(status=SessionLog.START)
-            self.tensorboard.add_event(Event(wall_time=time.time(), step=resume_step + 1, session_log=start))
+        self.tensorboard: queue.SimpleQueue | None = None
+        self.tensorboard_error: BaseException | None = None
+        if tensorboard:
+            self.tensorboard = queue.SimpleQueue()
+            purge_from = resume_step + 1 if resume_step is not None and earlier_events else None
+            self.tensorboard_thread = threading.Thread(
+                target=self._write_events, args=(str(run_directory), purge_from), name="tensorboard", daemon=True
+            )
+            self.tensorboard_thread.start()
 
     def log(self, step: int, epoch: int, phase: str, values: dict[str, float]) -> None:
         wall_time = time.time()
-        summary = self.Summary()
+        values = {name: float(value) for name, value in values.items()}
         for name, value in values.items():
-            value = float(value)
             record = {"step": step, "epoch": epoch, "phase": phase, "name": name, "value": value, "time": wall_time}
             self.buffer.append(json.dumps(record))
-            summary.value.add(tag=f"{phase}/{name}", simple_value=value)
         if self.tensorboard is not None:
-            self.tensorboard.add_event(self.Event(wall_time=wall_time, step=step, summary=summary))
+            self._raise_tensorboard_error()
+            self.tensorboard.put(("scalars", wall_time, step, phase, values))
         if self.trackers is not None:
             self.trackers.log_metrics(step, {f"{phase}/{name}": value for name, value in values.items()})
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
@@ -83,16 +83,9 @@ class MetricLogger:
     def log_image(self, step: int, phase: str, name: str, png: bytes) -> Path:
         """A figure: to TensorBoard's Images tab as `<phase>/<name>`, and to
         figures/<phase>/<step>-<name>.png (written whole or not at all)."""
-        from PIL import Image  # TensorBoard's image summary needs the size
-
-        with Image.open(io.BytesIO(png)) as image:
-            width, height = image.size
-            channels = len(image.getbands())
-        picture = self.Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
-        summary = self.Summary()
-        summary.value.add(tag=f"{phase}/{name}", image=picture)
         if self.tensorboard is not None:
-            self.tensorboard.add_event(self.Event(wall_time=time.time(), step=step, summary=summary))
+            self._raise_tensorboard_error()
+            self.tensorboard.put(("image", time.time(), step, phase, {name: png}))
         if self.trackers is not None:
             self.trackers.log_image(step, f"{phase}/{name}", png)
         path = self.path.parent / FIGURES_DIRECTORY / phase / figure_file_name(step, name)
@@ -106,7 +99,7 @@ class MetricLogger:
         """Write buffered lines; return the file's length (what a checkpoint records). The
         checkpoint writer fsyncs the file (`fileno`) before its checkpoint becomes visible, so
         a checkpoint never covers bytes a power cut could lose, and training never waits for it.
-        TensorBoard's own thread writes its events; they are flushed at close."""
+        TensorBoard's thread writes its events; they are flushed at close."""
         if self.buffer:
             self.file.write("\n".join(self.buffer) + "\n")
             self.buffer.clear()
@@ -124,10 +117,51 @@ class MetricLogger:
             os.fsync(self.file.fileno())
             self.file.close()
             if self.tensorboard is not None:
-                self.tensorboard.close()
+                self.tensorboard.put(None)
+                self.tensorboard_thread.join()
+                self._raise_tensorboard_error()
         finally:
             if self.trackers is not None:
                 self.trackers.close(status)
+
+    def _raise_tensorboard_error(self) -> None:
+        if self.tensorboard_error is not None:
+            error, self.tensorboard_error = self.tensorboard_error, None
+            raise error
+
+    def _write_events(self, directory: str, purge_from: int | None) -> None:
+        """The TensorBoard thread: TensorBoard's own event writer (torch's SummaryWriter wraps it,
+        at twice the cost per value), fed from the queue until close."""
+        try:
+            from PIL import Image
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            writer = EventFileWriter(directory)
+            if purge_from is not None:
+                # What SummaryWriter(purge_step=...) writes: TensorBoard then hides the values that
+                # earlier event files hold for this step and later ones.
+                start = SessionLog(status=SessionLog.START)
+                writer.add_event(Event(wall_time=time.time(), step=purge_from, session_log=start))
+            while (item := self.tensorboard.get()) is not None:
+                kind, wall_time, step, phase, values = item
+                summary = Summary()
+                for name, value in values.items():
+                    if kind == "scalars":
+                        summary.value.add(tag=f"{phase}/{name}", simple_value=value)
+                    else:
+                        with Image.open(io.BytesIO(value)) as image:
+                            width, height = image.size
+                            channels = len(image.getbands())
+                        picture = Summary.Image(
+                            height=height, width=width, colorspace=channels, encoded_image_string=value
+                        )
+                        summary.value.add(tag=f"{phase}/{name}", image=picture)
+                writer.add_event(Event(wall_time=wall_time, step=step, summary=summary))
+            writer.close()
+        except BaseException as error:  # handed to the training thread, which reports it
+            self.tensorboard_error = error
 
 
 def figure_file_name(step: int, name: str) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from src.core import provenance
+from src.core.bootstrap import bootstrap_record, check_bootstrap
 from src.core.checkpoint import manifest_path, step_checkpoints, step_file_name
 from src.core.config import (
     Config,
@@ -60,6 +61,7 @@ class Plan:
     mini: bool  # --mini, or a resumed run's own setting
     resume_from: Path | None = None  # a run directory to continue
     branch: dict | None = None  # a new run starting from another run's checkpoint (--from-step)
+    bootstrap: dict | None = None  # a new run's initial weights: {path, sha256} (src/core/bootstrap.py)
 
 
 def read_request(args, edits: ConfigEdits | None = None, resume: str | None = None) -> Request:
@@ -89,8 +91,9 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
     previous = context.recall("run_directory") if context is not None and context.restart_count else None
     if previous:
         print(f"restart {context.restart_count}: resuming {previous}")
-        # A new run's edits are in its config.yaml already; a resume's (--epochs=N) are not.
-        request = read_request(args, edits=args.edits if args.resume else ConfigEdits(), resume=previous)
+        # A new run's (and a branch's) edits are in its config.yaml already; a resume's (--epochs=N) are not.
+        resumed = args.resume and args.from_step is None
+        request = read_request(args, edits=args.edits if resumed else ConfigEdits(), resume=previous)
     elif request is None:  # a torchrun worker: read here, on rank 0 alone
         request = read_request(args)
     if request.sweep is not None:
@@ -110,7 +113,7 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
     git = logging_gate(args)
     if git is not None:
         check_trackers(request.config.loggers)  # a named tracker that is not installed: before anything runs
-    return Plan(request.config, data_directory, git, args.mini)
+    return Plan(request.config, data_directory, git, args.mini, bootstrap=bootstrap_record(request.config))
 
 
 def plan_resume(args, request: Request) -> Plan:
@@ -122,6 +125,7 @@ def plan_resume(args, request: Request) -> Plan:
     check_same_commit(request.saved["git"]["commit"], git["commit"], "--resume", request.run_directory)
     data_directory = str(find_data_directory(request.config))
     check_same_data(request.saved.get("data_fingerprint"), data_directory, request.run_directory)
+    check_bootstrap(request.saved.get("bootstrap"), "--resume", request.run_directory)
     mini = request.saved["flags"]["mini"]
     return Plan(request.config, data_directory, git, mini, resume_from=request.run_directory)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.core import provenance
+from src.core.bootstrap import check_bootstrap
 from src.core.checkpoint import DamagedCheckpoint, read_checkpoint, step_checkpoints
 from src.core.config import dump_yaml, split_provenance
 from src.core.errors import UserError
@@ -257,6 +258,9 @@ def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) 
     flags = ["--cpu"] if cpu or recorded_flags.get("cpu") else []
     flags += ["--mini"] if recorded_flags.get("mini") else []
     config = split_provenance(saved)[0]
+    bootstrap = check_bootstrap(saved.get("bootstrap"), "--reproduce", run_directory)
+    if bootstrap is not None:  # the worktree has no logs/: read the weights where the original did
+        config["bootstrap_model_file"] = str(bootstrap)
     # The original's number of processes, unless the user sets it (--distributed.nproc_per_node=1).
     if not any(key.split(".")[0] in ("distributed", "multigpu_parameters") for key, _ in overrides):
         world_size = saved.get("environment", {}).get("world_size", 1)

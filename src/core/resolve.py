@@ -2,11 +2,15 @@
 
 `model_type` names a class in `src/model.py`, the `*_data_loader_type` keys name
 classes in `src/data_loader.py`, and `loss_function` names a function:
-`F.mse_loss` (torch.nn.functional), `nn.MSELoss` (torch.nn, instantiated), or a
-function defined in `src/model.py` or `src/data_loader.py`. Keyword arguments
+`F.mse_loss` (torch.nn.functional), `nn.MSELoss` (torch.nn, instantiated; the original
+template's `torch.nn.MSELoss()` and `nn.CrossEntropyLoss(reduction="mean")` are parsed
+with `ast`, literal arguments only), or a function defined in `src/model.py` or
+`src/data_loader.py`. Keyword arguments
 from the config are checked against the constructors before anything runs.
 """
 
+import ast
+import functools
 import importlib
 import inspect
 import reprlib
@@ -19,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from src.core.base import BaseDataset, BaseModel
-from src.core.checkpoint import load_model_weights
+from src.core.bootstrap import bootstrap_model
 from src.core.config import Config, nearest
 from src.core.errors import UserError
 from src.core.phases import BUILT_IN_METRICS, EVALUATION_PHASES, PHASES, Phase
@@ -120,16 +124,99 @@ def loss_problem(value: object) -> str | None:
     return None
 
 
-def _instantiate_loss(name: str, loss_class: type) -> Callable:
+LITERALS = (int, float, str, bool, type(None))
+CALL_FORM = (
+    "expected a name, optionally called with literal arguments, such as 'F.mse_loss', "
+    "'torch.nn.MSELoss()' or 'nn.CrossEntropyLoss(reduction=\"mean\")' (config values are parsed, never evaluated)"
+)
+
+
+def _is_literal(value: object) -> bool:
+    """Numbers, strings, booleans, None, and tuples or lists of those."""
+    if isinstance(value, tuple | list):
+        return all(_is_literal(item) for item in value)
+    return isinstance(value, LITERALS)
+
+
+def _literal_argument(text: str, node: ast.AST, which: str) -> object:
+    """The value of one argument node, which must be a plain literal (ast.literal_eval: no calls)."""
     try:
-        return loss_class()
+        value = None if isinstance(node, ast.Starred) else ast.literal_eval(node)
+        literal = not isinstance(node, ast.Starred) and _is_literal(value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        literal = False
+    if not literal:
+        raise UserError(f"config key 'loss_function': in {text!r}, {which} is not a literal; {CALL_FORM}")
+    return value
+
+
+def _dotted_name(node: ast.AST) -> str | None:
+    """`torch.nn.MSELoss` from its Name/Attribute nodes; None for any other expression."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
+def parse_loss_expression(text: str) -> tuple[str, tuple, dict, bool]:
+    """The original template's `loss_function: torch.nn.MSELoss()` form, read with `ast` and
+    never evaluated: (dotted name, positional arguments, keyword arguments, whether it is a call).
+    Only a dotted name, optionally called with literal arguments, is accepted."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body if isinstance(text, str) else None
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        node = None
+    arguments, keywords, called = (), {}, isinstance(node, ast.Call)
+    if called:
+        arguments = tuple(
+            _literal_argument(text, argument, f"argument {index}") for index, argument in enumerate(node.args, 1)
+        )
+        for keyword in node.keywords:
+            if keyword.arg is None:  # **mapping
+                raise UserError(f"config key 'loss_function': {text!r} unpacks a mapping; {CALL_FORM}")
+            keywords[keyword.arg] = _literal_argument(text, keyword.value, f"argument {keyword.arg!r}")
+        node = node.func
+    name = _dotted_name(node) if node is not None else None
+    if name is None:
+        raise UserError(f"config key 'loss_function': {text!r} is not a name; {CALL_FORM}")
+    _check_name("loss_function", name)
+    return name, arguments, keywords, called
+
+
+def _instantiate_loss(text: str, loss_class: type, arguments: tuple, keywords: dict) -> Callable:
+    try:
+        return loss_class(*arguments, **keywords)
     except (TypeError, ValueError) as error:
-        raise UserError(f"config key 'loss_function': {name} cannot be built without arguments: {error}") from None
+        problem = f"{type(error).__name__}: {error}"
+        raise UserError(f"config key 'loss_function': {text} cannot be built: {problem}") from None
 
 
-def resolve_loss_function(name: str) -> Callable:
-    """The loss function a config names; a class such as `nn.MSELoss` is instantiated."""
-    parts = _check_name("loss_function", name)
+def _with_keywords(text: str, function: Callable, arguments: tuple, keywords: dict) -> Callable:
+    """A loss function with keyword arguments fixed (`F.smooth_l1_loss(beta=0.5)`)."""
+    if arguments:
+        raise UserError(
+            f"config key 'loss_function': {text!r} gives a function positional arguments, but it is called as "
+            "loss(prediction, target); name its settings instead, e.g. 'F.smooth_l1_loss(beta=0.5)'"
+        )
+    if not keywords:
+        return function
+    try:
+        inspect.signature(function).bind(None, None, **keywords)
+    except TypeError as error:
+        raise UserError(f"config key 'loss_function': {text}: {error}") from None
+    except ValueError:  # no signature to check: the call itself will say
+        pass
+    return functools.partial(function, **keywords)
+
+
+def resolve_loss_function(text: str) -> Callable:
+    """The loss function a config names; a class such as `nn.MSELoss` is instantiated, with the
+    literal arguments of `nn.CrossEntropyLoss(reduction="mean")` if the config gives them."""
+    name, arguments, keywords, _ = parse_loss_expression(text)
+    parts = name.split(".")
     if len(parts) == 1:
         modules = [importlib.import_module(module_name) for module_name in USER_MODULES]
     elif parts[0] in LOSS_NAMESPACES:
@@ -147,7 +234,9 @@ def resolve_loss_function(name: str) -> Callable:
             continue
         problem = loss_problem(value)
         if problem is None:
-            return _instantiate_loss(name, value) if inspect.isclass(value) else value
+            if inspect.isclass(value):
+                return _instantiate_loss(text, value, arguments, keywords)
+            return _with_keywords(text, value, arguments, keywords)
     functional = torch.nn.functional
     choices = [f"F.{n}" for n in dir(functional) if not n.startswith("_") and not loss_problem(getattr(functional, n))]
     choices += [n for m in USER_MODULES for n in _public_names(importlib.import_module(m), inspect.isfunction)]
@@ -182,6 +271,11 @@ def dataset_arguments(config: Config, phase: Phase) -> dict:
     return {**parameters.all.to_dict(), **parameters[phase.split].to_dict()}
 
 
+def takes_mini(dataset_class: type) -> bool:
+    """Whether the constructor wants to know about --mini before it loads (BaseDataset's docstring)."""
+    return "mini" in inspect.signature(dataset_class).parameters
+
+
 def check_config_names(config: Config) -> None:
     """Resolve every name in the config and check every argument list (builds nothing)."""
     model_class = resolve_class("model_type", config.model_type, "src.model", BaseModel)
@@ -195,7 +289,7 @@ def check_config_names(config: Config) -> None:
                 f"data_loader_parameters.{phase.split}",
                 dataset_class,
                 dataset_arguments(config, phase),
-                given_elsewhere=("data_directory", "split"),
+                given_elsewhere=("data_directory", "split", *(["mini"] if takes_mini(dataset_class) else [])),
             )
     check_optimizer(config.optimizer)
     check_monitor(config)
@@ -294,7 +388,8 @@ def build_model(config: Config) -> torch.nn.Module:
 
 
 def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str, tuple[type, Dataset]]:
-    """(class, dataset) of each configured phase, by phase name; `--mini` takes a subset."""
+    """(class, dataset) of each configured phase, by phase name; `--mini` takes a subset (and
+    reaches the constructor first, as `mini=True`, when it has a `mini` parameter)."""
     datasets = {}
     for phase in PHASES:
         if config[phase.loader_key] is None:
@@ -303,7 +398,7 @@ def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str,
         dataset = construct(
             f"data_loader_parameters.{phase.split}",
             dataset_class,
-            dataset_arguments(config, phase),
+            {**dataset_arguments(config, phase), **({"mini": mini} if takes_mini(dataset_class) else {})},
             (TypeError, ValueError, OverflowError, MemoryError),
             data_directory,
             phase.split,
@@ -319,7 +414,7 @@ def build_parts(config: Config, data_directory: str, mini: bool, device: torch.d
     configure_determinism(config.deterministic, device)
     model = build_model(config)
     if config.bootstrap_model_file:
-        model.load_state_dict(load_model_weights(config.bootstrap_model_file))
+        bootstrap_model(model, config)
     datasets = build_datasets(config, data_directory, mini=mini)
     seed_everything(derive_seed(config.seed, "rank", rank))  # each rank its own dropout and augmentations
     return model, datasets, resolve_loss_function(config.loss_function)

@@ -70,11 +70,15 @@ def fsync_directory(directory: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file or nothing: a temporary file, fsync, then rename over `path`."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk must not also keep a half-written file
+        raise
     fsync_directory(path.parent)
 
 
@@ -136,6 +140,32 @@ def update_metadata(run_directory: Path, **changes: Any) -> dict:
         metadata.update(changes)
         write_text_atomic(path, dump_yaml(metadata))
     return metadata
+
+
+def record_status(run_directory: Path, **changes: Any) -> bool:
+    """How a run ended, into metadata.yaml, even on a full disk: when the atomic write finds no
+    space for its temporary file, the file is rewritten in place if its allocated blocks hold the
+    new text (a write that needs no new block cannot fail for space). False: not recorded."""
+    try:
+        update_metadata(run_directory, **changes)
+        return True
+    except OSError:
+        pass
+    path = Path(run_directory) / METADATA_FILE
+    try:
+        with _metadata_lock:
+            metadata = read_yaml(path) or {}
+            metadata.update(changes)
+            text = dump_yaml(metadata).encode()
+            if os.stat(path).st_blocks * 512 < len(text):
+                return False
+            with open(path, "r+b") as stream:
+                stream.write(text)
+                stream.truncate()
+                os.fsync(stream.fileno())
+        return True
+    except (OSError, yaml.YAMLError):
+        return False
 
 
 def start_run(parent: Path, run_name: str | None, config: dict, provenance: dict, packages: list[str]) -> Path:

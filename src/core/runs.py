@@ -142,7 +142,9 @@ def set_note(run_directory: Path, text: str) -> int:
 def show_runs(args) -> int:
     """`--runs [DIR]`: the runs under DIR (default: logs/), or a sweep's members with their Slurm state."""
     root = Path(args.runs) if args.runs else log_root(None)
-    if (root / "sweep.yaml").exists():
+    if not args.runs and not root.exists():  # a fresh clone: no run logged yet
+        print(format_table([], args.csv))
+    elif (root / "sweep.yaml").exists():
         print(format_table(filter_rows(member_rows(root), args.filter, args.status), args.csv))
     else:
         print(format_table(list_runs(root, args.filter, args.status), args.csv))

@@ -19,3 +19,19 @@ def lr_factor(step: int, scheduler: Config, total_steps: int) -> float:
     if scheduler.type == "linear":
         return 1 - (1 - final) * done
     return 1.0
+
+
+def zero_lr_extension(scheduler: Config, schedule_steps: int, planned_steps: int) -> str | None:
+    """A warning when a run extended beyond its schedule (`--resume --epochs=N`) would take steps
+    at learning rate 0: the schedule keeps its length, so after it ends the rate stays at
+    `final_lr_fraction`, and at 0 those steps change nothing. None when they would not."""
+    ended = max(schedule_steps, scheduler.warmup_steps + 1)  # from here on the rate is final_lr_fraction
+    if planned_steps <= ended or lr_factor(ended, scheduler, schedule_steps) > 0:
+        return None
+    return (
+        f"warning: this run now lasts {planned_steps} optimizer steps, but its learning-rate schedule "
+        f"({scheduler.type}, down to final_lr_fraction {scheduler.final_lr_fraction}) ended at step "
+        f"{ended}: the {planned_steps - ended} steps after it train at lr 0 and change "
+        "nothing. Start a new run with a longer schedule instead (e.g. its epochs, or scheduler.total_steps), "
+        "or branch one from a checkpoint: --resume RUN_DIR --from-step N --scheduler.total_steps=M."
+    )

@@ -23,7 +23,7 @@ from src.core.checkpoint import (
 from src.core.cli import recorded_flags
 from src.core.config import config_hash
 from src.core.distributed import DistContext, broadcast_object, share_from_rank_zero
-from src.core.errors import UserError, warn
+from src.core.errors import UserError, storage_error, warn
 from src.core.planning import Plan, check_same_commit, run_parent
 from src.core.policies import Preempted
 from src.core.rundir import (
@@ -32,6 +32,7 @@ from src.core.rundir import (
     lock_run_directory,
     now,
     read_yaml,
+    record_status,
     remove_temporary_files,
     start_run,
     update_metadata,
@@ -73,13 +74,15 @@ class Run:
                 print(f"{preempted}; {on_preempted()}")
             return 0
         except BaseException as error:
+            disk = storage_error(error)
+            recorded = True
             if self.records:
                 status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-                update_metadata(self.directory, status=status, error=repr(error))
+                recorded = record_status(self.directory, status=status, error=repr(disk or error))
             if isinstance(error, UserError | KeyboardInterrupt):
                 raise
-            if isinstance(error, CheckpointWriteError):  # the disk, not the code: no traceback
-                print(f"error: {error}", file=sys.stderr)
+            if isinstance(error, CheckpointWriteError) or disk is not None:  # the disk, not the code
+                print(f"error: {disk_message(error, disk, self.directory, recorded)}", file=sys.stderr)
             else:
                 traceback.print_exc()
             return 1
@@ -87,6 +90,19 @@ class Run:
             update_metadata(self.directory, status="finished", finished=now())
             print(f"finished: {self.directory}")
         return 0
+
+
+def disk_message(error: BaseException, disk: OSError | None, directory: Path | None, recorded: bool) -> str:
+    """One line for a run stopped by its disk: what failed, and how to go on."""
+    if isinstance(error, CheckpointWriteError):
+        return str(error)
+    where = f" ({disk.filename})" if disk.filename else ""
+    status = "" if recorded else f"; {METADATA_FILE} could not record it, and --runs shows the run as crashed"
+    resume = f"python run.py --resume {directory}" if directory else "run it again"
+    return (
+        f"the run stopped: {disk.strerror}{where}{status}. Its last checkpoint is intact: free space "
+        f"(or fix the disk) and continue with: {resume}"
+    )
 
 
 @contextlib.contextmanager
@@ -145,6 +161,7 @@ def create_run_directory(plan: Plan, args, world_size: int) -> Path:
             "environment": {**provenance.environment_provenance(), "world_size": world_size},
             "data_fingerprint": provenance.data_fingerprint(plan.data_directory),
             **({"parent": parent} if parent else {}),
+            **({"bootstrap": plan.bootstrap} if plan.bootstrap else {}),
         },
         provenance.installed_packages(),
     )

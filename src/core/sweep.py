@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core import provenance
+from src.core.bootstrap import bootstrap_path
 from src.core.config import Config, check_sweep_size, dump_yaml, finalize, lookup, set_key
 from src.core.errors import UserError
 from src.core.metrics import read_metrics, write_hparams
@@ -81,6 +82,11 @@ def expand(document: dict, schema: dict) -> list[SweepMember]:
     if not isinstance(sweep, dict) or not sweep:
         raise UserError("config key 'sweep': expected a mapping of dotted keys to lists of values")
     for key, values in sweep.items():
+        if str(key).split(".")[0] == "slurm":  # one array script holds one set of resources
+            raise UserError(
+                f"config key 'sweep.{key}': a sweep cannot vary Slurm resources (its array job asks for "
+                "one set for every task); set 'slurm' outside the sweep, or run one sweep per setting"
+            )
         if not isinstance(values, list) or not values:
             raise UserError(
                 f"config key 'sweep.{key}': expected a non-empty list of values, found {values!r} "
@@ -231,6 +237,8 @@ def run_sweep(args, document: dict) -> int:
         raise UserError("a sweep logs every run it makes, so it cannot run with --no-logging or --allow-dirty-repo")
     for member in members:  # the sub-runs run in a worktree without the data: give them its real place
         member.config["data_directory"] = str(find_data_directory(Config(member.config)))
+        if member.config.get("bootstrap_model_file"):  # nor logs/, where initial weights often are
+            member.config["bootstrap_model_file"] = str(bootstrap_path(member.config["bootstrap_model_file"]))
     git = provenance.gate()
     first = Config(members[0].config)
     sweep = create(

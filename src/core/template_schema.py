@@ -94,6 +94,8 @@ TEMPLATE_SCHEMA = {
     "model_type": {"type": "string", "required": True},
     "model_parameters": FREE_DICT,  # keyword arguments of the model class
     "bootstrap_model_file": {"type": "string", "nullable": True, "default": None},
+    "bootstrap_model_key": {"type": "string", "nullable": True, "default": None},  # "state_dict": the entry holding it
+    "bootstrap_model_prefix": {"type": "string", "nullable": True, "default": None},  # "module.": stripped from names
     "loss_function": {"type": "string", "required": True},  # F.mse_loss, or a function of yours
     "train_data_loader_type": {"type": "string", "required": True},
     "test_data_loader_type": {"type": "string", "nullable": True, "default": None},
@@ -209,6 +211,7 @@ TEMPLATE_SCHEMA = {
             "nproc_per_node": _count(default=1),
             "nnodes": _count(default=1),
             "rdzv_endpoint": {"type": "string", "nullable": True, "default": None},  # host:port of node 0
+            "node_rank": _count(0, nullable=True, default=None),  # set: a static rendezvous (multigpu_parameters)
             "backend": {"type": "string", "allowed": ["auto", "nccl", "gloo"], "default": "auto"},
             "timeout_seconds": _float(min=1.0, max=MAX_SECONDS, default=600.0),  # a dead rank fails the job after this
             "max_restarts": _count(0, default=0),  # torchrun restarts, which resume
@@ -253,7 +256,7 @@ TEMPLATE_SCHEMA = {
             "ngpus_per_node": _count(),
             "num_nodes": _count(),
             "node_idx": _count(0),
-            "backend": {"type": "string"},
+            "backend": {"type": "string", "allowed": ["auto", "nccl", "gloo"]},
             "url": {"type": "string"},
         },
     },

@@ -33,7 +33,6 @@ import os
 import queue
 import re
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -43,12 +42,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from src.core import errors
+from src.core.config import split_provenance
 from src.core.errors import UserError
 from src.core.metrics import FIGURES_DIRECTORY, figure_file_name
 
 TRACKERS = ("wandb", "mlflow")
 INSTALL = "pip install -r requirements-trackers.txt"
-PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint")
 FLUSH_SECONDS = 10.0  # MLflow receives buffered values at least this often
 FLUSH_TIMEOUT_SECONDS = 60.0  # flush() and close() wait at most this long for a slow tracker
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -57,7 +57,7 @@ MLFLOW_UNSAFE = re.compile(r"[^\w./ -]")  # characters MLflow refuses in param a
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    errors.warn(f"warning: {message}")
 
 
 def check_trackers(names: list[str] | tuple[str, ...]) -> None:
@@ -505,8 +505,7 @@ def export_run(run_directory: Path, to: str | None) -> int:
     try:
         saved = read_yaml(run_directory / CONFIG_FILE) or {}
         metadata = (read_yaml(run_directory / METADATA_FILE) or {}) if (run_directory / METADATA_FILE).exists() else {}
-        config = {key: value for key, value in saved.items() if key not in PROVENANCE_KEYS}
-        provenance = {key: saved[key] for key in PROVENANCE_KEYS if key in saved}
+        config, provenance = split_provenance(saved)
         known = metadata.get("trackers") or {}
         trackers = Trackers.open([to], run_directory, config, provenance, known)
         if not trackers.live:

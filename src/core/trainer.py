@@ -38,10 +38,10 @@ from src.core.distributed import (
 from src.core.errors import UserError, warn
 from src.core.measures import SampleMeans, SplitSamples, figure_png, per_sample, split_loss
 from src.core.metrics import MetricLogger
-from src.core.phases import BUILT_IN_METRICS, BY_NAME, EVALUATION_PHASE_NAMES
+from src.core.phases import BY_NAME, EVALUATION_PHASE_NAMES
 from src.core.policies import CheckpointSchedule, Monitor, Preempted, PreemptionStop
 from src.core.rundir import read_run_files, update_metadata
-from src.core.schedule import lr_factor
+from src.core.schedule import lr_factor, zero_lr_extension
 from src.core.seeding import derive_seed, isolated_rng, restore_rng_state, rng_state
 from src.core.trackers import TRACKERS, Trackers
 
@@ -68,7 +68,7 @@ def check_monitor_before_training(config: Config, model, loss_function, datasets
     """Fail on a misspelled `checkpoint.monitor` before the run directory exists: rank 0 probes
     one batch with a throwaway Trainer when the name is not a built-in one (an exit-2 error
     then reaches every rank)."""
-    if config.checkpoint.monitor is None or config.checkpoint.monitor in BUILT_IN_METRICS:
+    if config.checkpoint.monitor in (None, "train/epoch_loss", "val/loss", "rollout/loss"):
         return
 
     def probe() -> None:
@@ -215,7 +215,6 @@ class Trainer:
         self.stop_reason: str | None = None
         if resume_state is not None:
             self.load_state_dict(resume_state, branched)
-            self.warn_if_lr_zero()
         # The one switch for logging: the same on every rank (rank 0 alone holds the writers).
         continued = None if branched else resume_state  # a branch's log starts empty, at step N+1
         self.files = RunFiles.open(run_directory, context, continued, config) if run_directory else None
@@ -226,13 +225,14 @@ class Trainer:
     def fit(self) -> dict:
         """Train until `epochs`; return the last epoch's metrics. The run's files are closed
         at the end, also when training fails."""
-        status = "failed"
         try:
             metrics = self._fit()
-            status = "finished"
-            return metrics
-        finally:
-            self.close(status)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self.close("failed")
+            raise
+        self.close("finished")
+        return metrics
 
     def _fit(self) -> dict:
         config, progress = self.config, self.progress
@@ -272,45 +272,23 @@ class Trainer:
             return self.progress.global_step >= self.config.max_steps
         return self.progress.epoch >= self.config.epochs
 
-    def warn_if_lr_zero(self) -> None:
-        """A resumed run keeps its schedule's length; training past a schedule that decayed to 0 learns nothing."""
-        end = self.config.max_steps or self.steps_per_epoch * self.config.epochs
-        if not self.context.is_main or end <= self.schedule_steps:
-            return
-        if lr_factor(end - 1, self.config.scheduler, self.schedule_steps) == 0:
-            first = max(self.schedule_steps, self.progress.global_step) + 1
-            warn(
-                f"warning: the learning-rate schedule ends at step {self.schedule_steps} (its length is kept "
-                f"from the run's start) at final_lr_fraction 0, so steps {first} to {end} would train at lr 0. "
-                "To train on with a learning rate, branch a new run: "
-                f"--resume RUN_DIR --from-step N --scheduler.total_steps={end} (or another schedule)"
-            )
-
     def check_monitor(self) -> None:
-        """`checkpoint.monitor` must name a value this run logs. Names your model's hooks and loss
-        add are known only once they ran: then one batch of the monitored phase tells them."""
+        """`checkpoint.monitor` must name a value of an evaluation (val/..., rollout/...) or
+        train/epoch_loss: what is known at each epoch's end. Names your model's hooks and loss add
+        are known only once they ran: then one batch of the monitored phase tells them."""
         monitor = self.monitor.metric
-        known = set(BUILT_IN_METRICS) | {f"{phase}/loss" for phase in self.datasets}
+        known = {"train/epoch_loss"} | {f"{phase}/loss" for phase in self.datasets if phase != "train"}
         phase = monitor.partition("/")[0]
         if monitor not in known and phase in EVALUATION_PHASE_NAMES and phase in self.datasets:
             known |= set(self.evaluate(phase, probe=True)[0])
-        if monitor not in known and phase == "train":
-            for evaluated in (name for name in EVALUATION_PHASE_NAMES if name in self.datasets):
-                probed = self.evaluate(evaluated, probe=True)[0]
-                known |= {f"train/{key.partition('/')[2]}" for key in probed if self.logs_in_training(key)}
-                break
         if monitor not in known:
+            during_training = " (other training values are logged between evaluations)" if phase == "train" else ""
             raise UserError(
-                f"config key 'checkpoint.monitor': {monitor!r} is not a metric this run logs"
+                f"config key 'checkpoint.monitor': {monitor!r} is not a metric of this run's evaluations"
+                + during_training
                 + nearest(monitor, known)
-                + f" (it logs: {', '.join(sorted(known))})"
+                + f" (it can monitor: {', '.join(sorted(known))})"
             )
-
-    def logs_in_training(self, key: str) -> bool:
-        """Whether an evaluation's metric `key` is also logged in training (a loss term, or one of
-        your metrics with `train_metrics`)."""
-        name = key.partition("/")[2]
-        return name in self.interval_sums or (self.config.train_metrics and not name.startswith("_"))
 
     def close(self, status: str = "finished") -> None:
         """Finish the checkpoint write in flight and close the logs (rank 0)."""
@@ -629,6 +607,10 @@ class Trainer:
             self.schedule_steps = state["schedule_steps"]
             self.monitor.load_state_dict(state.get("monitor") or {"best": state["best"]})
         self.set_learning_rate(self.progress.global_step)
+        planned = self.config.max_steps or self.steps_per_epoch * self.config.epochs
+        stalled = zero_lr_extension(self.config.scheduler, self.schedule_steps, planned)
+        if stalled and self.context.is_main and not branched:
+            warn(stalled)
         own = state["per_rank"][self.context.rank % len(state["per_rank"])]
         running = own["running"]
         self.interval_sums = {name: value.to(self.device) for name, value in running["interval_sums"].items()}
