@@ -109,6 +109,7 @@ def train(args, request) -> int:
                 config_hash=run.config_hash,
                 preemption=PREEMPTION if args.requeue else None,
                 show_progress=config.progress_bar is True or (config.progress_bar == "auto" and sys.stderr.isatty()),
+                branched=run.branched,
             )
             status = run.fit(trainer.fit, on_preempted=requeue_this_job)
         return status

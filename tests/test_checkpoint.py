@@ -12,6 +12,7 @@ from src.core import checkpoint
 from src.core.checkpoint import (
     CheckpointWriter,
     DamagedCheckpoint,
+    Retention,
     newest_valid_checkpoint,
     read_checkpoint,
     step_checkpoints,
@@ -122,6 +123,23 @@ def test_background_writer_reports_errors_and_prunes(tmp_path, monkeypatch):
     writer.save(state(6), ("last",), written.append)
     with pytest.raises(OSError, match="disk"):
         writer.wait()
+
+
+def test_milestones_survive_pruning_beside_recent_best_and_last(tmp_path):
+    """keep_every_n_steps keeps multiples of N; keep_every_n_epochs keeps every N-th epoch's end."""
+    writer = CheckpointWriter(tmp_path, Retention(2, every_n_steps=4, every_n_epochs=2), background=False)
+    for step in range(1, 13):  # epochs of 3 steps: steps 3, 6, 9, 12 end epochs 1 to 4
+        epoch_end = step % 3 == 0
+        progress = {"epoch": step // 3, "batch_in_epoch": 0 if epoch_end else step % 3, "global_step": step}
+        writer.save({**state(step), "progress": progress}, ("last", "best") if step == 1 else ("last",), lambda _: None)
+    # 1: best; 4, 8, 12: multiples of 4; 6, 12: ends of epochs 2 and 4; 11, 12: the two newest.
+    assert [info.step for info in step_checkpoints(tmp_path)] == [1, 4, 6, 8, 11, 12]
+
+    plain = tmp_path / "plain"
+    writer = CheckpointWriter(plain, keep_recent=2, background=False)
+    for step in range(1, 7):
+        writer.save(state(step), ("last",), lambda _: None)
+    assert [info.step for info in step_checkpoints(plain)] == [5, 6]
 
 
 def test_snapshot_is_independent_of_training(tmp_path, monkeypatch):

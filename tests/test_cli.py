@@ -212,6 +212,12 @@ def parse_error(argv: list[str]) -> str:
         (["c.yaml", "--print-config", "--run-parent", "x"], "--run-parent does nothing with --print-config"),
         (["c.yaml", "--log-dir", "x", "--run-parent", "y"], "--log-dir would do nothing"),
         (["c.yaml", "--slurm", "--print-config"], "--slurm does nothing with --print-config"),
+        (["c.yaml", "--from-step", "3"], "--from-step does nothing with a new run"),
+        (["--resume", "logs/a/b", "--from-step", "x"], "expected an optimizer step"),
+        (["--resume", "logs/a/b", "--name", "a"], "--name does nothing with --resume"),
+        (["c.yaml", "--save-outputs"], "--save-outputs does nothing with a new run"),
+        (["--evaluate", "logs/a/b", "--auto-resume"], "--auto-resume does nothing with --evaluate"),
+        (["c.yaml", "--auto-resume", "--no-logging"], "--auto-resume continues a logged run"),
     ],
 )
 def test_flags_that_would_do_nothing_are_refused(argv, expected):
@@ -227,6 +233,9 @@ def test_flags_that_would_do_nothing_are_refused(argv, expected):
         ["--runs", "logs", "--filter", "x", "--status", "failed", "--csv"],
         ["c.yaml", "--slurm", "--submit", "--requeue", "--mini", "--cpu"],
         ["c.yaml", "--allow-dirty-repo", "--y", "--no-logging"],
+        ["--evaluate", "logs/a/b", "--name", "hard", "--subset", "0.25", "--save-outputs", "--data_directory=x"],
+        ["--resume", "logs/a/b", "--from-step", "20", "--optimizer.lr=1e-3"],
+        ["c.yaml", "--auto-resume", "--run_name=x", "--requeue"],
     ],
 )
 def test_flags_in_their_context_are_accepted(argv):

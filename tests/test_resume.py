@@ -162,3 +162,35 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(project
     assert "from the start (no valid checkpoint)" in resumed.stdout
     assert_same_run(run_directory(project, "reference"), run)
     assert not list(run.glob(".*.tmp-*"))  # leftovers of the killed process are removed
+
+
+def test_auto_resume_makes_a_job_script_safe_to_resubmit(project):
+    job = (*RUN, "--run_name=job", "--auto-resume")
+    assert project.run(*RUN, "--run_name=reference").returncode == 0
+    killed = project.run(*job, env={"TEMPLATE_FAULT": "train_step:22"})
+    assert killed.returncode == -9, killed.stderr
+
+    again = project.run(*job)  # the same command, re-submitted
+    assert again.returncode == 0, again.stderr
+    assert "continuing it" in again.stdout
+    run, reference = run_directory(project, "job"), run_directory(project, "reference")
+    assert_same_run(reference, run)
+    (entry,) = yaml.safe_load((run / "metadata.yaml").read_text())["resumes"]
+    assert entry["from_step"] == 20
+
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    done = project.run(*job)
+    assert done.returncode == 0 and "finished already" in done.stdout, done.stderr
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+    other_config = project.run(*job, "--optimizer.lr=0.1")
+    assert other_config.returncode == 3 and "optimizer.lr" in other_config.stderr, other_config.stderr
+    (project.root / "notes.txt").write_text("a later commit\n")
+    project.commit("later")
+    other_commit = project.run(*job)
+    assert other_commit.returncode == 3 and "commit" in other_commit.stderr, other_commit.stderr
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+    assert [path.name for path in project.run_directories()] == ["job", "reference"]  # never forked
+
+    unnamed = project.run(*RUN, "--auto-resume")
+    assert unnamed.returncode == 2 and "run_name" in unnamed.stderr

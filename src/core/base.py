@@ -65,6 +65,16 @@ class BaseModel(nn.Module):
         inside this method, so runs without figures start fast."""
         return {}
 
+    def outputs(self, prediction, target: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """What `--evaluate RUN_DIR --save-outputs` keeps of a validation or rollout batch, ONE ROW
+        PER SAMPLE (first dimension: the batch's samples), into
+        `evaluation/<name>/<checkpoint>.outputs.npz` as `<phase>/<key>`. Default: the
+        prediction and the target (when the prediction is a tensor). Return only what you
+        will look at (completions as token ids, a few predicted values) when outputs are large."""
+        if not isinstance(prediction, torch.Tensor):
+            return {}
+        return {"prediction": prediction, "target": target}
+
 
 MINI_ITEMS = 100  # what --mini keeps by default
 

@@ -208,14 +208,38 @@ def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def prune_checkpoints(directory: Path, keep_recent: int, protected: set[str]) -> list[str]:
+@dataclass(frozen=True)
+class Retention:
+    """Which step files pruning keeps: the `keep_recent` newest, plus milestones (the config's
+    `checkpoint.keep_every_n_steps`: steps that are multiples of N; `keep_every_n_epochs`:
+    the ends of every N-th epoch), so a finished run keeps a history to evaluate."""
+
+    keep_recent: int
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+
+    def is_milestone(self, info: CheckpointInfo) -> bool:
+        if self.every_n_steps and info.step % self.every_n_steps == 0:
+            return True
+        if self.every_n_epochs:
+            try:
+                manifest = json.loads(manifest_path(info.path).read_text())
+            except (OSError, ValueError):
+                return False
+            epoch_end = manifest.get("batch_in_epoch") == 0 and manifest.get("epoch", 0) > 0
+            return epoch_end and manifest["epoch"] % self.every_n_epochs == 0
+        return False
+
+
+def prune_checkpoints(directory: Path, keep: int | Retention, protected: set[str]) -> list[str]:
     """Delete complete step files beyond the `keep_recent` newest, never one in `protected`
-    (best, last); return the names deleted. Only files with a manifest count as recent, so a
-    leftover without one can never push the only valid checkpoint out."""
+    (best, last) nor a milestone; return the names deleted. Only files with a manifest count as
+    recent, so a leftover without one can never push the only valid checkpoint out."""
+    retention = keep if isinstance(keep, Retention) else Retention(keep)
     infos = [info for info in step_checkpoints(directory) if manifest_path(info.path).exists()]
     deleted = []
-    for info in infos[: max(0, len(infos) - keep_recent)]:
-        if info.path.name in protected:
+    for info in infos[: max(0, len(infos) - retention.keep_recent)]:
+        if info.path.name in protected or retention.is_milestone(info):
             continue
         manifest_path(info.path).unlink(missing_ok=True)
         info.path.unlink(missing_ok=True)
@@ -272,9 +296,10 @@ class CheckpointWriter:
     `archive.Mirror`) hears of each durable checkpoint and of each pruned one.
     """
 
-    def __init__(self, directory: Path, keep_recent: int, background: bool = True, archive=None):
+    def __init__(self, directory: Path, keep_recent: int | Retention, background: bool = True, archive=None):
+        """`keep_recent`: how many step files pruning keeps, or a Retention (with milestones)."""
         self.directory = directory
-        self.keep_recent = keep_recent
+        self.retention = keep_recent if isinstance(keep_recent, Retention) else Retention(keep_recent)
         self.background = background
         self.archive = archive
         self.protected: dict[str, str] = {}  # "last"/"best" -> step file name
@@ -310,7 +335,7 @@ class CheckpointWriter:
         path = write_checkpoint(self.directory, state, links, sync_first)
         for name in links:
             self.protected[name] = path.name
-        pruned = prune_checkpoints(self.directory, self.keep_recent, set(self.protected.values()))
+        pruned = prune_checkpoints(self.directory, self.retention, set(self.protected.values()))
         if self.archive is not None:  # only wakes the mirror's thread: never waits for the store
             self.archive.checkpoints_pruned(pruned)
             self.archive.checkpoint_durable(path)

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", metavar="RUN_DIR", help="continue a logged run (a directory or an archive URI)")
     add("--evaluate", metavar="RUN_DIR", help="run validation and rollout on a run's saved checkpoints")
     add("--checkpoints", nargs="+", metavar="NAME", help="with --evaluate: only these (best, last, step-N.pt, N)")
+    add("--name", metavar="NAME", help="with --evaluate: the evaluation's name (default: default)")
+    add("--subset", type=_fraction, metavar="FRACTION", help="with --evaluate: the first ceil(F*n) samples")
+    add("--save-outputs", action="store_true", help="with --evaluate: keep per-sample outputs (.npz)")
+    add("--from-step", type=_step, metavar="N", help="with --resume: branch a new run from step N's checkpoint")
+    add("--auto-resume", action="store_true", help="continue the run named run_name if it exists, else start it")
     add("--reproduce", metavar="RUN_DIR", help="re-run a logged run at its commit and compare the results")
     add("--runs", nargs="?", const="", metavar="DIR", help="a table of logged runs (default: logs/; or an archive URI)")
     add("--filter", metavar="TEXT", help="with --runs: runs whose description or name contains TEXT")
@@ -62,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--submit", action="store_true", help="with --slurm: also submit it with sbatch")
     add("--requeue", action="store_true", help="on SIGUSR1 (Slurm's warning): checkpoint, requeue, later resume")
     return parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction 0 < F <= 1 (0.1 is 10%), got {text!r}")
+    return value
+
+
+def _step(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an optimizer step (an integer >= 0), got {text!r}")
+    return int(text)
 
 
 def _pairs(occurrences: list[list[str]], flag: str, names: str) -> list[tuple[str, str]]:
@@ -133,6 +154,11 @@ FLAG_MODES = {
     "--log-dir": (NEW_RUN,),
     "--run-parent": (NEW_RUN,),
     "--checkpoints": ("--evaluate",),
+    "--name": ("--evaluate",),
+    "--subset": ("--evaluate",),
+    "--save-outputs": ("--evaluate",),
+    "--from-step": ("--resume",),
+    "--auto-resume": (NEW_RUN,),
     "--filter": ("--runs",),
     "--status": ("--runs",),
     "--csv": ("--runs",),
@@ -157,6 +183,11 @@ def _given(args: argparse.Namespace) -> dict[str, bool]:
         "--log-dir": args.log_dir is not None,
         "--run-parent": args.run_parent is not None,
         "--checkpoints": args.checkpoints is not None,
+        "--name": args.name is not None,
+        "--subset": args.subset is not None,
+        "--save-outputs": args.save_outputs,
+        "--from-step": args.from_step is not None,
+        "--auto-resume": args.auto_resume,
         "--filter": args.filter is not None,
         "--status": args.status is not None,
         "--csv": args.csv,
@@ -191,6 +222,8 @@ def check_flags_apply(args: argparse.Namespace) -> None:
         for path_flag, path in (("--log-dir", args.log_dir), ("--run-parent", args.run_parent)):
             if flag_given and path is not None:
                 raise UserError(f"{path_flag} does nothing with {flag}, which logs nothing; drop one of them")
+    if args.auto_resume and (args.no_logging or args.allow_dirty_repo):
+        raise UserError("--auto-resume continues a logged run; it cannot run with --no-logging or --allow-dirty-repo")
     if args.log_dir is not None and args.run_parent is not None:
         raise UserError("--run-parent places the run directory itself, so --log-dir would do nothing; drop one")
     if args.slurm and args.print_config:

@@ -31,7 +31,7 @@ from src.core.errors import UserError
 
 # Keys that `run.py` adds to a run's saved config.yaml. They describe a run rather
 # than configure one, so they are dropped when a saved config is loaded again.
-PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint", "bootstrap")
+PROVENANCE_KEYS = ("git", "flags", "command_line", "environment", "data_fingerprint", "bootstrap", "parent")
 
 
 # Bounds on any YAML the template reads (config files, command-line values, run files), far

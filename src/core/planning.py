@@ -5,12 +5,13 @@ Under torchrun, rank 0 makes the plan and every rank receives it (src/core/distr
 """
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from src.core import provenance
 from src.core.archive import check_archive, is_archive_uri, restore_for_resume
 from src.core.bootstrap import bootstrap_record, check_bootstrap
+from src.core.checkpoint import manifest_path, step_checkpoints, step_file_name
 from src.core.config import (
     Config,
     ConfigEdits,
@@ -25,7 +26,7 @@ from src.core.config import (
 from src.core.distributed import DistContext, launch_settings
 from src.core.errors import Refusal, UserError
 from src.core.resolve import check_config_names
-from src.core.rundir import log_root, read_run_files
+from src.core.rundir import CONFIG_FILE, METADATA_FILE, log_root, read_run_files, read_yaml
 from src.core.template_schema import project_schema
 from src.core.trackers import check_trackers
 
@@ -39,6 +40,7 @@ class Request:
     run_directory: Path | None = None  # --resume
     saved: dict | None = None  # the resumed run's provenance sections (git, flags, data...)
     sweep: dict | None = None  # a sweep's edited document: its members are validated one by one
+    branch: dict | None = None  # --resume RUN_DIR --from-step N: the parent run, step and checkpoint
 
     @property
     def launch(self) -> dict:
@@ -59,6 +61,7 @@ class Plan:
     git: dict | None  # None: this run logs nothing
     mini: bool  # --mini, or a resumed run's own setting
     resume_from: Path | None = None  # a run directory to continue
+    branch: dict | None = None  # a new run starting from another run's checkpoint (--from-step)
     bootstrap: dict | None = None  # a new run's initial weights: {path, sha256} (src/core/bootstrap.py)
 
 
@@ -71,6 +74,8 @@ def read_request(args, edits: ConfigEdits | None = None, resume: str | None = No
     if resume:
         if args.config is not None:
             raise UserError("--resume uses the run's own config; drop the config file argument")
+        if getattr(args, "from_step", None) is not None and resume == args.resume:
+            return read_branch(args, edits)
         run_directory, saved, config = load_run(resume, edits, "--resume")
         return Request(config, run_directory, saved)
     if args.config is None:
@@ -89,14 +94,21 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
     previous = context.recall("run_directory") if context is not None and context.restart_count else None
     if previous:
         print(f"restart {context.restart_count}: resuming {previous}")
-        # A new run's edits are in its config.yaml already; a resume's (--epochs=N) are not.
-        request = read_request(args, edits=args.edits if args.resume else ConfigEdits(), resume=previous)
+        # A new run's (and a branch's) edits are in its config.yaml already; a resume's (--epochs=N) are not.
+        resumed = args.resume and args.from_step is None
+        request = read_request(args, edits=args.edits if resumed else ConfigEdits(), resume=previous)
     elif request is None:  # a torchrun worker: read here, on rank 0 alone
         request = read_request(args)
     if request.sweep is not None:
         raise UserError("a sweep runs its members one by one: start it with python run.py, not torchrun")
+    if args.auto_resume and request.run_directory is None and not args.print_config:
+        request = auto_resume_request(args, request)
+        if request is None:  # that run has finished already
+            return None
     if request.run_directory is not None:
         return plan_resume(args, request)
+    if request.branch is not None:
+        return plan_branch(args, request)
     if args.print_config:
         print(dump_yaml(request.config.to_dict()), end="")
         return None
@@ -122,9 +134,89 @@ def plan_resume(args, request: Request) -> Plan:
     return Plan(request.config, data_directory, git, mini, resume_from=request.run_directory)
 
 
-def load_run(run_directory: str | Path, edits: ConfigEdits, flag: str) -> tuple[Path, dict, Config]:
+def read_branch(args, edits: ConfigEdits) -> Request:
+    """--resume RUN_DIR --from-step N: a new run from the parent's checkpoint at step N, with
+    the parent's config and any edits (results may change: it is a new run). Named
+    `<parent>-from-<N>` unless the edits set run_name."""
+    parent = Path(args.resume)
+    if not any(key == "run_name" for key, _ in edits.overrides) and "run_name" not in dict(edits.modify):
+        edits = replace(edits, overrides=[*edits.overrides, ("run_name", f"{parent.name}-from-{args.from_step}")])
+    _, saved, config = load_run(parent, edits, "--resume --from-step", may_change=None)
+    checkpoint = parent / "checkpoints" / step_file_name(args.from_step)
+    if not checkpoint.exists() or not manifest_path(checkpoint).exists():
+        kept = [info.step for info in step_checkpoints(parent / "checkpoints") if manifest_path(info.path).exists()]
+        raise UserError(
+            f"--from-step {args.from_step}: {parent} keeps no checkpoint of step {args.from_step}; "
+            f"steps kept: {', '.join(map(str, kept)) or 'none'} (keep more with checkpoint.keep_every_n_steps "
+            "or keep_every_n_epochs)"
+        )
+    branch = {"run": str(parent.resolve()), "step": args.from_step, "checkpoint": str(checkpoint.resolve())}
+    return Request(config, None, saved, branch=branch)
+
+
+def plan_branch(args, request: Request) -> Plan:
+    """A branch runs the parent's code: the same commit, or its checkpoint would meet other code."""
+    git = provenance.gate()
+    check_trackers(request.config.loggers)
+    check_same_commit(request.saved["git"]["commit"], git["commit"], "--from-step", Path(request.branch["run"]))
+    data_directory = str(find_data_directory(request.config))
+    return Plan(request.config, data_directory, git, request.saved["flags"]["mini"], branch=request.branch)
+
+
+def auto_resume_request(args, request: Request) -> Request | None:
+    """--auto-resume: continue `<project>/<run_name>` if it exists with this commit and config,
+    or start it (the same request); None when it has finished. Anything else is refused, so a
+    re-submitted job script never overwrites, nor forks, a run."""
+    config = request.config
+    if not config.run_name:
+        raise UserError("--auto-resume finds the run by its name: set run_name in the config or --run_name=NAME")
+    directory = run_parent(args, config) / config.run_name
+    if not directory.exists():
+        return request
+    if not (directory / CONFIG_FILE).exists():
+        raise Refusal(
+            f"--auto-resume: {directory} exists but holds no {CONFIG_FILE} (a run killed while it was "
+            "being created, or not a run directory); move it away, or choose another run_name"
+        )
+    _, saved, saved_config = load_run(directory, ConfigEdits(), "--auto-resume", may_change=None)
+    differences = []
+    current_commit = provenance.gate()["commit"]
+    if saved["git"]["commit"] != current_commit:
+        differences.append(f"commit ({str(saved['git']['commit'])[:12]} there, HEAD is {current_commit[:12]})")
+    schema = project_schema()
+    before, after = result_affecting_keys(saved_config, schema), result_affecting_keys(config, schema)
+    changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    if changed:
+        differences.append(f"config ({', '.join(changed)})")
+    if bool(saved["flags"]["mini"]) != bool(args.mini):
+        differences.append(f"--mini ({'on' if saved['flags']['mini'] else 'off'} there)")
+    if differences:
+        raise Refusal(
+            f"--auto-resume: {directory} was made with another {' and '.join(differences)}; it is left as it is. "
+            "Choose another run_name, or check out the run's commit and config."
+        )
+    metadata = read_yaml(directory / METADATA_FILE) or {}
+    if metadata.get("status") == "finished" and not extends(config, metadata):
+        print(f"{directory} has finished already ({metadata.get('stop_reason') or 'all epochs done'}); nothing to do")
+        return None
+    print(f"--auto-resume: {directory} exists with this commit and config; continuing it")
+    return Request(config, directory, saved)
+
+
+def extends(config: Config, metadata: dict) -> bool:
+    """Whether a finished run's config asks for more training (a larger epochs or max_steps)."""
+    if config.get("max_steps"):
+        return config.max_steps > (metadata.get("global_step") or 0)
+    stopped_early = str(metadata.get("stop_reason") or "").startswith("early stopping")
+    return not stopped_early and config.epochs > (metadata.get("epochs_done") or 0)
+
+
+def load_run(
+    run_directory: str | Path, edits: ConfigEdits, flag: str, may_change: frozenset[str] | None = frozenset()
+) -> tuple[Path, dict, Config]:
     """A logged run's saved config (read once), with the command line's edits if they leave
-    results unchanged; and its recorded provenance."""
+    results unchanged (or touch only `may_change`, dotted keys; None: anything may change,
+    for a branch, which is a new run); and its recorded provenance."""
     run_directory = Path(run_directory)
     schema = project_schema()
     document, saved = split_provenance(read_run_files(run_directory, flag)[0])
@@ -132,11 +224,19 @@ def load_run(run_directory: str | Path, edits: ConfigEdits, flag: str) -> tuple[
     config = finalize(apply_edits(original, edits, schema), schema)
     before, after = result_affecting_keys(original, schema), result_affecting_keys(config, schema)
     changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+    changed = [key for key in changed if may_change is not None and key not in may_change]
+    if changed and may_change:
+        raise UserError(
+            f"{flag} cannot change {', '.join(changed)}: it would no longer evaluate the run's results. "
+            f"An evaluation may change only: {', '.join(sorted(may_change))} (and keys that leave "
+            "results unchanged)."
+        )
     if changed:
         raise UserError(
             f"{flag} cannot change {', '.join(changed)}: they change what the run computes, so the "
-            "result would not belong to this run. Start a new run instead. (Keys such as "
-            "epochs, description and checkpoint timing may change.)"
+            "result would not belong to this run. Start a new run instead (or branch one: "
+            "--resume RUN_DIR --from-step N). (Keys such as epochs, max_steps, description and "
+            "checkpoint timing may change.)"
         )
     check_config_names(config)
     return run_directory, saved, config

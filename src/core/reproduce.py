@@ -21,6 +21,7 @@ from src.core import provenance
 from src.core.bootstrap import check_bootstrap
 from src.core.checkpoint import DamagedCheckpoint, read_checkpoint, step_checkpoints
 from src.core.config import dump_yaml, split_provenance
+from src.core.errors import UserError
 from src.core.metrics import read_metrics
 from src.core.phases import WALL_CLOCK_METRICS
 from src.core.rundir import CONFIG_FILE, METADATA_FILE, read_yaml, require_run_directory
@@ -243,6 +244,13 @@ def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) 
     """Re-run a logged run at its commit, with its flags, data and world size, to its full
     length (an extended run's too) unless --epochs says otherwise; compare and report."""
     saved = read_yaml(require_run_directory(run_directory, "--reproduce") / CONFIG_FILE)
+    if saved.get("parent"):
+        parent = saved["parent"]
+        raise UserError(
+            f"--reproduce {run_directory}: this run is a branch of {parent['run']} at step {parent['step']}, "
+            "and --reproduce re-makes runs from step 0 only. Reproduce the parent (--reproduce PARENT_DIR); "
+            "the branch is that checkpoint (its SHA-256 is in config.yaml, parent) plus an exact resume."
+        )
     metadata = read_yaml(run_directory / METADATA_FILE) or {}
     original = read_metrics(run_directory)
     recorded_flags = saved.get("flags", {})

@@ -79,7 +79,13 @@ def make_row(run: str, config: dict, metadata: dict, status: str, on_remote: dic
         "epochs": f"{metadata.get('epochs_done', 0)}/{config.get('epochs', '?')}",
         "best": f"{best['metric']}={best['value']:.4g}" if best.get("value") is not None else "",
         "description": metadata.get("description") or config.get("description", ""),
+        **({"parent": _parent_cell(config["parent"])} if config.get("parent") else {}),
     }
+
+
+def _parent_cell(parent: dict) -> str:
+    """A branch's parent -> child link: `<parent run name>@<step>`."""
+    return f"{Path(str(parent.get('run', '?'))).name}@{parent.get('step', '?')}"
 
 
 def filter_rows(rows: list[dict], text: str | None = None, status: str | None = None) -> list[dict]:

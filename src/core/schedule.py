@@ -32,5 +32,6 @@ def zero_lr_extension(scheduler: Config, schedule_steps: int, planned_steps: int
         f"warning: this run now lasts {planned_steps} optimizer steps, but its learning-rate schedule "
         f"({scheduler.type}, down to final_lr_fraction {scheduler.final_lr_fraction}) ended at step "
         f"{ended}: the {planned_steps - ended} steps after it train at lr 0 and change "
-        "nothing. Start a new run with a longer schedule instead (e.g. its epochs, or scheduler.total_steps)."
+        "nothing. Start a new run with a longer schedule instead (e.g. its epochs, or scheduler.total_steps), "
+        "or branch one from a checkpoint: --resume RUN_DIR --from-step N --scheduler.total_steps=M."
     )

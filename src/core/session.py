@@ -3,6 +3,7 @@ resume) and locked by rank 0, the checkpoint a resume continues from, and the fi
 status in metadata.yaml (finished, failed, interrupted, preempted)."""
 
 import contextlib
+import json
 import shlex
 import sys
 import traceback
@@ -14,6 +15,8 @@ from src.core import faults, provenance
 from src.core.archive import Mirror, archive_uri
 from src.core.checkpoint import (
     CheckpointWriteError,
+    DamagedCheckpoint,
+    manifest_path,
     newest_valid_checkpoint,
     read_checkpoint,
     set_aside_newer_than,
@@ -50,6 +53,7 @@ class Run:
     context: DistContext
     mirror: Mirror | None = None  # rank 0's copy to the archive, when the config names one
     archive_timeout: float = 600.0
+    branched: bool = False  # a new run from another run's checkpoint (--from-step)
 
     def fit(self, fit: Callable[[], object], on_preempted: Callable[[], str]) -> int:
         """Run `fit`, and record how it ended in metadata.yaml (rank 0); return the exit code.
@@ -125,19 +129,37 @@ def open_run(plan: Plan, args, context: DistContext) -> Iterator[Run]:
                 context, "checkpoint", lambda: start_resume(directory, context, hash_of_config, commit)
             )
             checkpoint = read_checkpoint(path) if path else None
+        if plan.branch is not None:
+            checkpoint = read_branch_checkpoint(Path(plan.branch["checkpoint"]))
         uri = archive_uri(plan.config.to_dict()) if context.is_main and directory is not None else None
         mirror = Mirror(directory, uri) if uri else None  # after the resume chose its checkpoint
         timeout = plan.config.archive.final_sync_timeout_seconds
-        yield Run(directory, checkpoint, commit, hash_of_config, context, mirror, timeout)
+        yield Run(directory, checkpoint, commit, hash_of_config, context, mirror, timeout, plan.branch is not None)
     finally:
         if lock is not None:
             lock.close()
 
 
+def read_branch_checkpoint(path: Path) -> dict:
+    try:
+        return read_checkpoint(path)
+    except DamagedCheckpoint as error:
+        raise UserError(f"--from-step: cannot branch from {error}") from None
+
+
+def branch_provenance(branch: dict) -> dict:
+    """What a branch records of its parent: the run, the step, and the checkpoint's SHA-256."""
+    checkpoint = Path(branch["checkpoint"])
+    sha256 = json.loads(manifest_path(checkpoint).read_text())["sha256"]
+    return {"run": branch["run"], "step": branch["step"], "checkpoint": checkpoint.name, "checkpoint_sha256": sha256}
+
+
 def create_run_directory(plan: Plan, args, world_size: int) -> Path:
-    """The new run's directory, with its config and provenance stamped in (rank 0)."""
+    """The new run's directory, with its config and provenance stamped in (rank 0). A branch
+    goes next to its parent."""
+    parent = branch_provenance(plan.branch) if plan.branch else None
     directory = start_run(
-        run_parent(args, plan.config),
+        Path(plan.branch["run"]).parent if plan.branch else run_parent(args, plan.config),
         plan.config.run_name,
         plan.config.to_dict(),
         {
@@ -146,10 +168,14 @@ def create_run_directory(plan: Plan, args, world_size: int) -> Path:
             "command_line": shlex.join(["python", "run.py", *args.argv]),
             "environment": {**provenance.environment_provenance(), "world_size": world_size},
             "data_fingerprint": provenance.data_fingerprint(plan.data_directory),
+            **({"parent": parent} if parent else {}),
             **({"bootstrap": plan.bootstrap} if plan.bootstrap else {}),
         },
         provenance.installed_packages(),
     )
+    if parent:
+        update_metadata(directory, parent=parent)
+        print(f"branching from {parent['run']} at step {parent['step']}")
     print(f"logging to {directory}")
     faults.maybe_fail("run_directory")
     return directory

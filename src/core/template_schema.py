@@ -123,6 +123,8 @@ TEMPLATE_SCHEMA = {
     "torch_threads": {"type": "integer", "min": 1, "max": 1024, "nullable": True, "default": None},
     # How long and how hard to train.
     "epochs": _count(required=True, meta=NEUTRAL),
+    # Stop after this many optimizer steps in all (null: after `epochs`); when set, epochs does not limit.
+    "max_steps": _count(nullable=True, default=None, meta=NEUTRAL),
     "batch_size": _count(required=True),
     "eval_batch_size": _count(nullable=True, default=None),
     "seed": {"type": "integer", "min": 0, "max": MAX_SEED, "default": 0},
@@ -164,6 +166,10 @@ TEMPLATE_SCHEMA = {
             "monitor": {"type": "string", "nullable": True, "default": None},  # default: rollout/loss, val/loss...
             "mode": {"type": "string", "allowed": ["min", "max"], "default": "min"},
             "keep_recent": _count(default=2, meta=NEUTRAL),
+            # Milestones never pruned (beside keep_recent, best and last), for a history to --evaluate:
+            # checkpoints at steps that are multiples of N, and at the end of every N-th epoch.
+            "keep_every_n_steps": _count(nullable=True, default=None, meta=NEUTRAL),
+            "keep_every_n_epochs": _count(nullable=True, default=None, meta=NEUTRAL),
             # Mid-epoch checkpoints every N optimizer steps (beside every `checkpoint_interval` seconds).
             "every_n_steps": _count(nullable=True, default=None, meta=NEUTRAL),
         }

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from src.core import faults
 from src.core.base import BaseModel
-from src.core.checkpoint import FORMAT_VERSION, CheckpointWriter, step_file_name
+from src.core.checkpoint import FORMAT_VERSION, CheckpointWriter, Retention, step_file_name
 from src.core.config import Config, nearest, split_provenance
 from src.core.data import EpochSampler, make_loader
 from src.core.distributed import (
@@ -86,6 +86,11 @@ def rescaled_position(
     return min(position - position % accumulation, batches)
 
 
+def retention(config: Config) -> Retention:
+    keep = config.checkpoint
+    return Retention(keep.keep_recent, keep.keep_every_n_steps, keep.keep_every_n_epochs)
+
+
 @dataclass
 class RunFiles:
     """Where a logged run writes: given to the Trainer on every rank, or None (no logging).
@@ -116,7 +121,7 @@ class RunFiles:
                 config.loggers, directory, config.to_dict(), provenance, metadata.get("trackers")
             )
             update_metadata(directory, trackers=logger.trackers.ids())
-        checkpoints = CheckpointWriter(directory / "checkpoints", config.checkpoint.keep_recent, archive=archive)
+        checkpoints = CheckpointWriter(directory / "checkpoints", retention(config), archive=archive)
         return cls(directory, logger, checkpoints)
 
     def wait(self) -> None:
@@ -150,10 +155,14 @@ class Trainer:
         preemption: threading.Event | None = None,
         archive=None,
         show_progress: bool = False,
+        branched: bool = False,
     ):
         """`run_directory`: where to log (None: nothing is written). `resume_state`: the
         checkpoint to continue from (None: start at step 0). `preemption`: an event that,
-        once set (SIGUSR1 under --requeue), makes the run checkpoint and stop. `archive`: rank 0's
+        once set (SIGUSR1 under --requeue), makes the run checkpoint and stop. `branched`:
+        `resume_state` is another run's (--from-step): this new run takes its weights,
+        optimizer state, position and random streams, but its own config's optimizer
+        settings and schedule, a fresh best and early-stopping count, and logs from there. `archive`: rank 0's
         archive.Mirror, told of every durable checkpoint (None: no archive)."""
         self.config = config
         self.device = device
@@ -173,8 +182,8 @@ class Trainer:
         self.optimizer = model.configure_optimizer(config.optimizer)
         self.batches_per_epoch = math.ceil(self._sampler("train").per_rank / config.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
-        # The schedule's length: kept from the first attempt when a resume extends `epochs`.
-        self.schedule_steps = config.scheduler.total_steps or self.steps_per_epoch * config.epochs
+        # The schedule's length: kept from the first attempt when a resume extends `epochs` or `max_steps`.
+        self.schedule_steps = config.scheduler.total_steps or config.max_steps or self.steps_per_epoch * config.epochs
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the schedule scales this
         self.set_learning_rate(0)
@@ -210,9 +219,10 @@ class Trainer:
         self.checkpointed_step = -1
         self.stop_reason: str | None = None
         if resume_state is not None:
-            self.load_state_dict(resume_state)
+            self.load_state_dict(resume_state, branched)
         # The one switch for logging: the same on every rank (rank 0 alone holds the writers).
-        self.files = RunFiles.open(run_directory, context, resume_state, config, archive) if run_directory else None
+        continued = None if branched else resume_state  # a branch's log starts empty, at step N+1
+        self.files = RunFiles.open(run_directory, context, continued, config, archive) if run_directory else None
 
     # ------------------------------------------------------------------------------
     # The loop
@@ -236,19 +246,22 @@ class Trainer:
             started = time.monotonic()
             baseline = self.log_evaluation(epoch=0)  # step 0, epoch 0
             self.print_summary(baseline, False, time.monotonic() - started)
-        while progress.epoch < config.epochs and not self.monitor.stop_reason():
+        while not self.steps_done() and not self.monitor.stop_reason():
             started = time.monotonic()
             metrics = {"train/epoch_loss": self.train_one_epoch()}
             self.log(progress.epoch + 1, metrics | {"train/epoch_seconds": time.monotonic() - started})
             metrics |= self.log_evaluation(epoch=progress.epoch + 1)
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
+            if progress.batch_in_epoch == self.batches_per_epoch:  # else max_steps stopped it mid-epoch
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
             improved = self.monitor.update(metrics, progress.global_step, progress.epoch)
             self.save_checkpoint(links=("last", "best") if improved else ("last",))
             self.print_summary(metrics, improved, time.monotonic() - started)
             if self.preemption and self.preemption.due(progress.global_step, at_epoch_end=True):
                 self.stop_for_preemption()
-        self.stop_reason = self.monitor.stop_reason() or f"finished all {config.epochs} epochs"
+        self.stop_reason = self.monitor.stop_reason() or (
+            f"reached max_steps {config.max_steps}" if config.max_steps else f"finished all {config.epochs} epochs"
+        )
         if self.context.is_main:
             if self.files is not None:
                 update_metadata(self.files.directory, stop_reason=self.stop_reason)
@@ -257,6 +270,12 @@ class Trainer:
         if self.context.enabled:
             self.check_replicas()
         return metrics
+
+    def steps_done(self) -> bool:
+        """`max_steps` (optimizer steps in all) when set, else `epochs`, ends the training."""
+        if self.config.max_steps:
+            return self.progress.global_step >= self.config.max_steps
+        return self.progress.epoch >= self.config.epochs
 
     def check_monitor(self) -> None:
         """`checkpoint.monitor` must name a value of an evaluation (val/..., rollout/...) or
@@ -327,6 +346,9 @@ class Trainer:
                     self.files.wait()  # a background write failed (disk full): stop now, with its error
                 if progress.global_step % config.log_every_n_steps == 0:
                     self.log_training(bar)
+                if config.max_steps and progress.global_step >= config.max_steps:
+                    bar.update()
+                    break
                 if progress.batch_in_epoch < self.batches_per_epoch:  # the epoch's end saves anyway
                     if self.preemption and self.preemption.due(progress.global_step):
                         self.stop_for_preemption()
@@ -335,8 +357,9 @@ class Trainer:
             bar.update()
         bar.close()
         loss = float(self.reduce_mean(self.epoch_loss.reshape(1), self.epoch_batches)[0])
-        self.epoch_loss.zero_()
-        self.epoch_batches = 0
+        if progress.batch_in_epoch == self.batches_per_epoch:  # a resumed partial epoch goes on summing
+            self.epoch_loss.zero_()
+            self.epoch_batches = 0
         return loss
 
     def forward(
@@ -397,11 +420,14 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor
 
     @torch.no_grad()
-    def evaluate(self, phase: str, probe: bool = False) -> tuple[dict[str, float], list[dict]]:
+    def evaluate(
+        self, phase: str, probe: bool = False, on_batch: Callable | None = None
+    ) -> tuple[dict[str, float], list[dict]]:
         """Validation ("val") or rollout ("rollout"): the loss, its terms and your metrics, as
         sample-weighted means over all ranks (plus your whole-split metrics), and each batch's
         loss. Runs on its own random streams (see seeding.py). `probe`: one batch only, to
-        learn the names logged (nothing drawn, no fault point)."""
+        learn the names logged (nothing drawn, no fault point). `on_batch(prediction, target,
+        inputs)`: called with each batch (--evaluate --save-outputs)."""
         limit = self.config.rollout.max_samples if phase == "rollout" else None
         if probe:
             limit = min(limit or math.inf, self.config.eval_batch_size or self.config.batch_size)
@@ -423,6 +449,8 @@ class Trainer:
                 if draws:
                     self.draw_figures(phase, prediction, target, inputs)
                     draws = False
+                if on_batch is not None:
+                    on_batch(prediction, target, inputs)
                 batch_results.append({"samples": samples, "loss": losses["loss"].detach()})
                 if not probe:
                     faults.maybe_fail(phase, settle=self.wait_for_checkpoints)
@@ -562,9 +590,13 @@ class Trainer:
             "config_hash": self.config_hash,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, branched: bool = False) -> None:
         self.model.load_state_dict(state["model"])
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        if branched:  # the branch's own optimizer settings (a lower lr...), not the parent's
+            for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+                group.update(settings)
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
@@ -576,14 +608,14 @@ class Trainer:
                 self.config.gradient_accumulation_steps,
                 self.batches_per_epoch,
             )
-        self.schedule_steps = state["schedule_steps"]
+        if not branched:  # a branch's schedule follows its own config, from step 0
+            self.schedule_steps = state["schedule_steps"]
+            self.monitor.load_state_dict(state.get("monitor") or {"best": state["best"]})
         self.set_learning_rate(self.progress.global_step)
-        stalled = zero_lr_extension(
-            self.config.scheduler, self.schedule_steps, self.steps_per_epoch * self.config.epochs
-        )
-        if stalled and self.context.is_main:
+        planned = self.config.max_steps or self.steps_per_epoch * self.config.epochs
+        stalled = zero_lr_extension(self.config.scheduler, self.schedule_steps, planned)
+        if stalled and self.context.is_main and not branched:
             warn(stalled)
-        self.monitor.load_state_dict(state.get("monitor") or {"best": state["best"]})
         own = state["per_rank"][self.context.rank % len(state["per_rank"])]
         running = own["running"]
         self.interval_sums = {name: value.to(self.device) for name, value in running["interval_sums"].items()}
