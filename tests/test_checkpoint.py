@@ -104,7 +104,7 @@ def test_write_failure_keeps_previous_checkpoints(tmp_path, monkeypatch):
         write_checkpoint(tmp_path, state(2), links=("last",))
     assert [info.step for info in step_checkpoints(tmp_path)] == [1]
     assert read_checkpoint(tmp_path / "last.pt")["progress"]["global_step"] == 1
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def test_background_writer_reports_errors_and_prunes(tmp_path, monkeypatch):

@@ -54,7 +54,15 @@ import yaml
 from src.core import faults
 from src.core.checkpoint import STEP_FILE, manifest_path, step_checkpoints
 from src.core.errors import UserError
-from src.core.rundir import CONFIG_FILE, METADATA_FILE, fsync_directory, log_root, now, update_metadata
+from src.core.rundir import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    fsync_directory,
+    log_root,
+    now,
+    update_metadata,
+    write_text_atomic,
+)
 
 ENVIRONMENT_VARIABLE = "TEMPLATE_ARCHIVE_URI"
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "file": None}
@@ -699,7 +707,7 @@ def _restore_files(store: Store, listing: dict[str, int], directory: Path, repor
             continue
         manifest_path(target).unlink(missing_ok=True)  # a stale manifest must never describe the new file
         os.replace(temporary, target)
-        _write_atomic(manifest_path(target), manifest_text.decode())
+        write_text_atomic(manifest_path(target), manifest_text.decode())
         report.restored.append(file_name)
     for pointer in POINTERS:
         text = store.read(f"checkpoints/{pointer}.json")
@@ -717,7 +725,7 @@ def _restore_files(store: Store, listing: dict[str, int], directory: Path, repor
         except OSError:  # no hard links on this filesystem: a copy does the same job
             shutil.copyfile(source, temporary)
         os.replace(temporary, link)
-        _write_atomic(checkpoints / f"{pointer}.json", text.decode())
+        write_text_atomic(checkpoints / f"{pointer}.json", text.decode())
     fsync_directory(checkpoints)
 
 
@@ -732,15 +740,6 @@ def _verified_locally(path: Path, manifest_text: bytes | None) -> bool:
     if manifest_text is not None and local != manifest_text.decode():
         return False
     return size == json.loads(local).get("bytes")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.part")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
 
 
 def restore_for_resume(uri: str, log_dir: Path) -> Path:

@@ -29,7 +29,7 @@ import torch
 
 from src.core import faults
 from src.core.errors import warn
-from src.core.rundir import fsync_directory, now
+from src.core.rundir import fsync_directory, now, write_text_atomic
 
 FORMAT_VERSION = 1
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
@@ -76,15 +76,6 @@ class _HashingFile(io.RawIOBase):
         return written
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(data, stream, indent=1)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-
-
 def write_checkpoint(
     directory: Path, state: dict, links: tuple[str, ...] = (), sync_first: tuple[int, ...] = ()
 ) -> Path:
@@ -114,7 +105,7 @@ def write_checkpoint(
             "written": now(),
             "format": FORMAT_VERSION,
         }
-        _write_json_atomic(manifest_path(path), manifest)
+        write_text_atomic(manifest_path(path), json.dumps(manifest, indent=1))
         for name in links:  # last.pt / best.pt: a hard link swapped in atomically
             link = directory / f"{name}.pt"
             temporary_link = directory / f".{name}.pt.tmp"
@@ -124,7 +115,9 @@ def write_checkpoint(
             except OSError:  # a filesystem without hard links: a copy does the same job
                 shutil.copyfile(path, temporary_link)
             os.replace(temporary_link, link)
-            _write_json_atomic(manifest_path(link), {**manifest, "file": link.name, "links_to": path.name})
+            write_text_atomic(
+                manifest_path(link), json.dumps({**manifest, "file": link.name, "links_to": path.name}, indent=1)
+            )
         fsync_directory(directory)
     except Exception as error:
         temporary.unlink(missing_ok=True)
@@ -260,8 +253,9 @@ def set_aside_newer_than(directory: Path, step: int) -> list[str]:
                 if path.exists():
                     os.replace(path, discarded / path.name)
             moved.append(info.path.name)
-    for temporary in directory.glob(".*.tmp") if directory.is_dir() else []:
-        temporary.unlink()
+    for pattern in (".*.tmp", ".*.tmp-*"):  # a checkpoint's, a manifest's
+        for temporary in directory.glob(pattern) if directory.is_dir() else []:
+            temporary.unlink(missing_ok=True)
     return moved
 
 

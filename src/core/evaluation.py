@@ -13,9 +13,9 @@ checkpoint), under a lock of its own.
 import contextlib
 import csv
 import fcntl
+import io
 import json
 import math
-import os
 import re
 import shlex
 import sys
@@ -34,7 +34,7 @@ from src.core.errors import UserError
 from src.core.phases import EVALUATION_PHASES
 from src.core.planning import check_same_commit, find_data_directory, load_run
 from src.core.resolve import build_parts
-from src.core.rundir import CONFIG_FILE, now, read_yaml, write_text_atomic
+from src.core.rundir import CONFIG_FILE, now, read_yaml, write_bytes_atomic, write_text_atomic
 from src.core.tables import csv_text
 from src.core.template_schema import project_schema
 from src.core.trainer import Trainer
@@ -262,9 +262,6 @@ def write_outputs(path: Path, outputs: dict[str, list[torch.Tensor]]) -> None:
     for key, parts in outputs.items():
         tensor = torch.cat([part.detach().cpu() for part in parts])
         arrays[key] = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as stream:
-        np.savez(stream, **arrays)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from src.core.errors import UserError
+from src.core.rundir import write_bytes_atomic
 
 METRICS_FILE = "metrics.jsonl"
 FIGURES_DIRECTORY = "figures"
@@ -90,9 +91,7 @@ class MetricLogger:
             self.trackers.log_image(step, f"{phase}/{name}", png)
         path = self.path.parent / FIGURES_DIRECTORY / phase / figure_file_name(step, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        temporary.write_bytes(png)
-        os.replace(temporary, path)
+        write_bytes_atomic(path, png)
         return path
 
     def flush(self) -> int:

@@ -69,10 +69,15 @@ def fsync_directory(directory: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file or nothing: a temporary file, fsync, then rename over `path`."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: a temporary file, fsync, then rename over `path`."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with open(temporary, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
