@@ -10,6 +10,7 @@ src/model.py, src/data_loader.py and src/schema.py; the machinery in src/core/ (
 (repository state), 1 training failed, 4 --reproduce found differences, 130 Ctrl-C.
 """
 
+import functools
 import signal
 import sys
 import threading
@@ -95,7 +96,8 @@ def train(args, request) -> int:
             check_monitor_before_training(config, model, loss_function, datasets, device, context)
         # Fit: in the run directory (rank 0 creates or reopens it), or logging nothing.
         with open_run(plan, args, context) as run:
-            trainer = Trainer(
+            trainer = functools.partial(  # built inside run.fit: a failure while building it is recorded too
+                Trainer,
                 config,
                 model,
                 loss_function,
@@ -111,7 +113,7 @@ def train(args, request) -> int:
                 show_progress=config.progress_bar is True or (config.progress_bar == "auto" and sys.stderr.isatty()),
                 branched=run.branched,
             )
-            status = run.fit(trainer.fit, on_preempted=requeue_this_job)
+            status = run.fit(lambda: trainer().fit(), on_preempted=requeue_this_job)
         return status
     finally:
         shutdown(context, finished=status == 0)

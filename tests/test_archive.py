@@ -459,3 +459,14 @@ def test_a_run_mirrors_while_it_trains_and_resumes_from_s3_after_its_disk_is_los
     run = project.root / "logs" / "PendulumModel" / "moved"
     assert_same_run(project.root / "logs" / "PendulumModel" / "reference", run)
     assert read_yaml(run / "metadata.yaml")["archive"]["status"] == "synced"
+
+
+def test_restore_never_writes_outside_the_run_directory(s3_archive, tmp_path):
+    """An object key with `..` parts (anyone who can write to the bucket can make one) is refused."""
+    run = make_run(tmp_path)
+    archive_run(run, s3_archive)
+    store = Store(s3_archive)
+    store.fs.pipe(store.path("Proj/run1/../../escaped.txt"), b"outside")  # a key, not a path: S3 keeps it
+    report = restore_run(f"{s3_archive}/Proj/run1", tmp_path / "elsewhere")
+    assert any("escaped.txt: not a path inside the run" in line for line in report.damaged)
+    assert not list(tmp_path.rglob("escaped.txt"))

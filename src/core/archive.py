@@ -383,10 +383,15 @@ class RunUploader:
             self.store.remove(manifest_name)  # another checkpoint of that step (a resumed run): unverified now
             self.archived.pop(path.name, None)
             self.unverified.discard(path.name)
-        with ThreadPoolExecutor(max_workers=1) as pool:  # hash while uploading: hashlib releases the GIL
-            digest = pool.submit(sha256_of_file, path)
-            self.store.upload(path, f"checkpoints/{path.name}")
-            sha256 = digest.result()
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:  # hash while uploading: hashlib releases the GIL
+                digest = pool.submit(sha256_of_file, path)
+                self.store.upload(path, f"checkpoints/{path.name}")
+                sha256 = digest.result()
+        except FileNotFoundError:
+            if path.exists():
+                raise
+            return  # pruned locally meanwhile (keep_recent): the next pass removes it from the archive too
         if sha256 != manifest.get("sha256"):
             self.store.remove(f"checkpoints/{path.name}")
             self.refused.add(path.name)
@@ -675,6 +680,9 @@ def _restore_files(store: Store, listing: dict[str, int], directory: Path, repor
     checkpoints = directory / "checkpoints"
     for name in sorted(listing):
         if name.startswith("checkpoints/") or Path(name).name.startswith("."):
+            continue
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # a key crafted to write elsewhere
+            report.damaged.append(f"{name}: not a path inside the run; not restored")
             continue
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)

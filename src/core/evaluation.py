@@ -166,10 +166,10 @@ def evaluate_checkpoints(trainer: Trainer, paths: list[Path], save_outputs: bool
         try:
             state = read_checkpoint(path)
         except DamagedCheckpoint as error:
-            print(f"warning: skipping checkpoint {error}", file=sys.stderr)
-            continue
-        except FileNotFoundError:
-            print(f"note: {path.name} was pruned by the training meanwhile; skipped", file=sys.stderr)
+            if not (path.exists() and manifest_path(path).exists()):
+                print(f"note: {path.name} was pruned by the training meanwhile; skipped", file=sys.stderr)
+            else:
+                print(f"warning: skipping checkpoint {error}", file=sys.stderr)
             continue
         trainer.model.load_state_dict(state["model"])
         progress = state["progress"]

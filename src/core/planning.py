@@ -72,7 +72,7 @@ def read_request(args, edits: ConfigEdits | None = None, resume: str | None = No
     if is_archive_uri(resume):  # --resume s3://...: download and verify it, then resume it here
         resume = str(restore_for_resume(resume, log_root(args.log_dir)))
     if resume:
-        if args.config is not None:
+        if args.config is not None and resume == args.resume:  # (a torchrun restart of a new run resumes it)
             raise UserError("--resume uses the run's own config; drop the config file argument")
         if getattr(args, "from_step", None) is not None and resume == args.resume:
             return read_branch(args, edits)

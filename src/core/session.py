@@ -134,6 +134,8 @@ def open_run(plan: Plan, args, context: DistContext) -> Iterator[Run]:
         uri = archive_uri(plan.config.to_dict()) if context.is_main and directory is not None else None
         mirror = Mirror(directory, uri) if uri else None  # after the resume chose its checkpoint
         timeout = plan.config.archive.final_sync_timeout_seconds
+        if context.enabled:  # the other ranks wait at the final barrier meanwhile: stay well inside its timeout
+            timeout = min(timeout, plan.config.distributed.timeout_seconds / 2)
         yield Run(directory, checkpoint, commit, hash_of_config, context, mirror, timeout, plan.branch is not None)
     finally:
         if lock is not None:

@@ -13,6 +13,10 @@ import re
 from src.core.errors import UserError
 
 NEUTRAL = {"affects_results": False}
+# What a #SBATCH line may hold: one value, or one option, without spaces or line breaks (a line
+# break would end the directive, and what follows would run as the script).
+SBATCH_VALUE = r"[^\s]+"
+SBATCH_OPTION = r"--?[A-Za-z][^\s]*"
 MAX_COUNT = 2**31 - 1  # steps, epochs, batch sizes: what torch's int32 sizes and samplers take
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes -2**63 .. 2**64 - 1; an int64 holds this range
 MAX_SECONDS = 365 * 24 * 3600.0  # timeouts: a year (datetime.timedelta overflows near 10**14 s)
@@ -245,16 +249,20 @@ TEMPLATE_SCHEMA = {
     # How --slurm writes a sweep's array script (one task per member).
     "slurm": _section(
         {
-            "partition": {"type": "string", "nullable": True, "default": None},
+            "partition": {"type": "string", "regex": SBATCH_VALUE, "nullable": True, "default": None},
             "time": {"type": "string", "check_with": slurm_time, "default": "01:00:00"},
             "nodes": _count(default=1),
             "gpus_per_node": _count(0, default=0),
             "cpus_per_task": _count(default=1),
-            "mem": {"type": "string", "nullable": True, "default": None},
-            "account": {"type": "string", "nullable": True, "default": None},
-            "qos": {"type": "string", "nullable": True, "default": None},
+            "mem": {"type": "string", "regex": SBATCH_VALUE, "nullable": True, "default": None},
+            "account": {"type": "string", "regex": SBATCH_VALUE, "nullable": True, "default": None},
+            "qos": {"type": "string", "regex": SBATCH_VALUE, "nullable": True, "default": None},
             "parallel": _count(nullable=True, default=None),  # the array's %N
-            "extra_sbatch": {"type": "list", "schema": {"type": "string"}, "default": []},  # "--constraint=a100"
+            "extra_sbatch": {
+                "type": "list",
+                "schema": {"type": "string", "regex": SBATCH_OPTION},
+                "default": [],
+            },  # "--constraint=a100"
             "setup": {"type": "list", "schema": {"type": "string"}, "default": []},  # "module load cuda"
             "signal_seconds": _count(default=120),  # --requeue's warning
         },

@@ -218,11 +218,12 @@ class Trainer:
         self.user_figures = type(model).figures is not BaseModel.figures
         self.checkpointed_step = -1
         self.stop_reason: str | None = None
-        if resume_state is not None:
-            self.load_state_dict(resume_state, branched)
         # The one switch for logging: the same on every rank (rank 0 alone holds the writers).
+        # Opened before the random streams are restored: no library it starts may draw from them.
         continued = None if branched else resume_state  # a branch's log starts empty, at step N+1
         self.files = RunFiles.open(run_directory, context, continued, config, archive) if run_directory else None
+        if resume_state is not None:
+            self.load_state_dict(resume_state, branched)
 
     # ------------------------------------------------------------------------------
     # The loop
@@ -232,9 +233,9 @@ class Trainer:
         at the end, also when training fails."""
         try:
             metrics = self._fit()
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(Exception):  # the first error is the one to report
-                self.close("failed")
+                self.close("killed" if isinstance(error, Preempted | KeyboardInterrupt) else "failed")
             raise
         self.close("finished")
         return metrics
@@ -518,8 +519,9 @@ class Trainer:
         return metrics
 
     def rollout_due(self, epoch: int) -> bool:
+        """Every `rollout.every_n_epochs` epochs, before training, and at the end of training."""
         every = self.config.rollout.every_n_epochs
-        return epoch == 0 or epoch % every == 0 or epoch == self.config.epochs
+        return epoch == 0 or epoch % every == 0 or epoch == self.config.epochs or self.steps_done()
 
     def stop_for_preemption(self) -> None:
         if (
