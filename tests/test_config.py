@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from helpers import MINIMAL
 
 from src.core.config import (
     Config,
@@ -19,16 +20,6 @@ from src.core.errors import UserError
 from src.core.template_schema import project_schema
 
 SCHEMA = project_schema()
-
-MINIMAL = """\
-description: test
-data_directory: data/pendulum
-model_type: PendulumModel
-loss_function: F.mse_loss
-train_data_loader_type: PendulumSteps
-epochs: 2
-batch_size: 8
-"""
 
 
 def write(tmp_path, text, name="config.yaml"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DELETE
+from helpers import DELETE, MINIMAL
 
 from src.core.config import config_hash, finalize, parse_yaml
 from src.core.errors import UserError
@@ -19,15 +19,6 @@ from src.core.template_schema import project_schema
 
 SCHEMA = project_schema()
 
-MINIMAL = """\
-description: test
-data_directory: data/pendulum
-model_type: PendulumModel
-loss_function: F.mse_loss
-train_data_loader_type: PendulumSteps
-epochs: 2
-batch_size: 8
-"""
 
 # A dataset as slow as one on a busy network filesystem: a worker is always inside
 # __getitem__, where torch's own parent check (every 5 s, between batches) never runs.
