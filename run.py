@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_command_line(argv)
         if args.requeue:  # installed first, so that no warning is lost
             signal.signal(signal.SIGUSR1, lambda *_: PREEMPTION.set())
-        archived = run_archive_command(args)  # --archive, --restore, --runs URI
+        archived = run_archive_command(args)  # --archive, --restore
         if archived is not None:
             return archived
-        if args.runs is not None:
+        if args.runs is not None:  # a directory of runs, a sweep, or an archive URI
             return show_runs(args)
         if args.note:
             return set_note(Path(args.note[0]), args.note[1])

@@ -98,7 +98,7 @@ def test_resume_refuses_changes_that_alter_results_but_extends_epochs(project):
 
 def test_resume_needs_a_run_directory(project):
     result = project.run("--resume", "logs/nothing")
-    assert result.returncode == 2 and "no config.yaml there" in result.stderr
+    assert result.returncode == 2 and "expected a run directory" in result.stderr
 
 
 def test_disk_full_during_a_checkpoint_stops_cleanly_and_loses_nothing(project):

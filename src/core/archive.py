@@ -28,7 +28,8 @@ Integration (the Trainer and run.py):
     mirror.sync_run_files()               # whenever run files changed (any time; coalesced)
     ok = mirror.close(config.archive.final_sync_timeout_seconds)   # after the final metadata update
 
-    status = run_archive_command(args)    # --archive, --restore, --runs URI: an exit code, or None
+    status = run_archive_command(args)    # --archive, --restore: an exit code, or None
+    archived_runs(uri)                    # --runs URI (src/core/runs.py makes the table)
     restore_for_resume(uri, log_root)     # --resume URI: the local run directory to resume
 
 Nothing the mirror does blocks training: it works on its own thread, retries with
@@ -767,10 +768,8 @@ def print_restore_report(report: RestoreReport) -> None:
         print(f"warning: skipped {line}", file=sys.stderr)
 
 
-def list_archived_runs(uri: str, text: str | None = None, status: str | None = None) -> list[dict]:
-    """The rows of `--runs URI`: every archived run under `uri`, newest first, as for local runs."""
-    from src.core.runs import commits_on_remote, filter_rows, make_row
-
+def archived_runs(uri: str) -> dict[str, tuple[dict, dict]]:
+    """Every archived run under `uri`: its name -> (config.yaml, metadata.yaml), for `--runs URI`."""
     store = Store(uri)
     try:
         store.refresh()
@@ -788,19 +787,11 @@ def list_archived_runs(uri: str, text: str | None = None, status: str | None = N
         config = yaml.safe_load(store.read(f"{prefix}{CONFIG_FILE}") or b"") or {}
         metadata = yaml.safe_load(store.read(f"{prefix}{METADATA_FILE}") or b"") or {}
         documents[run or Path(store.root).name] = (config, metadata)
-    on_remote = commits_on_remote({(config.get("git") or {}).get("commit") for config, _ in documents.values()})
-    rows = [
-        make_row(run, config, metadata, metadata.get("status", "?"), on_remote)
-        for run, (config, metadata) in documents.items()
-    ]
-    rows = filter_rows(rows, text, status)
-    return sorted(rows, key=lambda row: row["started"], reverse=True)
+    return documents
 
 
 def run_archive_command(args) -> int | None:
-    """--archive, --restore and --runs URI (see src/core/cli.py); None when none was asked for."""
-    from src.core.runs import format_table
-
+    """--archive and --restore (see src/core/cli.py); None when neither was asked for."""
     if args.archive:
         if len(args.archive) > 2:
             raise UserError(f"--archive takes RUN_DIR [URI], got {len(args.archive)} values")
@@ -817,8 +808,5 @@ def run_archive_command(args) -> int | None:
             raise UserError(f"--restore {args.restore}: expected an archive URI such as s3://bucket/prefix/project/run")
         report = restore_run(args.restore, log_root(args.log_dir))
         print_restore_report(report)
-        return 0
-    if args.runs and is_archive_uri(args.runs):
-        print(format_table(list_archived_runs(args.runs, args.filter, args.status), args.csv))
         return 0
     return None

@@ -8,6 +8,7 @@ import fcntl
 from pathlib import Path
 
 from src.core import provenance
+from src.core.archive import archived_runs, is_archive_uri
 from src.core.errors import Refusal, UserError
 from src.core.rundir import CONFIG_FILE, METADATA_FILE, log_root, read_yaml, require_run_directory, update_metadata
 from src.core.sweep import member_rows
@@ -144,8 +145,22 @@ def set_note(run_directory: Path, text: str) -> int:
     return 0
 
 
+def archived_rows(uri: str, text: str | None = None, status: str | None = None) -> list[dict]:
+    """The rows of `--runs URI`: every archived run under `uri`, newest first, as for local runs."""
+    documents = archived_runs(uri)
+    on_remote = commits_on_remote({(config.get("git") or {}).get("commit") for config, _ in documents.values()})
+    rows = [
+        make_row(run, config, metadata, metadata.get("status", "?"), on_remote)
+        for run, (config, metadata) in documents.items()
+    ]
+    return sorted(filter_rows(rows, text, status), key=lambda row: row["started"], reverse=True)
+
+
 def show_runs(args) -> int:
     """`--runs [DIR]`: the runs under DIR (default: logs/), or a sweep's members with their Slurm state."""
+    if args.runs and is_archive_uri(args.runs):  # an archive: the same table
+        print(format_table(archived_rows(args.runs, args.filter, args.status), args.csv))
+        return 0
     root = Path(args.runs) if args.runs else log_root(None)
     if not args.runs and not root.exists():  # a fresh clone: no run logged yet
         print(format_table([], args.csv))
