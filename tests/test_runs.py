@@ -84,7 +84,7 @@ def test_note_sets_the_summary_and_keeps_the_rest(project):
     after = yaml.safe_load((run / "metadata.yaml").read_text())
     assert after == {**before, "summary": "rollout error flat after epoch 1: try a smaller lr"}
     missing = project.run("--note", "logs/nowhere", "x")
-    assert missing.returncode == 2 and "no config.yaml there" in missing.stderr
+    assert missing.returncode == 2 and "expected a run directory" in missing.stderr
 
 
 def fake_run(project, name: str, commit: str, recorded_on_remote: bool | None) -> None:
