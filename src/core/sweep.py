@@ -166,7 +166,8 @@ def run_locally(sweep: Sweep, flags: list[str]) -> int:
 
 def swept_values(sweep_directory: Path, member_config: dict) -> dict:
     """A member's value of each swept key (`optimizer.lr`: 3e-4, ...), in the sweep's order."""
-    swept = (read_yaml(sweep_directory / "sweep.yaml") or {}).get("sweep") or {}
+    sweep_file = sweep_directory / "sweep.yaml"
+    swept = ((read_yaml(sweep_file) or {}).get("sweep") or {}) if sweep_file.exists() else {}
     return {key: lookup(member_config, key) for key in swept}
 
 

@@ -43,9 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from src.core import errors
-from src.core.config import split_provenance
 from src.core.errors import UserError
-from src.core.metrics import FIGURES_DIRECTORY, figure_file_name
 
 TRACKERS = ("wandb", "mlflow")
 INSTALL = "pip install -r requirements-trackers.txt"
@@ -274,6 +272,8 @@ class MlflowTracker:
 def _figure_path(step: int, tag: str) -> str:
     """`rollout/trajectory` at step 400 -> figures/rollout/000000400-trajectory.png, as in the run directory."""
     phase, _, name = tag.rpartition("/")
+    from src.core.metrics import FIGURES_DIRECTORY, figure_file_name  # the run directory's own naming
+
     return f"{FIGURES_DIRECTORY}/{phase or 'figures'}/{figure_file_name(step, name)}"
 
 
@@ -505,6 +505,8 @@ def export_run(run_directory: Path, to: str | None) -> int:
     try:
         saved = read_yaml(run_directory / CONFIG_FILE) or {}
         metadata = (read_yaml(run_directory / METADATA_FILE) or {}) if (run_directory / METADATA_FILE).exists() else {}
+        from src.core.config import split_provenance
+
         config, provenance = split_provenance(saved)
         known = metadata.get("trackers") or {}
         trackers = Trackers.open([to], run_directory, config, provenance, known)
