@@ -11,6 +11,7 @@ src/model.py, src/data_loader.py and src/schema.py; the machinery in src/core/ (
 """
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -120,4 +121,9 @@ def train(args, request) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if launched_by_torchrun():  # every file is closed: skip the interpreter's teardown, where gloo's
+        sys.stdout.flush()  # threads can still abort a finished worker (SIGABRT, seen under load)
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)
