@@ -6,7 +6,8 @@ to metrics.jsonl (the real MetricLogger) and to the trackers, checkpoints at CHE
   kill            hands everything to the trackers, then SIGKILLs itself (no close)
   kill-unflushed  SIGKILLs itself without handing anything over
   resume          continues from the recorded checkpoint, as `--resume` does, then closes
-  break           runs the Python code in $BREAK halfway (a tracker breaks), then closes
+  break           breaks a tracker halfway as $BREAK names, then closes:
+                  replace-with-file:PATH (a store replaced by a file), kill-wandb-service
 
 python tests/tracker_driver.py RUN_DIR TRACKERS FIRST LAST CHECKPOINT MODE  (config: $DRIVER_CONFIG)
 """
@@ -14,6 +15,7 @@ python tests/tracker_driver.py RUN_DIR TRACKERS FIRST LAST CHECKPOINT MODE  (con
 import io
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -40,6 +42,27 @@ update_metadata(run_directory, trackers=trackers.ids())
 if mode != "resume":
     (run_directory / "driver-first-ids.json").write_text(json.dumps(trackers.ids()))
 
+
+def break_tracker(how: str) -> None:
+    """Make a tracker fail mid-run, as $BREAK names it (empty: nothing more breaks)."""
+    if not how:
+        return
+    if how.startswith("replace-with-file:"):  # chmod does not stop root: replace the store by a file
+        store = how.partition(":")[2]
+        shutil.rmtree(store)
+        open(store, "w").close()
+    elif how == "kill-wandb-service":  # only this process's own W&B service
+        for entry in Path("/proc").iterdir():
+            try:
+                stat = (entry / "stat").read_text()
+            except (OSError, ValueError):
+                continue
+            if entry.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and "wandb-core" in stat:
+                os.kill(int(entry.name), signal.SIGKILL)
+    else:
+        raise ValueError(f"BREAK={how!r}: expected replace-with-file:PATH or kill-wandb-service")
+
+
 for step in range(first, last + 1):
     values = {"loss": 1.0 / (step + 1), "lr": step * 1e-3}
     logger.log(step, 1, "train", values)
@@ -50,7 +73,7 @@ for step in range(first, last + 1):
             trackers.flush()
     if mode == "break" and step == (first + last) // 2:
         trackers.flush()
-        exec(os.environ.get("BREAK", ""))
+        break_tracker(os.environ.get("BREAK", ""))
 
 if mode == "figure":
     from PIL import Image
