@@ -125,10 +125,14 @@ def open_run(plan: Plan, args, context: DistContext) -> Iterator[Run]:
         commit = plan.git["commit"] if plan.git else None
         checkpoint = None
         if plan.resume_from is not None:
-            path = share_from_rank_zero(
-                context, "checkpoint", lambda: start_resume(directory, context, hash_of_config, commit)
-            )
-            checkpoint = read_checkpoint(path) if path else None
+            found = {}  # rank 0 keeps the state it verified: no second load of the checkpoint
+
+            def choose() -> Path | None:
+                found["path"], found["state"] = start_resume(directory, context, hash_of_config, commit)
+                return found["path"]
+
+            path = share_from_rank_zero(context, "checkpoint", choose)  # the other ranks read it themselves
+            checkpoint = found["state"] if context.is_main else (read_checkpoint(path) if path else None)
         if plan.branch is not None:
             checkpoint = read_branch_checkpoint(Path(plan.branch["checkpoint"]))
         uri = archive_uri(plan.config.to_dict()) if context.is_main and directory is not None else None
@@ -183,9 +187,12 @@ def create_run_directory(plan: Plan, args, world_size: int) -> Path:
     return directory
 
 
-def start_resume(run_directory: Path, context: DistContext, hash_of_config: str, commit: str) -> Path | None:
+def start_resume(
+    run_directory: Path, context: DistContext, hash_of_config: str, commit: str
+) -> tuple[Path | None, dict | None]:
     """Find the newest valid checkpoint, check that it belongs to this config and commit, clear
-    what the killed process left behind, and record the resume in metadata.yaml."""
+    what the killed process left behind, and record the resume in metadata.yaml. Returns the
+    checkpoint's path and its verified state (None, None: start at step 0)."""
     found = newest_valid_checkpoint(run_directory / "checkpoints")
     path, state = found if found else (None, None)
     step = state["progress"]["global_step"] if state else 0
@@ -212,4 +219,4 @@ def start_resume(run_directory: Path, context: DistContext, hash_of_config: str,
         }
     )
     update_metadata(run_directory, status="running", resumes=resumes, error=None, finished=None)
-    return path
+    return path, state
