@@ -28,7 +28,7 @@ from src.core.archive import (
 from src.core.checkpoint import CheckpointWriter, read_checkpoint, step_checkpoints
 from src.core.config import validate
 from src.core.errors import UserError
-from src.core.rundir import read_yaml, update_metadata
+from src.core.rundir import lock_run_directory, read_yaml, update_metadata
 from src.core.template_schema import project_schema
 
 SCHEMA = project_schema()
@@ -167,6 +167,39 @@ def test_mirror_follows_checkpoints_pruning_and_pointers(archive, tmp_path):
     assert not (restored / ".restoring").exists()
 
 
+def test_uploads_wait_for_the_interval_and_close_does_not(file_archive, tmp_path):
+    """Checkpoints saved within one interval go up together; those pruned meanwhile never do."""
+    run = make_run(tmp_path)
+    mirror = Mirror(run, file_archive, interval=3600)
+    assert mirror.wait_until_idle(60) and mirror.passes == 1  # the run's files, at once
+    writer = CheckpointWriter(run / "checkpoints", keep_recent=2, archive=mirror)
+    write_checkpoints(writer, [1, 2, 3, 4])
+    writer.wait()
+    time.sleep(1)  # time enough for a pass, were one due
+    assert mirror.passes == 1 and archived_names(file_archive, run) == set()
+
+    started = time.monotonic()
+    assert mirror.close(60) and time.monotonic() - started < 60  # the final sync does not wait an hour
+    assert mirror.passes == 2
+    assert archived_names(file_archive, run) == {
+        f"step-00000000{n}.{ext}" for n in (3, 4) for ext in ("pt", "json")
+    } | {"last.json"}
+    assert mirror.uploader.present == {"step-000000003.pt", "step-000000004.pt"}  # 1 and 2 never sent
+    assert archive_state(run)["last_synced_step"] == 4
+
+
+def test_archive_refuses_a_run_that_is_still_training(file_archive, tmp_path):
+    run = make_run(tmp_path)
+    held = lock_run_directory(run)  # as the training process holds it
+    try:
+        result = archive_command("--archive", str(run), file_archive)
+    finally:
+        held.close()
+    assert result.returncode == 3 and "in use by another process" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not Path(file_archive.removeprefix("file://")).exists()
+    assert archive_command("--archive", str(run), file_archive).returncode == 0  # once it has ended
+
+
 def test_store_stopped_mid_run_warns_once_and_a_later_archive_completes_it(tmp_path, monkeypatch, capfd):
     server = MotoServer()
     try:
@@ -268,7 +301,13 @@ def test_kill_during_upload_leaves_no_checkpoint_without_its_manifest(archive, t
     assert all("step-000000002.pt" in line for line in report.damaged)
     assert assert_restored_checkpoints_verify(report.directory) == [1]  # pointers go up after the checkpoints
 
+    if archive.startswith("file://"):  # the killed copy's temporary file, which the next pass removes
+        shared = Path(archive.removeprefix("file://"))
+        killed_copies = [p.name.rsplit("-", 1)[0] for p in shared.rglob(".*.part-*")]
+        assert killed_copies == ([".step-000000002.pt.part"] if fault.startswith("archive_upload") else [])
     assert archive_command("--archive", str(run), archive).returncode == 0  # resumable: completes it
+    if archive.startswith("file://"):
+        assert not list(shared.rglob(".*.part-*"))
     report = restore_run(f"{archive}/Proj/run1", tmp_path / "third")
     assert not report.damaged and assert_restored_checkpoints_verify(report.directory) == [1, 3, 1, 2, 3]
 
@@ -282,9 +321,26 @@ def test_kill_in_the_middle_of_a_multipart_upload(s3_archive, tmp_path):
     killed = archive_command("--archive", str(run), s3_archive, env={"TEMPLATE_FAULT": "archive_upload:6"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert archived_names(s3_archive, run) == {"step-000000001.pt", "step-000000001.json"}  # no partial object
-    # (S3 keeps the parts of an unfinished multipart upload until a lifecycle rule aborts it: see README)
     report = restore_run(f"{s3_archive}/Proj/run1", tmp_path / "elsewhere")
     assert report.restored == ["step-000000001.pt"] and assert_restored_checkpoints_verify(report.directory) == [1]
+
+    # S3 keeps (and bills) the parts the killed writer sent, until the upload is aborted.
+    assert unfinished_uploads(s3_archive) == ["archive/Proj/run1/checkpoints/step-000000002.pt"]
+    completed = archive_command("--archive", str(run), s3_archive)
+    assert completed.returncode == 0, completed.stderr
+    assert "removed an unfinished upload of checkpoints/step-000000002.pt" in completed.stderr
+    assert unfinished_uploads(s3_archive) == []
+    report = restore_run(f"{s3_archive}/Proj/run1", tmp_path / "third")
+    assert not report.damaged and assert_restored_checkpoints_verify(report.directory) == [2, 1, 2]
+
+
+def unfinished_uploads(uri: str) -> list[str]:
+    """The keys of the bucket's multipart uploads that were begun and never completed or aborted."""
+    store = Store(uri)
+    bucket = store.root.partition("/")[0]
+    return sorted(
+        upload["Key"] for upload in store.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+    )
 
 
 def test_restore_skips_a_damaged_object_and_never_leaves_it(file_archive, tmp_path):
@@ -448,7 +504,9 @@ def test_a_killed_run_archived_restored_elsewhere_and_resumed_equals_an_uninterr
 def test_a_run_mirrors_while_it_trains_and_resumes_from_s3_after_its_disk_is_lost(project, s3_archive):
     assert project.run(*RUN, "--run_name=reference").returncode == 0
     env = {ENVIRONMENT_VARIABLE: s3_archive}
-    killed = project.run(*RUN, "--run_name=moved", env={**env, "TEMPLATE_FAULT": "train_step:17"})
+    # The fault waits for the mirror's pass before it kills; with no interval that pass starts at once.
+    every_checkpoint = "--archive.sync_interval_seconds=0"
+    killed = project.run(*RUN, every_checkpoint, "--run_name=moved", env={**env, "TEMPLATE_FAULT": "train_step:17"})
     assert killed.returncode == -signal.SIGKILL
     shutil.rmtree(project.root / "logs" / "PendulumModel" / "moved")
 
@@ -456,6 +514,7 @@ def test_a_run_mirrors_while_it_trains_and_resumes_from_s3_after_its_disk_is_los
     assert listed.returncode == 0 and "PendulumModel/moved" in listed.stdout
     resumed = project.run("--resume", f"{s3_archive}/PendulumModel/moved", env=env)
     assert resumed.returncode == 0, resumed.stderr
+    assert "from step-000000015.pt" in resumed.stdout  # the last checkpoint before the kill, from the archive
     run = project.root / "logs" / "PendulumModel" / "moved"
     assert_same_run(project.root / "logs" / "PendulumModel" / "reference", run)
     assert read_yaml(run / "metadata.yaml")["archive"]["status"] == "synced"

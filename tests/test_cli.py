@@ -212,6 +212,8 @@ def parse_error(argv: list[str]) -> str:
         (["c.yaml", "--print-config", "--run-parent", "x"], "--run-parent does nothing with --print-config"),
         (["c.yaml", "--log-dir", "x", "--run-parent", "y"], "--log-dir would do nothing"),
         (["c.yaml", "--slurm", "--print-config"], "--slurm does nothing with --print-config"),
+        (["c.yaml", "--requeue", "--print-config"], "--requeue does nothing with --print-config"),
+        (["c.yaml", "--print-config", "--auto-resume"], "--auto-resume does nothing with --print-config"),
         (["c.yaml", "--from-step", "3"], "--from-step does nothing with a new run"),
         (["--resume", "logs/a/b", "--from-step", "x"], "expected an optimizer step"),
         (["--resume", "logs/a/b", "--name", "a"], "--name does nothing with --resume"),

@@ -39,7 +39,9 @@ metadata.yaml (status: synced, behind, or failed when the store refuses).
 
 import contextlib
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -59,6 +61,7 @@ from src.core.rundir import (
     CONFIG_FILE,
     METADATA_FILE,
     fsync_directory,
+    lock_run_directory,
     log_root,
     now,
     update_metadata,
@@ -140,12 +143,25 @@ def archive_uri(config: dict) -> str | None:
     return check_uri(uri) if uri else None
 
 
+def require_backend(uri: str) -> str | None:
+    """The fsspec back end `uri` needs (None for file://); UserError when it is not installed.
+    Found without importing it: importing s3fs and its AWS client costs ~0.4 s of CPU, which
+    the mirror pays on its own thread instead of at start-up."""
+    scheme = urlsplit(uri).scheme.lower()
+    backend = BACKENDS[scheme]
+    if backend is not None and importlib.util.find_spec(backend) is None:
+        raise UserError(
+            f"{scheme}:// needs {backend}: pip install -r requirements-archive.txt (or make install-archive)"
+        )
+    return backend
+
+
 def check_archive(config: dict) -> str | None:
     """Before a run writes anything: its archive URI (or None), refused with one UserError when
     it holds credentials, has an unknown scheme, or its back end is not installed. No network."""
     uri = archive_uri(config)
     if uri is not None:
-        Store(uri)
+        require_backend(uri)
     return uri
 
 
@@ -195,22 +211,16 @@ class Store:
 
     def __init__(self, uri: str):
         self.uri = check_uri(uri)
-        scheme = urlsplit(self.uri).scheme.lower()
+        self.backend = require_backend(self.uri)
         options = {}
-        if BACKENDS[scheme] == "s3fs":  # fail fast: the mirror retries on its own schedule
+        if self.backend == "s3fs":  # fail fast: the mirror retries on its own schedule
             options = {
                 "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2}},
                 "skip_instance_cache": True,  # a new client reads AWS_ENDPOINT_URL and the credentials anew
             }
-        try:
-            import fsspec.core
+        import fsspec.core
 
-            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
-        except ImportError:
-            raise UserError(
-                f"{scheme}:// needs {BACKENDS[scheme]}: pip install -r requirements-archive.txt "
-                "(or make install-archive)"
-            ) from None
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
         self.root = self.root.rstrip("/")
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
@@ -266,6 +276,34 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(relative))
 
+    def abort_unfinished_uploads(self) -> list[str]:
+        """Remove what writers killed mid-upload left under this location; the names.
+
+        S3 keeps (and bills) the parts of an unfinished multipart upload until it is aborted;
+        a local store keeps a `.<name>.part-<pid>` file. Only the run's holder calls this (its
+        live mirror, or --archive under the run's lock), so none belongs to a live writer.
+        GCS needs nothing: it expires an unfinished resumable upload after a week."""
+        if self.local:
+            base = Path(self.root)
+            leftovers = sorted(base.rglob(".*.part-*")) if base.is_dir() else []
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+            return [str(path.relative_to(base)) for path in leftovers]
+        if self.backend != "s3fs":
+            return []
+        bucket, _, prefix = self.root.partition("/")
+        request, aborted = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}, []
+        while True:
+            page = self.fs.call_s3("list_multipart_uploads", **request)
+            for upload in page.get("Uploads") or []:
+                key = upload["Key"]
+                if key.startswith(request["Prefix"]):
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                    aborted.append(key[len(request["Prefix"]) :])
+            if not page.get("IsTruncated"):
+                return aborted
+            request.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+
     def listing(self, relative: str = "") -> dict[str, int]:
         """Every object under `relative`: its path relative to `relative`, and its size."""
         base = self.path(relative)
@@ -314,10 +352,11 @@ class RunUploader:
     def __init__(self, run_directory: Path, uri: str):
         self.run_directory = Path(run_directory)
         self.location = run_location(uri, self.run_directory)
-        self.store = Store(self.location)
+        self._store: Store | None = None
         self.archived: dict[str, str] = {}  # step file name -> the manifest text the archive holds
         self.unverified: set[str] = set()  # step files the archive holds a manifest for that does not match
         self.refused: set[str] = set()  # local step files that failed verification (never sent again)
+        self.present: set[str] = set()  # step files the archive may hold: listed, or their upload began
         self.sent_files: dict[str, tuple[int, int]] = {}  # run file -> (size, mtime_ns) when sent
         self.sent_pointers: dict[str, str] = {}
         self.scanned = False
@@ -325,13 +364,23 @@ class RunUploader:
         self.report = UploadReport()
 
     @property
+    def store(self) -> Store:
+        """Made at first use, on the mirror's own thread when there is one (see require_backend)."""
+        if self._store is None:
+            self._store = Store(self.location)
+        return self._store
+
+    @property
     def checkpoints(self) -> Path:
         return self.run_directory / "checkpoints"
 
     def scan(self) -> None:
         """Once: which checkpoints the archive holds verified; and drop from it the step files
-        of a timeline a resume discarded (newer than every local one, absent here)."""
+        of a timeline a resume discarded (newer than every local one, absent here); and abort
+        the uploads a killed writer left unfinished."""
         self.store.refresh()
+        for name in self.store.abort_unfinished_uploads():
+            print(f"archive: removed an unfinished upload of {name} (its writer was killed)", file=sys.stderr)
         remote = self.store.listing("checkpoints")
         local_steps = [info.step for info in step_checkpoints(self.checkpoints)]
         newest_local = max(local_steps, default=-1)
@@ -342,6 +391,7 @@ class RunUploader:
             if int(match.group(1)) > newest_local and not (self.checkpoints / name).exists():
                 self.remove_checkpoint(name)
                 continue
+            self.present.add(name)
             text = self.store.read(f"checkpoints/{manifest_path(Path(name)).name}")
             if text is not None and _manifest_bytes(text) == remote[name]:
                 self.archived[name] = text.decode()
@@ -356,8 +406,8 @@ class RunUploader:
             self.scan()
             for name in IDENTITY_FILES:  # first: what makes the archived copy a run (restore needs them)
                 self.upload_run_file(name)
-        for name in sorted(pruned):
-            self.remove_checkpoint(name)
+        for name in sorted(pruned & (self.present)):
+            self.remove_checkpoint(name)  # one never sent (pruned within an interval) costs no request
         for info in step_checkpoints(self.checkpoints):
             manifest_file = manifest_path(info.path)
             if info.path.name in self.refused or not manifest_file.exists():
@@ -384,6 +434,7 @@ class RunUploader:
             self.store.remove(manifest_name)  # another checkpoint of that step (a resumed run): unverified now
             self.archived.pop(path.name, None)
             self.unverified.discard(path.name)
+        self.present.add(path.name)
         try:
             with ThreadPoolExecutor(max_workers=1) as pool:  # hash while uploading: hashlib releases the GIL
                 digest = pool.submit(sha256_of_file, path)
@@ -440,6 +491,7 @@ class RunUploader:
         self.store.remove(f"checkpoints/{manifest_path(Path(name)).name}")
         self.store.remove(f"checkpoints/{name}")
         self.archived.pop(name, None)
+        self.present.discard(name)
         self.report.removed.append(name)
 
     def newest_archived_step(self) -> int | None:
@@ -470,17 +522,23 @@ class Mirror:
     """Mirrors a training run to its archive on a background thread, never blocking training.
 
     `checkpoint_durable`, `checkpoints_pruned` and `sync_run_files` only note what changed
-    and wake the worker, which makes one `RunUploader.sync` pass for everything pending
-    (requests arriving while it works are coalesced). When the store fails, the worker
+    and wake the worker, which makes one `RunUploader.sync` pass for everything pending.
+    Passes start at most once per `interval` seconds (`archive.sync_interval_seconds`):
+    what changes meanwhile goes up together, so a run with many short epochs does not send
+    (and then prune) every checkpoint, nor its growing metrics.jsonl and TensorBoard files
+    again after every epoch. close() does not wait for the interval. When the store fails, the worker
     warns once, records `status: behind` (`failed` when the store refuses: permissions,
     credentials) and retries after RETRY_DELAYS; training never waits for it.
     """
 
-    def __init__(self, run_directory: Path, uri: str, retry_delays: tuple[float, ...] = RETRY_DELAYS):
+    def __init__(
+        self, run_directory: Path, uri: str, retry_delays: tuple[float, ...] = RETRY_DELAYS, interval: float = 0.0
+    ):
         self.run_directory = Path(run_directory)
-        self.uploader = RunUploader(self.run_directory, uri)  # UserError for a missing back end
+        self.uploader = RunUploader(self.run_directory, uri)  # connects on the worker thread
         self.location = self.uploader.location
         self.retry_delays = retry_delays
+        self.interval = interval
         self._lock = threading.Lock()
         self._wake = threading.Event()  # work is pending
         self._idle = threading.Event()  # a pass finished with nothing pending
@@ -489,6 +547,7 @@ class Mirror:
         self._abandoned = False
         self._warned = False
         self._status = "synced"
+        self.passes = 0  # upload passes finished (the interval's test counts them)
         self._thread = threading.Thread(target=self._work, name="archive-mirror", daemon=True)
         self._thread.start()
         self.sync_run_files()
@@ -506,6 +565,10 @@ class Mirror:
     def sync_run_files(self) -> None:
         """Upload config.yaml, metrics.jsonl, metadata.yaml, TensorBoard files, figures/ when changed."""
         self._request()
+
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Until everything requested so far is in the archive (the crash tests' settle point)."""
+        return self._idle.wait(timeout)
 
     def close(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for a final sync; False (with a message) if it did not finish."""
@@ -531,14 +594,16 @@ class Mirror:
             self._wake.set()
 
     def _work(self) -> None:
-        failures = 0
+        failures, last_pass = 0, -math.inf
         while True:
             self._wake.wait()
+            self._closing.wait(last_pass + self.interval - time.monotonic())  # close() cuts the wait short
             self._wake.clear()
             with self._lock:
                 if self._abandoned:
                     return
                 pruned, self._pruned = self._pruned, set()
+            last_pass = time.monotonic()
             try:
                 self.uploader.sync(pruned)
             except Exception as error:
@@ -557,6 +622,7 @@ class Mirror:
             if failures:
                 print(f"archive: {self.location} reachable again; the archive caught up", file=sys.stderr)
             failures = 0
+            self.passes += 1
             self._status = "synced"
             with self._lock:
                 if not self._wake.is_set():
@@ -594,6 +660,13 @@ def archive_run(run_directory: Path, uri: str | None = None, delete_local_checkp
                 f"--archive {run_directory}: no archive URI; give one (--archive RUN_DIR s3://bucket/prefix), "
                 f"set archive.uri in the config, or set {ENVIRONMENT_VARIABLE}"
             )
+    # The run's lock: a live run's mirror archives it itself; and no upload under it is in flight,
+    # so the scan may abort the unfinished ones a killed writer left (exit 3 while it trains).
+    with lock_run_directory(run_directory):
+        return _archive_locked(run_directory, uri, delete_local_checkpoints)
+
+
+def _archive_locked(run_directory: Path, uri: str, delete_local_checkpoints: bool) -> UploadReport:
     uploader = RunUploader(run_directory, uri)
     try:
         report = uploader.sync()

@@ -226,8 +226,9 @@ def check_flags_apply(args: argparse.Namespace) -> None:
         raise UserError("--auto-resume continues a logged run; it cannot run with --no-logging or --allow-dirty-repo")
     if args.log_dir is not None and args.run_parent is not None:
         raise UserError("--run-parent places the run directory itself, so --log-dir would do nothing; drop one")
-    if args.slurm and args.print_config:
-        raise UserError("--slurm does nothing with --print-config, which only prints the sweep; drop one of them")
+    for flag, flag_given in (("--slurm", args.slurm), ("--requeue", args.requeue), ("--auto-resume", args.auto_resume)):
+        if flag_given and args.print_config:
+            raise UserError(f"{flag} does nothing with --print-config, which only prints the config; drop one of them")
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -136,7 +136,8 @@ def open_run(plan: Plan, args, context: DistContext) -> Iterator[Run]:
         if plan.branch is not None:
             checkpoint = read_branch_checkpoint(Path(plan.branch["checkpoint"]))
         uri = archive_uri(plan.config.to_dict()) if context.is_main and directory is not None else None
-        mirror = Mirror(directory, uri) if uri else None  # after the resume chose its checkpoint
+        interval = plan.config.archive.sync_interval_seconds
+        mirror = Mirror(directory, uri, interval=interval) if uri else None  # after the resume chose its checkpoint
         timeout = plan.config.archive.final_sync_timeout_seconds
         if context.enabled:  # the other ranks wait at the final barrier meanwhile: stay well inside its timeout
             timeout = min(timeout, plan.config.distributed.timeout_seconds / 2)

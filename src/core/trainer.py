@@ -129,6 +129,13 @@ class RunFiles:
         if self.checkpoints is not None:
             self.checkpoints.wait()
 
+    def settle(self) -> None:
+        """Before a crash test's fault acts: the checkpoint in flight is on disk and, with an
+        archive, in the archive too, so that the test knows which checkpoint survives."""
+        self.wait()
+        if self.checkpoints is not None and self.checkpoints.archive is not None:
+            self.checkpoints.archive.wait_until_idle(timeout=120)
+
     def close(self, status: str = "finished") -> None:
         """Release what was opened; a pending checkpoint write is finished first."""
         try:
@@ -342,7 +349,7 @@ class Trainer:
             progress.batch_in_epoch = batch_index + 1
             if steps_now:
                 self.optimizer_step()
-                faults.maybe_fail("train_step", settle=self.wait_for_checkpoints)
+                faults.maybe_fail("train_step", settle=self.files and self.files.settle)
                 if self.files is not None and self.files.checkpoints is not None and self.files.checkpoints.failed:
                     self.files.wait()  # a background write failed (disk full): stop now, with its error
                 if progress.global_step % config.log_every_n_steps == 0:
@@ -454,7 +461,7 @@ class Trainer:
                     on_batch(prediction, target, inputs)
                 batch_results.append({"samples": samples, "loss": losses["loss"].detach()})
                 if not probe:
-                    faults.maybe_fail(phase, settle=self.wait_for_checkpoints)
+                    faults.maybe_fail(phase, settle=self.files and self.files.settle)
         self.model.train()
         metrics = {f"{phase}/{name}": value for name, value in means.reduce(self.context).items()}
         if split is not None:
