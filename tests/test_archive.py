@@ -1,6 +1,7 @@
 """Archiving runs: a real S3 API on localhost (moto's standalone server, a subprocess the
-tests start and stop) and file:// stores; real checkpoints, real processes killed with
-kill -9, real `python run.py` runs restored and resumed elsewhere. No mocks of fsspec or s3fs."""
+tests start and stop), a real GCS JSON API on localhost (gcp-storage-emulator, likewise) and
+file:// stores; real checkpoints, real processes killed with kill -9, real `python run.py`
+runs restored and resumed elsewhere. No mocks of fsspec, s3fs or gcsfs."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CREDENTIALS, MotoServer, assert_same_run
+from helpers import CREDENTIALS, GcsEmulator, MotoServer, assert_same_run
 
 from src.core.archive import (
     ENVIRONMENT_VARIABLE,
@@ -54,12 +55,30 @@ def s3_archive(moto_server, monkeypatch) -> str:
     return f"s3://{bucket}/archive"
 
 
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    emulator = GcsEmulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def gs_archive(gcs_emulator, monkeypatch) -> str:
+    """A fresh bucket on the module's emulator; gcsfs finds it through STORAGE_EMULATOR_HOST
+    (and so do the `python run.py` children, which inherit the environment)."""
+    for name, value in gcs_emulator.environment.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"runs-{uuid.uuid4().hex[:12]}"
+    Store(f"gs://{bucket}").fs.mkdir(bucket)
+    return f"gs://{bucket}/archive"
+
+
 @pytest.fixture
 def file_archive(tmp_path) -> str:
     return f"file://{tmp_path}/shared/archive"
 
 
-@pytest.fixture(params=["s3", "file"])
+@pytest.fixture(params=["s3", "gs", "file"])
 def archive(request) -> str:
     return request.getfixturevalue(f"{request.param}_archive")
 
@@ -445,16 +464,20 @@ def test_a_killed_run_archived_restored_elsewhere_and_resumed_equals_an_uninterr
     assert (run / "evaluation.csv").exists()
 
 
-def test_a_run_mirrors_while_it_trains_and_resumes_from_s3_after_its_disk_is_lost(project, s3_archive):
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_a_run_mirrors_while_it_trains_and_resumes_from_the_store_after_its_disk_is_lost(project, store, request):
+    """The children find the store as the test does: AWS_ENDPOINT_URL or STORAGE_EMULATOR_HOST,
+    set by the store's fixture, inherited."""
+    archive = request.getfixturevalue(f"{store}_archive")
     assert project.run(*RUN, "--run_name=reference").returncode == 0
-    env = {ENVIRONMENT_VARIABLE: s3_archive}
+    env = {ENVIRONMENT_VARIABLE: archive}
     killed = project.run(*RUN, "--run_name=moved", env={**env, "TEMPLATE_FAULT": "train_step:17"})
     assert killed.returncode == -signal.SIGKILL
     shutil.rmtree(project.root / "logs" / "PendulumModel" / "moved")
 
-    listed = project.run("--runs", s3_archive, env=env)
+    listed = project.run("--runs", archive, env=env)
     assert listed.returncode == 0 and "PendulumModel/moved" in listed.stdout
-    resumed = project.run("--resume", f"{s3_archive}/PendulumModel/moved", env=env)
+    resumed = project.run("--resume", f"{archive}/PendulumModel/moved", env=env)
     assert resumed.returncode == 0, resumed.stderr
     run = project.root / "logs" / "PendulumModel" / "moved"
     assert_same_run(project.root / "logs" / "PendulumModel" / "reference", run)

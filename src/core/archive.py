@@ -17,7 +17,8 @@ manifest, so an archived checkpoint never covers more logged lines than the arch
 Credentials come from the usual places (the environment, ~/.aws, an instance role,
 GOOGLE_APPLICATION_CREDENTIALS); a URI holding credentials is refused, so none reach
 config.yaml, metadata.yaml or the command line. S3-compatible stores (and the tests'
-local server) are reached through the standard AWS_ENDPOINT_URL variable.
+local server) are reached through the standard AWS_ENDPOINT_URL variable, a GCS emulator
+(the tests' too) through STORAGE_EMULATOR_HOST, without credentials.
 
 Integration (the Trainer and run.py):
 
@@ -189,6 +190,13 @@ class _FaultCallback:
         pass
 
 
+def gcs_emulator() -> str | None:
+    """The GCS emulator gcsfs talks to instead of Google (STORAGE_EMULATOR_HOST, read as gcsfs
+    reads it: unset, empty or "default" means the real service), or None."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    return None if host in ("", "default") else host
+
+
 class Store:
     """One location in an archive. Writes to a local or shared directory go to a temporary
     name first, as an object store's uploads do by nature: a name holds all or nothing."""
@@ -202,6 +210,11 @@ class Store:
                 "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2}},
                 "skip_instance_cache": True,  # a new client reads AWS_ENDPOINT_URL and the credentials anew
             }
+        elif BACKENDS[scheme] == "gcsfs" and gcs_emulator():
+            # An emulator wants no credentials (Google's own client sends none when STORAGE_EMULATOR_HOST
+            # is set). Without this, gcsfs looks for real ones first: gcloud's, which it would send to
+            # the emulator, then the GCE metadata server, seconds of timeouts off Google Cloud.
+            options = {"token": "anon"}
         try:
             import fsspec.core
 
