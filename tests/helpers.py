@@ -230,3 +230,42 @@ class MotoServer:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+# The GCS emulator on localhost (gcp-storage-emulator), for the archive's gs:// tests: the GCS
+# JSON API in a process of its own, storage in memory. gcsfs reaches it through
+# STORAGE_EMULATOR_HOST (see `GcsEmulator.environment`), and src/core/archive.py then sends no
+# credentials. The emulator speaks only HTTP, while gcsfs's experimental zonal/hierarchical bucket
+# support (on by default) asks for the bucket's layout over gRPC on every call, and retries for
+# 60 s against a port that does not speak gRPC: off for the tests. gcsfs reads the switch once,
+# when it is first imported, so here, before any test can import it (children inherit it).
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+
+class GcsEmulator:
+    """The GCS emulator on a free port, in memory, as a process a test can stop mid-run."""
+
+    def __init__(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.environment = {"STORAGE_EMULATOR_HOST": self.endpoint}
+        command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--in-memory"]
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port), "--quiet"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(600):  # up to a minute on a busy machine
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/", timeout=1)  # its health check: "OK"
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("GCS emulator did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)

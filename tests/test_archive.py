@@ -1,6 +1,7 @@
 """Archiving runs: a real S3 API on localhost (moto's standalone server, a subprocess the
-tests start and stop) and file:// stores; real checkpoints, real processes killed with
-kill -9, real `python run.py` runs restored and resumed elsewhere. No mocks of fsspec or s3fs."""
+tests start and stop), a real GCS JSON API on localhost (gcp-storage-emulator, likewise) and
+file:// stores; real checkpoints, real processes killed with kill -9, real `python run.py`
+runs restored and resumed elsewhere. No mocks of fsspec, s3fs or gcsfs."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CREDENTIALS, MotoServer, assert_same_run
+from helpers import CREDENTIALS, GcsEmulator, MotoServer, assert_same_run
 
 from src.core.archive import (
     ENVIRONMENT_VARIABLE,
@@ -23,7 +24,9 @@ from src.core.archive import (
     Store,
     archive_run,
     archive_uri,
+    refused,
     restore_run,
+    store_errors,
 )
 from src.core.checkpoint import CheckpointWriter, read_checkpoint, step_checkpoints
 from src.core.config import validate
@@ -54,12 +57,30 @@ def s3_archive(moto_server, monkeypatch) -> str:
     return f"s3://{bucket}/archive"
 
 
+@pytest.fixture(scope="module")
+def gcs_emulator():
+    emulator = GcsEmulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def gs_archive(gcs_emulator, monkeypatch) -> str:
+    """A fresh bucket on the module's emulator; gcsfs finds it through STORAGE_EMULATOR_HOST
+    (and so do the `python run.py` children, which inherit the environment)."""
+    for name, value in gcs_emulator.environment.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"runs-{uuid.uuid4().hex[:12]}"
+    Store(f"gs://{bucket}").fs.mkdir(bucket)
+    return f"gs://{bucket}/archive"
+
+
 @pytest.fixture
 def file_archive(tmp_path) -> str:
     return f"file://{tmp_path}/shared/archive"
 
 
-@pytest.fixture(params=["s3", "file"])
+@pytest.fixture(params=["s3", "gs", "file"])
 def archive(request) -> str:
     return request.getfixturevalue(f"{request.param}_archive")
 
@@ -255,6 +276,17 @@ def read_only_store(monkeypatch, server: MotoServer) -> str:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
     return "s3://runs/archive"
+
+
+@pytest.mark.parametrize("status, is_refusal", [(401, True), (403, True), (404, False), (500, False), (503, False)])
+def test_a_gcs_refusal_is_told_from_an_outage(status, is_refusal):
+    """gcsfs maps HTTP statuses to exceptions itself (the emulator has no access control to
+    answer 403): its own mapping decides "failed" (check the credentials) against "behind"."""
+    from gcsfs.retry import validate_response
+
+    with pytest.raises(store_errors()) as raised:
+        validate_response(status, b'{"error": {"message": "no"}}', "bucket/run/config.yaml")
+    assert refused(raised.value) is is_refusal
 
 
 def test_store_that_refuses_writes(tmp_path, monkeypatch, capfd):
@@ -501,18 +533,22 @@ def test_a_killed_run_archived_restored_elsewhere_and_resumed_equals_an_uninterr
     assert (run / "evaluation.csv").exists()
 
 
-def test_a_run_mirrors_while_it_trains_and_resumes_from_s3_after_its_disk_is_lost(project, s3_archive):
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_a_run_mirrors_while_it_trains_and_resumes_from_the_store_after_its_disk_is_lost(project, store, request):
+    """The children find the store as the test does: AWS_ENDPOINT_URL or STORAGE_EMULATOR_HOST,
+    set by the store's fixture, inherited."""
+    archive = request.getfixturevalue(f"{store}_archive")
     assert project.run(*RUN, "--run_name=reference").returncode == 0
-    env = {ENVIRONMENT_VARIABLE: s3_archive}
+    env = {ENVIRONMENT_VARIABLE: archive}
     # The fault waits for the mirror's pass before it kills; with no interval that pass starts at once.
     every_checkpoint = "--archive.sync_interval_seconds=0"
     killed = project.run(*RUN, every_checkpoint, "--run_name=moved", env={**env, "TEMPLATE_FAULT": "train_step:17"})
     assert killed.returncode == -signal.SIGKILL
     shutil.rmtree(project.root / "logs" / "PendulumModel" / "moved")
 
-    listed = project.run("--runs", s3_archive, env=env)
+    listed = project.run("--runs", archive, env=env)
     assert listed.returncode == 0 and "PendulumModel/moved" in listed.stdout
-    resumed = project.run("--resume", f"{s3_archive}/PendulumModel/moved", env=env)
+    resumed = project.run("--resume", f"{archive}/PendulumModel/moved", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "from step-000000015.pt" in resumed.stdout  # the last checkpoint before the kill, from the archive
     run = project.root / "logs" / "PendulumModel" / "moved"

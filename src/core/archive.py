@@ -17,7 +17,8 @@ manifest, so an archived checkpoint never covers more logged lines than the arch
 Credentials come from the usual places (the environment, ~/.aws, an instance role,
 GOOGLE_APPLICATION_CREDENTIALS); a URI holding credentials is refused, so none reach
 config.yaml, metadata.yaml or the command line. S3-compatible stores (and the tests'
-local server) are reached through the standard AWS_ENDPOINT_URL variable.
+local server) are reached through the standard AWS_ENDPOINT_URL variable, a GCS emulator
+(the tests' too) through STORAGE_EMULATOR_HOST, without credentials.
 
 Integration (the Trainer and run.py):
 
@@ -76,7 +77,6 @@ RUN_FILE_DIRECTORIES = ("figures", "evaluation")
 IDENTITY_FILES = (CONFIG_FILE, METADATA_FILE, "packages.txt")
 POINTERS = ("last", "best")
 RESTORING_MARKER = ".restoring"  # in a run directory whose restore has not finished
-FORBIDDEN = (PermissionError,)  # the store refused: status "failed" rather than "behind"
 
 
 class ArchiveError(OSError):
@@ -87,13 +87,30 @@ def store_errors() -> tuple[type[BaseException], ...]:
     """What a failing store raises: OSError (s3fs maps most errors to it), and the network
     errors of the S3 and GCS clients, where installed. A bug (TypeError...) stays a traceback."""
     errors: list[type[BaseException]] = [OSError]
-    for module, names in (("botocore.exceptions", ("BotoCoreError", "ClientError")), ("aiohttp", ("ClientError",))):
+    clients = (
+        ("botocore.exceptions", ("BotoCoreError", "ClientError")),
+        ("aiohttp", ("ClientError",)),
+        ("gcsfs.retry", ("HttpError",)),  # what gcsfs raises for an HTTP status it does not map (401, 5xx)
+        ("google.auth.exceptions", ("GoogleAuthError",)),  # credentials that cannot be loaded or refreshed
+    )
+    for module, names in clients:
         try:
             imported = __import__(module, fromlist=list(names))
         except ImportError:
             continue
         errors += [getattr(imported, name) for name in names]
     return tuple(errors)
+
+
+def refused(error: BaseException) -> bool:
+    """Whether the store refused (permissions, credentials): the mirror's status is then "failed"
+    rather than "behind". s3fs raises PermissionError; gcsfs raises OSError("Forbidden: ...") for
+    a 403 and HttpError with code 401 for credentials it does not accept."""
+    if isinstance(error, PermissionError):
+        return True
+    if type(error) is OSError and str(error).startswith("Forbidden"):
+        return True
+    return getattr(error, "code", None) in (401, 403)
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,6 +222,13 @@ class _FaultCallback:
         pass
 
 
+def gcs_emulator() -> str | None:
+    """The GCS emulator gcsfs talks to instead of Google (STORAGE_EMULATOR_HOST, read as gcsfs
+    reads it: unset, empty or "default" means the real service), or None."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    return None if host in ("", "default") else host
+
+
 class Store:
     """One location in an archive. Writes to a local or shared directory go to a temporary
     name first, as an object store's uploads do by nature: a name holds all or nothing."""
@@ -218,6 +242,11 @@ class Store:
                 "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2}},
                 "skip_instance_cache": True,  # a new client reads AWS_ENDPOINT_URL and the credentials anew
             }
+        elif self.backend == "gcsfs" and gcs_emulator():
+            # An emulator wants no credentials (Google's own client sends none when STORAGE_EMULATOR_HOST
+            # is set). Without this, gcsfs looks for real ones first: gcloud's, which it would send to
+            # the emulator, then the GCE metadata server, seconds of timeouts off Google Cloud.
+            options = {"token": "anon"}
         import fsspec.core
 
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
@@ -629,7 +658,7 @@ class Mirror:
                     self._idle.set()
 
     def _failed(self, error: Exception) -> None:
-        self._status = "failed" if isinstance(error, FORBIDDEN) else "behind"
+        self._status = "failed" if refused(error) else "behind"
         if not self._warned:
             self._warned = True
             print(
@@ -671,7 +700,7 @@ def _archive_locked(run_directory: Path, uri: str, delete_local_checkpoints: boo
     try:
         report = uploader.sync()
     except store_errors() as error:
-        uploader.record_status("failed" if isinstance(error, FORBIDDEN) else "behind")
+        uploader.record_status("failed" if refused(error) else "behind")
         raise UserError(_store_failure("--archive", uploader.location, error)) from None
     if delete_local_checkpoints:
         keep = {_pointer_target(run_directory / "checkpoints" / f"{name}.json") for name in POINTERS}
@@ -695,7 +724,7 @@ def _pointer_target(pointer: Path) -> str | None:
 def _store_failure(flag: str, location: str, error: Exception) -> str:
     if isinstance(error, FileNotFoundError):
         return f"{flag}: {location} does not exist ({error}); create the bucket (or directory) first"
-    if isinstance(error, FORBIDDEN):
+    if refused(error):
         return (
             f"{flag}: the store refused access to {location} ({error}); check the credentials "
             "(environment, ~/.aws, instance role) and that they may read and write there"
