@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, Comparison, measure, python, scratch_project
+from common import REPO, Comparison, epoch_seconds, measure, python, scratch_project
 
 sys.path.insert(0, str(REPO))
 from src.core.archive import Store, archive_run
@@ -103,6 +103,8 @@ def training_with_mirror(scratch: Path, repetitions: int, server: MotoServer) ->
         comparisons.append(
             Comparison(f"{name}, CPU time", [m.cpu_seconds for m in results[side]], [m.cpu_seconds for m in base])
         )
+        loop = [epoch_seconds(m.stdout) for m in results[side]]  # training alone: start-up and final sync aside
+        comparisons.append(Comparison(f"{name}, training loop", loop, [epoch_seconds(m.stdout) for m in base]))
         notes.append(f"S3 server CPU per run, {side}: median {statistics.median(server_cpu[side]):.2f} s.")
     return comparisons, notes
 
