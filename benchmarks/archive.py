@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from common import REPO, Comparison, epoch_seconds, measure, python, scratch_project
 
 sys.path.insert(0, str(REPO))
@@ -89,9 +90,12 @@ def training_with_mirror(scratch: Path, repetitions: int, server: MotoServer) ->
     server_cpu = {side: [] for side in sides}
     for repetition in range(repetitions + 1):  # alternate the sides; the first round warms up
         for side, (flags, env) in sides.items():
-            command = [python(), "run.py", "sample_runconfig.yaml", "--cpu", f"--run_name=bench-{next(counter)}"]
+            name = f"bench-{next(counter)}"
+            command = [python(), "run.py", "sample_runconfig.yaml", "--cpu", f"--run_name={name}"]
             before = moto_cpu_seconds(server)
             measurement = measure([*command, *flags], project, env)
+            metadata = yaml.safe_load((project / "logs" / "PendulumModel" / name / "metadata.yaml").read_text())
+            assert not env or metadata["archive"]["status"] == "synced", metadata.get("archive")  # it did mirror
             if repetition:
                 results[side].append(measurement)
                 server_cpu[side].append(moto_cpu_seconds(server) - before)

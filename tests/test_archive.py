@@ -199,13 +199,13 @@ def test_uploads_wait_for_the_interval_and_close_does_not(file_archive, tmp_path
     time.sleep(1)  # time enough for a pass, were one due
     assert mirror.passes == 1 and archived_names(file_archive, run) == set()
 
-    started = time.monotonic()
-    assert mirror.close(60) and time.monotonic() - started < 60  # the final sync does not wait an hour
+    assert mirror.close(60)  # the final sync does not wait out the hour
     assert mirror.passes == 2
     assert archived_names(file_archive, run) == {
         f"step-00000000{n}.{ext}" for n in (3, 4) for ext in ("pt", "json")
     } | {"last.json"}
     assert mirror.uploader.present == {"step-000000003.pt", "step-000000004.pt"}  # 1 and 2 never sent
+    assert mirror.uploader.report.removed == []  # nor removed: no request for them at all
     assert archive_state(run)["last_synced_step"] == 4
 
 
@@ -259,8 +259,9 @@ def test_store_stopped_mid_run_warns_once_and_a_later_archive_completes_it(tmp_p
         server.stop()
 
 
-def read_only_store(monkeypatch, server: MotoServer) -> str:
-    """A bucket, and credentials of a user that may read it but not write (moto enforcing IAM)."""
+def restricted_store(monkeypatch, server: MotoServer, actions=("s3:GetObject", "s3:ListBucket")) -> str:
+    """A bucket, and credentials of a user allowed only `actions` there (moto enforcing IAM);
+    by default one that may read but not write."""
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
@@ -270,12 +271,33 @@ def read_only_store(monkeypatch, server: MotoServer) -> str:
     iam = boto3.client("iam")
     iam.create_user(UserName="reader")
     key = iam.create_access_key(UserName="reader")["AccessKey"]
-    policy = {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}
+    policy = {"Effect": "Allow", "Action": list(actions), "Resource": "*"}
     document = json.dumps({"Version": "2012-10-17", "Statement": [policy]})
     iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=document)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
     return "s3://runs/archive"
+
+
+def test_a_policy_without_multipart_listing_still_archives(tmp_path, monkeypatch, capfd):
+    """Many policies grant objects' get, put, delete and the bucket's listing, and no more:
+    the clean-up of killed uploads is then skipped, with a word, and archiving goes on."""
+    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    try:
+        actions = ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket")
+        uri = restricted_store(monkeypatch, server, actions)
+        run = make_run(tmp_path)
+        mirror = Mirror(run, uri)
+        writer = CheckpointWriter(run / "checkpoints", keep_recent=2, archive=mirror)
+        write_checkpoints(writer, [1, 2, 3])
+        writer.wait()
+        assert mirror.close(120)
+        assert archive_state(run) == {"uri": f"{uri}/Proj/run1", "status": "synced", "last_synced_step": 3}
+        stderr = capfd.readouterr().err
+        assert stderr.count("may not look for unfinished uploads") == 1 and "warning" not in stderr, stderr
+        assert archived_names(uri, run) >= {"step-000000003.pt", "step-000000003.json", "last.json"}
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("status, is_refusal", [(401, True), (403, True), (404, False), (500, False), (503, False)])
@@ -292,7 +314,7 @@ def test_a_gcs_refusal_is_told_from_an_outage(status, is_refusal):
 def test_store_that_refuses_writes(tmp_path, monkeypatch, capfd):
     server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})  # then IAM applies: the set-up needs 4
     try:
-        uri = read_only_store(monkeypatch, server)
+        uri = restricted_store(monkeypatch, server)
         run = make_run(tmp_path)
         mirror = Mirror(run, uri, retry_delays=(0.2,))
         writer = CheckpointWriter(run / "checkpoints", keep_recent=2, archive=mirror)
@@ -358,10 +380,13 @@ def test_kill_in_the_middle_of_a_multipart_upload(s3_archive, tmp_path):
 
     # S3 keeps (and bills) the parts the killed writer sent, until the upload is aborted.
     assert unfinished_uploads(s3_archive) == ["archive/Proj/run1/checkpoints/step-000000002.pt"]
+    store = Store(s3_archive)
+    other_run = "archive/Proj/run10/checkpoints/step-000000001.pt"  # another run's, in flight: not ours to abort
+    store.fs.call_s3("create_multipart_upload", Bucket=store.root.partition("/")[0], Key=other_run)
     completed = archive_command("--archive", str(run), s3_archive)
     assert completed.returncode == 0, completed.stderr
     assert "removed an unfinished upload of checkpoints/step-000000002.pt" in completed.stderr
-    assert unfinished_uploads(s3_archive) == []
+    assert unfinished_uploads(s3_archive) == [other_run]
     report = restore_run(f"{s3_archive}/Proj/run1", tmp_path / "third")
     assert not report.damaged and assert_restored_checkpoints_verify(report.directory) == [2, 1, 2]
 
@@ -500,6 +525,33 @@ def test_a_missing_back_end_is_one_clear_message():
             [sys.executable, "-c", code.split("\n")[0] + "\n" + check, uri], cwd=REPO, capture_output=True, text=True
         )
         assert f"src.core.errors.UserError: {message}" in at_plan_time.stderr  # raised before anything is written
+        mirror = "from src.core.archive import Mirror\nMirror('/nowhere/Proj/run', sys.argv[-1])"
+        resumed = subprocess.run(
+            [sys.executable, "-c", code.split("\n")[0] + "\n" + mirror, uri], cwd=REPO, capture_output=True, text=True
+        )
+        assert f"src.core.errors.UserError: {message}" in resumed.stderr  # a resumed run's mirror, at once
+
+
+def test_a_back_end_that_cannot_be_imported_stops_the_mirror_at_once(tmp_path):
+    """Installed (found) but broken, as with an aiobotocore that does not fit botocore: one
+    message, no traceback; a live mirror records `failed` and its close() does not wait."""
+    broken = tmp_path / "site" / "s3fs"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('cannot import name AioSession from aiobotocore')\n")
+    env = {**os.environ, "PYTHONPATH": f"{broken.parent}{os.pathsep}{REPO}"}
+    listed = subprocess.run(
+        [sys.executable, "run.py", "--runs", "s3://bucket/runs"], cwd=REPO, capture_output=True, text=True, env=env
+    )
+    assert listed.returncode == 2 and "Traceback" not in listed.stderr, listed.stderr
+    assert "s3fs is installed but cannot be imported (cannot import name AioSession" in listed.stderr
+
+    run = make_run(tmp_path)
+    code = "import sys, time\nfrom src.core.archive import Mirror\nt = time.monotonic()\n"
+    code += "closed = Mirror(sys.argv[1], 's3://bucket/runs').close(60)\nprint(closed, time.monotonic() - t < 30)"
+    mirrored = subprocess.run([sys.executable, "-c", code, str(run)], cwd=REPO, capture_output=True, text=True, env=env)
+    assert mirrored.stdout.split() == ["False", "True"], mirrored.stderr
+    assert mirrored.stderr.count("cannot be imported") == 1 and "did not run" in mirrored.stderr
+    assert archive_state(run)["status"] == "failed"
 
 
 # ---------------------------------------------------------------------------------------

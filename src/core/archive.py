@@ -23,7 +23,8 @@ local server) are reached through the standard AWS_ENDPOINT_URL variable, a GCS 
 Integration (the Trainer and run.py):
 
     uri = check_archive(config)           # at plan time, before the run directory: exit 2 on bad input
-    mirror = Mirror(run_directory, uri)   # rank 0, when uri is not None; starts the worker thread
+    mirror = Mirror(run_directory, uri, interval=config.archive.sync_interval_seconds)
+                                          # rank 0, when uri is not None; starts the worker thread
     CheckpointWriter(..., archive=mirror) # calls mirror.checkpoint_durable(path) after the manifest
                                           # and mirror.checkpoints_pruned(names) after pruning
     mirror.sync_run_files()               # whenever run files changed (any time; coalesced)
@@ -105,11 +106,14 @@ def store_errors() -> tuple[type[BaseException], ...]:
 def refused(error: BaseException) -> bool:
     """Whether the store refused (permissions, credentials): the mirror's status is then "failed"
     rather than "behind". s3fs raises PermissionError; gcsfs raises OSError("Forbidden: ...") for
-    a 403 and HttpError with code 401 for credentials it does not accept."""
+    a 403, HttpError with code 401 for credentials it does not accept, and google.auth's errors
+    for credentials it cannot load or refresh."""
     if isinstance(error, PermissionError):
         return True
     if type(error) is OSError and str(error).startswith("Forbidden"):
         return True
+    if any(cls.__module__.startswith("google.auth") for cls in type(error).__mro__):
+        return True  # credentials that cannot be loaded or refreshed (a revoked key, an expired login)
     return getattr(error, "code", None) in (401, 403)
 
 
@@ -162,7 +166,7 @@ def archive_uri(config: dict) -> str | None:
 
 def require_backend(uri: str) -> str | None:
     """The fsspec back end `uri` needs (None for file://); UserError when it is not installed.
-    Found without importing it: importing s3fs and its AWS client costs ~0.4 s of CPU, which
+    Found without importing it: importing s3fs and its AWS client costs about 0.3 s of CPU, which
     the mirror pays on its own thread instead of at start-up."""
     scheme = urlsplit(uri).scheme.lower()
     backend = BACKENDS[scheme]
@@ -249,7 +253,14 @@ class Store:
             options = {"token": "anon"}
         import fsspec.core
 
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
+        except ImportError as error:  # installed, but broken (say, a botocore that does not fit aiobotocore)
+            cause = error.__cause__ or error  # fsspec's own message only says "Install s3fs"
+            raise UserError(
+                f"{self.backend} is installed but cannot be imported ({cause}); reinstall the pinned versions: "
+                "pip install -r requirements-archive.txt"
+            ) from None
         self.root = self.root.rstrip("/")
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
@@ -326,12 +337,13 @@ class Store:
             page = self.fs.call_s3("list_multipart_uploads", **request)
             for upload in page.get("Uploads") or []:
                 key = upload["Key"]
-                if key.startswith(request["Prefix"]):
-                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                if key.startswith(request["Prefix"]):  # "run1/": not run10's
+                    with contextlib.suppress(FileNotFoundError):  # completed or aborted meanwhile
+                        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
                     aborted.append(key[len(request["Prefix"]) :])
-            if not page.get("IsTruncated"):
+            if not (page.get("IsTruncated") and page.get("NextKeyMarker")):
                 return aborted
-            request.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+            request.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page.get("NextUploadIdMarker", ""))
 
     def listing(self, relative: str = "") -> dict[str, int]:
         """Every object under `relative`: its path relative to `relative`, and its size."""
@@ -408,8 +420,17 @@ class RunUploader:
         of a timeline a resume discarded (newer than every local one, absent here); and abort
         the uploads a killed writer left unfinished."""
         self.store.refresh()
-        for name in self.store.abort_unfinished_uploads():
-            print(f"archive: removed an unfinished upload of {name} (its writer was killed)", file=sys.stderr)
+        try:
+            for name in self.store.abort_unfinished_uploads():
+                print(f"archive: removed an unfinished upload of {name} (its writer was killed)", file=sys.stderr)
+        except store_errors() as error:
+            if not refused(error):
+                raise  # the store is down: the whole pass is retried
+            print(  # a policy without s3:ListBucketMultipartUploads: archiving goes on without the clean-up
+                f"archive: may not look for unfinished uploads under {self.location} ({type(error).__name__}); "
+                "a bucket lifecycle rule AbortIncompleteMultipartUpload removes them instead",
+                file=sys.stderr,
+            )
         remote = self.store.listing("checkpoints")
         local_steps = [info.step for info in step_checkpoints(self.checkpoints)]
         newest_local = max(local_steps, default=-1)
@@ -564,10 +585,11 @@ class Mirror:
         self, run_directory: Path, uri: str, retry_delays: tuple[float, ...] = RETRY_DELAYS, interval: float = 0.0
     ):
         self.run_directory = Path(run_directory)
-        self.uploader = RunUploader(self.run_directory, uri)  # connects on the worker thread
+        require_backend(uri)  # UserError now, not on the worker thread (which imports it: ~0.3 s of CPU)
+        self.uploader = RunUploader(self.run_directory, uri)
         self.location = self.uploader.location
         self.retry_delays = retry_delays
-        self.interval = interval
+        self.interval = min(interval, threading.TIMEOUT_MAX / 2)
         self._lock = threading.Lock()
         self._wake = threading.Event()  # work is pending
         self._idle = threading.Event()  # a pass finished with nothing pending
@@ -603,15 +625,19 @@ class Mirror:
         """Wait up to `timeout` seconds for a final sync; False (with a message) if it did not finish."""
         self._request()
         self._closing.set()
-        finished = self._idle.wait(timeout)
+        deadline = time.monotonic() + timeout
+        finished = False
+        while not finished and self._thread.is_alive() and (left := deadline - time.monotonic()) > 0:
+            finished = self._idle.wait(min(left, 1.0))  # a worker that has stopped cannot finish
         with self._lock:
             self._abandoned = True  # the worker stops at its next turn (a transfer in flight may finish)
         self._wake.set()
         if finished:
             return True
+        why = f"did not finish within {timeout:g} s" if self._thread.is_alive() else "did not run (see above)"
         print(
-            f"warning: archive: the final sync to {self.location} did not finish within {timeout:g} s; "
-            f"the archive is behind. Complete it later with: python run.py --archive {self.run_directory}",
+            f"warning: archive: the final sync to {self.location} {why}; the archive is behind. "
+            f"Complete it later with: python run.py --archive {self.run_directory}",
             file=sys.stderr,
         )
         self.uploader.record_status("failed" if self._status == "failed" else "behind")
@@ -635,6 +661,9 @@ class Mirror:
             last_pass = time.monotonic()
             try:
                 self.uploader.sync(pruned)
+            except UserError as error:  # the back end cannot be imported: retrying cannot help
+                self._failed(error, permanent=True)
+                return
             except Exception as error:
                 with self._lock:
                     self._pruned |= pruned
@@ -657,14 +686,14 @@ class Mirror:
                 if not self._wake.is_set():
                     self._idle.set()
 
-    def _failed(self, error: Exception) -> None:
-        self._status = "failed" if refused(error) else "behind"
+    def _failed(self, error: Exception, permanent: bool = False) -> None:
+        self._status = "failed" if permanent or refused(error) else "behind"
         if not self._warned:
             self._warned = True
+            then = "training goes on without it" if permanent else "training goes on, and the mirror retries"
             print(
                 f"warning: archive: cannot write to {self.location} ({type(error).__name__}: {error}); "
-                "training goes on, and the mirror retries in the background "
-                f"(metadata.yaml archive.status: {self._status})",
+                f"{then} (metadata.yaml archive.status: {self._status})",
                 file=sys.stderr,
             )
         self.uploader.record_status(self._status)
@@ -725,9 +754,14 @@ def _store_failure(flag: str, location: str, error: Exception) -> str:
     if isinstance(error, FileNotFoundError):
         return f"{flag}: {location} does not exist ({error}); create the bucket (or directory) first"
     if refused(error):
+        where = (
+            "GOOGLE_APPLICATION_CREDENTIALS, gcloud's login, the machine's account"
+            if location.startswith(("gs://", "gcs://"))
+            else "the environment, ~/.aws, an instance role"
+        )
         return (
-            f"{flag}: the store refused access to {location} ({error}); check the credentials "
-            "(environment, ~/.aws, instance role) and that they may read and write there"
+            f"{flag}: the store refused access to {location} ({type(error).__name__}: {error}); check the "
+            f"credentials ({where}) and that they may read and write there"
         )
     return f"{flag}: could not reach {location} ({type(error).__name__}: {error}); nothing was lost, run it again"
 

@@ -101,7 +101,7 @@ def make_plan(args, request: Request | None, context: DistContext | None = None)
         request = read_request(args)
     if request.sweep is not None:
         raise UserError("a sweep runs its members one by one: start it with python run.py, not torchrun")
-    if args.auto_resume and request.run_directory is None and not args.print_config:
+    if args.auto_resume and request.run_directory is None:
         request = auto_resume_request(args, request)
         if request is None:  # that run has finished already
             return None

@@ -274,8 +274,9 @@ TEMPLATE_SCHEMA = {
             # s3://bucket/prefix, gs://bucket/prefix, file:///shared/runs; null: $TEMPLATE_ARCHIVE_URI, if set
             "uri": {"type": "string", "nullable": True, "default": None, "check_with": _archive_uri},
             "enabled": {"type": "boolean", "default": True},  # false: not even $TEMPLATE_ARCHIVE_URI
-            "sync_interval_seconds": _float(min=0.0, default=30.0),  # one upload pass per 30 s at most; 0: each save
-            "final_sync_timeout_seconds": _float(min=0.0, default=600.0),  # the wait for the last upload
+            # at most one upload pass per 30 s (0: after each checkpoint); then how long the end waits for the last
+            "sync_interval_seconds": _float(min=0.0, max=MAX_SECONDS, default=30.0),
+            "final_sync_timeout_seconds": _float(min=0.0, max=MAX_SECONDS, default=600.0),
         },
         meta=NEUTRAL,
     ),

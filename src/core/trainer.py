@@ -133,8 +133,9 @@ class RunFiles:
         """Before a crash test's fault acts: the checkpoint in flight is on disk and, with an
         archive, in the archive too, so that the test knows which checkpoint survives."""
         self.wait()
-        if self.checkpoints is not None and self.checkpoints.archive is not None:
-            self.checkpoints.archive.wait_until_idle(timeout=120)
+        mirror = self.checkpoints.archive if self.checkpoints is not None else None
+        if mirror is not None and not mirror.wait_until_idle(timeout=120):
+            warn("fault: the archive did not catch up within 120 s; acting anyway")
 
     def close(self, status: str = "finished") -> None:
         """Release what was opened; a pending checkpoint write is finished first."""
@@ -349,7 +350,7 @@ class Trainer:
             progress.batch_in_epoch = batch_index + 1
             if steps_now:
                 self.optimizer_step()
-                faults.maybe_fail("train_step", settle=self.files and self.files.settle)
+                faults.maybe_fail("train_step", settle=self.settle_before_fault)
                 if self.files is not None and self.files.checkpoints is not None and self.files.checkpoints.failed:
                     self.files.wait()  # a background write failed (disk full): stop now, with its error
                 if progress.global_step % config.log_every_n_steps == 0:
@@ -461,7 +462,7 @@ class Trainer:
                     on_batch(prediction, target, inputs)
                 batch_results.append({"samples": samples, "loss": losses["loss"].detach()})
                 if not probe:
-                    faults.maybe_fail(phase, settle=self.files and self.files.settle)
+                    faults.maybe_fail(phase, settle=self.settle_before_fault)
         self.model.train()
         metrics = {f"{phase}/{name}": value for name, value in means.reduce(self.context).items()}
         if split is not None:
@@ -537,6 +538,11 @@ class Trainer:
             self.save_checkpoint(links=("last",))
         self.wait_for_checkpoints()
         raise Preempted(f"stopped for preemption at step {self.progress.global_step}, after a checkpoint")
+
+    def settle_before_fault(self) -> None:
+        """A crash test's fault acts once the checkpoint in flight (and its upload) is done."""
+        if self.files is not None:
+            self.files.settle()
 
     def wait_for_checkpoints(self) -> None:
         """Until the checkpoint write in flight is on disk (rank 0; a no-op elsewhere)."""
