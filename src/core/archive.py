@@ -456,7 +456,7 @@ class RunUploader:
             self.scan()
             for name in IDENTITY_FILES:  # first: what makes the archived copy a run (restore needs them)
                 self.upload_run_file(name)
-        for name in sorted(pruned & (self.present)):
+        for name in sorted(pruned & self.present):
             self.remove_checkpoint(name)  # one never sent (pruned within an interval) costs no request
         for info in step_checkpoints(self.checkpoints):
             manifest_file = manifest_path(info.path)

@@ -23,8 +23,9 @@ _seen: dict[str, int] = {}
 
 def maybe_fail(point: str, settle=None) -> None:
     """Count an occurrence of `point`; act when it is the one TEMPLATE_FAULT names.
-    `settle` (waiting for checkpoint writes in flight) runs first, so that a test knows
-    which checkpoint is the newest at the kill (`checkpoint_write` kills inside a write)."""
+    `settle` (waiting for checkpoint writes in flight, and for the archive's upload of them)
+    runs first, so that a test knows which checkpoint is the newest at the kill
+    (`checkpoint_write` kills inside a write)."""
     if point != _POINT:
         return
     _seen[point] = _seen.get(point, 0) + 1
