@@ -204,32 +204,39 @@ def assert_same_run(reference, resumed):
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-class MotoServer:
-    """moto's S3 server on a free port, as a process a test can stop mid-run."""
+class LocalServer:
+    """A store's server on a free localhost port, as a process a test can stop mid-run."""
 
-    def __init__(self, env: dict | None = None):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+    def __init__(self, name: str, command: list[str], health_path: str, env: dict | None = None):
+        """`command` is started with the port appended; the server is up once `health_path` answers."""
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [*command, str(self.port)],
             env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         for _ in range(600):  # up to a minute on a busy machine
             try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
+                urllib.request.urlopen(f"{self.endpoint}{health_path}", timeout=1)
                 return
             except OSError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError("moto server did not start")
+        raise RuntimeError(f"{name} did not start")
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+class MotoServer(LocalServer):
+    """moto's S3 server, in memory."""
+
+    def __init__(self, env: dict | None = None):
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p"]
+        super().__init__("moto server", command, "/moto-api/", env)
 
 
 # The GCS emulator on localhost (gcp-storage-emulator), for the archive's gs:// tests: the GCS
@@ -242,30 +249,10 @@ class MotoServer:
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
-class GcsEmulator:
-    """The GCS emulator on a free port, in memory, as a process a test can stop mid-run."""
+class GcsEmulator(LocalServer):
+    """The GCS emulator, in memory."""
 
     def __init__(self):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.environment = {"STORAGE_EMULATOR_HOST": self.endpoint}
         command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--in-memory"]
-        self.process = subprocess.Popen(
-            [*command, "--port", str(self.port), "--quiet"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(600):  # up to a minute on a busy machine
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/", timeout=1)  # its health check: "OK"
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("GCS emulator did not start")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        super().__init__("GCS emulator", [*command, "--quiet", "--port"], "/")  # its health check: "OK"
+        self.environment = {"STORAGE_EMULATOR_HOST": self.endpoint}
