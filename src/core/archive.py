@@ -67,6 +67,7 @@ from src.core.rundir import (
     log_root,
     now,
     update_metadata,
+    write_bytes_atomic,
     write_text_atomic,
 )
 
@@ -287,9 +288,7 @@ class Store:
         if self.local:
             target = Path(self.path(relative))
             target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.part-{os.getpid()}")
-            temporary.write_bytes(data)
-            os.replace(temporary, target)
+            write_bytes_atomic(target, data)
         else:
             self.fs.pipe_file(self.path(relative), data)
 
@@ -320,12 +319,14 @@ class Store:
         """Remove what writers killed mid-upload left under this location; the names.
 
         S3 keeps (and bills) the parts of an unfinished multipart upload until it is aborted;
-        a local store keeps a `.<name>.part-<pid>` file. Only the run's holder calls this (its
-        live mirror, or --archive under the run's lock), so none belongs to a live writer.
+        a local store keeps a `.<name>.part-<pid>` (or `.tmp-<pid>`) file. Only the run's
+        holder calls this (its live mirror, or --archive under the run's lock), so none
+        belongs to a live writer.
         GCS needs nothing: it expires an unfinished resumable upload after a week."""
         if self.local:
             base = Path(self.root)
-            leftovers = sorted(base.rglob(".*.part-*")) if base.is_dir() else []
+            patterns = (".*.part-*", ".*.tmp-*") if base.is_dir() else ()  # a copy's, an atomic write's
+            leftovers = sorted(path for pattern in patterns for path in base.rglob(pattern))
             for path in leftovers:
                 path.unlink(missing_ok=True)
             return [str(path.relative_to(base)) for path in leftovers]
