@@ -76,7 +76,8 @@ class Run:
         except Preempted as preempted:
             if self.records:
                 update_metadata(self.directory, status="preempted", error=None)
-                print(f"{preempted}; {on_preempted()}")
+                print(preempted, flush=True)  # before the requeue, which has Slurm stop this job at once
+                print(on_preempted(), flush=True)
             return 0
         except BaseException as error:
             disk = storage_error(error)
@@ -98,10 +99,13 @@ class Run:
 
 
 def disk_message(error: BaseException, disk: OSError | None, directory: Path | None, recorded: bool) -> str:
-    """One line for a run stopped by its disk: what failed, and how to go on."""
-    if isinstance(error, CheckpointWriteError):
+    """One line for a run stopped by its disk: what failed, and how to go on. The same words
+    whichever file met the full disk first (a checkpoint, metrics, metadata)."""
+    if disk is None:  # a checkpoint that could not be written for another reason (permissions...)
         return str(error)
     where = f" ({disk.filename})" if disk.filename else ""
+    if isinstance(error, CheckpointWriteError):
+        where = f" (writing checkpoint {error.path.name})"
     status = "" if recorded else f"; {METADATA_FILE} could not record it, and --runs shows the run as crashed"
     resume = f"python run.py --resume {directory}" if directory else "run it again"
     return (
