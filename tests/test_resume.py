@@ -104,7 +104,8 @@ def test_resume_needs_a_run_directory(project):
 def test_disk_full_during_a_checkpoint_stops_cleanly_and_loses_nothing(project):
     result = project.run(*RUN, "--run_name=full", env={"TEMPLATE_FAULT": "checkpoint_write:3:enospc"})
     assert result.returncode == 1
-    assert "error: could not write checkpoint" in result.stderr and "No space left on device" in result.stderr
+    message = "error: the run stopped: No space left on device (writing checkpoint step-000000013.pt)"
+    assert message in result.stderr and f"--resume {project.root / 'logs' / 'PendulumModel' / 'full'}" in result.stderr
     assert "Traceback" not in result.stderr
     run = project.root / "logs" / "PendulumModel" / "full"
     assert yaml.safe_load((run / "metadata.yaml").read_text())["status"] == "failed"

@@ -38,6 +38,13 @@ STEP_FILE = re.compile(r"step-(\d+)\.pt")
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions...); the previous ones are intact."""
 
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(
+            f"could not write checkpoint {path}: {cause}. The previous checkpoints are intact; "
+            "free the space (or fix the permissions) and continue with --resume."
+        )
+        self.path = path
+
 
 class DamagedCheckpoint(Exception):
     """A checkpoint that must not be loaded: incomplete, altered, or not loadable safely."""
@@ -124,10 +131,7 @@ def write_checkpoint(
         cause = _os_error_in(error)
         if cause is None:
             raise
-        raise CheckpointWriteError(
-            f"could not write checkpoint {path}: {cause}. The previous checkpoints are intact; "
-            "free the space (or fix the permissions) and continue with --resume."
-        ) from error
+        raise CheckpointWriteError(path, cause) from error
     return path
 
 
