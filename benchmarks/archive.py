@@ -23,8 +23,9 @@ import yaml
 from common import REPO, Comparison, epoch_seconds, measure, python, scratch_project
 
 sys.path.insert(0, str(REPO))
-from src.core.archive import Store, archive_run
-from src.core.checkpoint import write_checkpoint
+from src.core.archive.commands import archive_run
+from src.core.archive.store import Store
+from src.core.record.checkpoint import write_checkpoint
 from tests.helpers import CREDENTIALS, MotoServer
 
 GIGABYTE_FLOATS = 2**28  # 2^28 float32 values: 1 GiB

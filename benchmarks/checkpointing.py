@@ -14,8 +14,8 @@ import torch
 from common import REPO, Comparison, in_process_trainer
 
 sys.path.insert(0, str(REPO))
-from src.core.checkpoint import read_checkpoint
-from src.core.trainer import Trainer
+from src.core.record.checkpoint import read_checkpoint
+from src.core.training.trainer import Trainer
 
 
 def make_trainer(data: Path, run_directory: Path, hidden_size: int) -> Trainer:
@@ -31,10 +31,10 @@ def make_trainer(data: Path, run_directory: Path, hidden_size: int) -> Trainer:
         """
     run_directory.mkdir(parents=True)
     trainer = in_process_trainer(config, run_directory, mini=True)
-    _, batches = trainer.loader("train")
-    loss = trainer.compute_loss(trainer.model, next(batches))  # one step, so AdamW has its state
-    loss.backward()
-    trainer.optimizer_step()
+    _, batches = trainer.loaders.loader("train")
+    losses = trainer.stepper.forward(next(batches))[0]  # one step, so AdamW has its state
+    trainer.stepper.backward(losses["loss"], group_size=1)
+    trainer.stepper.step(0)
     return trainer
 
 
@@ -46,7 +46,7 @@ def blocking_and_total(trainer: Trainer) -> tuple[float, float]:
     started = time.perf_counter()
     trainer.save_checkpoint(links=("last",))
     blocked = time.perf_counter() - started
-    trainer.checkpoints.wait()
+    trainer.output.wait()
     trainer.progress.global_step += 1  # the next one gets a file of its own
     return blocked, time.perf_counter() - started
 

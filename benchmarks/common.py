@@ -113,24 +113,29 @@ def python() -> str:
     return sys.executable
 
 
-def in_process_trainer(config_text: str, run_directory: Path, mini: bool, **options):
-    """A Trainer built from YAML text as run.py builds one, for benchmarks that time its parts
-    (their modules put the project on sys.path, as every benchmark that imports src does)."""
+def in_process_trainer(config_text: str, run_directory: Path | None, mini: bool, show_progress: bool = False):
+    """A Trainer built from YAML text as run.py builds one, logging into `run_directory` (None:
+    nothing), for benchmarks that time its parts (their modules put the project on sys.path,
+    as every benchmark that imports src does)."""
     import torch
 
-    from src.core.config import finalize, parse_yaml
-    from src.core.resolve import build_datasets, build_model, resolve_loss_function
-    from src.core.template_schema import project_schema
-    from src.core.trainer import Trainer
+    from src.core.config.loader import parse_yaml
+    from src.core.config.schema import project_schema
+    from src.core.config.validation import finalize
+    from src.core.distributed import DistContext
+    from src.core.training.build import Task, build_datasets, build_model, resolve_loss_function
+    from src.core.training.console import Console
+    from src.core.training.output import NullOutput, RunOutput
+    from src.core.training.start import FRESH
+    from src.core.training.trainer import build_trainer
 
     config = finalize(parse_yaml(config_text, "benchmark"), project_schema())
     torch.manual_seed(0)
-    return Trainer(
-        config,
-        build_model(config),
-        resolve_loss_function(config.loss_function),
-        build_datasets(config, config.data_directory, mini=mini),
-        device=torch.device("cpu"),
-        run_directory=run_directory,
-        **options,
-    )
+    model = build_model(config)
+    task = Task(model, resolve_loss_function(config.loss_function), build_datasets(config, config.data_directory, mini))
+    if run_directory is None:
+        output = NullOutput(Console(progress_bar=show_progress))
+    else:
+        output = RunOutput.open(run_directory, config, FRESH.log_position, {"commit": None, "config_hash": None}, {})
+        output.console = Console(progress_bar=show_progress)
+    return build_trainer(config, task, DistContext(), output)

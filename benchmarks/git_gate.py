@@ -14,8 +14,8 @@ from pathlib import Path
 from common import REPO, Comparison, alternate
 
 sys.path.insert(0, str(REPO))
-from src.core import provenance
 from src.core.errors import Refusal
+from src.core.record.git import gate
 
 TRACKED, UNTRACKED = 50_000, 1_000
 
@@ -40,7 +40,7 @@ def timed(function) -> float:
 
 def gate_refusing(root: Path) -> None:
     try:
-        provenance.gate(root)
+        gate(root)
     except Refusal:
         return
     raise AssertionError("the gate should refuse the untracked files")
@@ -68,7 +68,7 @@ def run(repetitions: int, scratch: Path) -> list[Comparison]:
     subprocess.run(["rm", "-rf", str(untracked)], check=True)
     clean = alternate(
         "gate / git status, clean (passes, reads remotes)",
-        lambda: timed(lambda: provenance.gate(root)),
+        lambda: timed(lambda: gate(root)),
         lambda: timed(lambda: bare_status(root)),
         repetitions,
     )

@@ -24,16 +24,25 @@ from pathlib import Path
 
 # (module, attribute) pairs timed wherever they are called from; methods are listed per class.
 FUNCTIONS = {
-    "src.core.provenance": ["gate", "environment_provenance", "installed_packages", "data_fingerprint"],
-    "src.core.rundir": ["start_run", "update_metadata"],
-    "src.core.checkpoint": ["write_checkpoint", "snapshot"],
-    "run": ["create_run_directory"],
+    "src.core.record.git": ["gate"],
+    "src.core.record.environment": ["environment_provenance", "installed_packages", "data_fingerprint"],
+    "src.core.record.rundir": ["start_run", "update_metadata"],
+    "src.core.record.checkpoint": ["write_checkpoint", "snapshot"],
+    "src.core.commands.session": ["create_run_directory"],
     "os": ["fsync"],
 }
 METHODS = {
-    ("src.core.metrics", "MetricLogger"): ["__init__", "log", "flush"],
-    ("src.core.checkpoint", "CheckpointWriter"): ["save", "wait"],
-    ("src.core.trainer", "Trainer"): ["fit", "train_one_epoch", "evaluate", "log", "state_dict", "save_checkpoint"],
+    ("src.core.tracking.metrics", "MetricLogger"): ["__init__", "log", "flush"],
+    ("src.core.record.checkpoint", "CheckpointWriter"): ["save", "wait"],
+    ("src.core.training.output", "RunOutput"): ["log", "log_figures", "save_checkpoint"],
+    ("src.core.training.evaluator", "Evaluator"): ["evaluate"],
+    ("src.core.training.trainer", "Trainer"): [
+        "fit",
+        "train_one_epoch",
+        "log_training",
+        "state_dict",
+        "save_checkpoint",
+    ],
 }
 
 

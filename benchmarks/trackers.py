@@ -19,8 +19,8 @@ from pathlib import Path
 from common import REPO, Comparison, alternate
 
 sys.path.insert(0, str(REPO))
-from src.core.metrics import MetricLogger
-from src.core.trackers import Trackers
+from src.core.tracking.metrics import MetricLogger
+from src.core.tracking.trackers import Trackers
 
 STEPS = 1000
 

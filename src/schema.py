@@ -1,4 +1,4 @@
-"""Your config keys, added to the template's (`src/core/template_schema.py`).
+"""Your config keys, added to the template's (`src/core/config/schema.py`).
 
 Every key a config may hold must be declared, so that a typo is an error rather
 than a silently ignored setting. Add yours below as cerberus rules

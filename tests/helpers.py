@@ -15,9 +15,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from src.core.checkpoint import read_checkpoint
-from src.core.metrics import read_metrics
 from src.core.phases import WALL_CLOCK_METRICS
+from src.core.record.checkpoint import read_checkpoint
+from src.core.tracking.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "pendulum"
@@ -241,7 +241,7 @@ class MotoServer(LocalServer):
 
 # The GCS emulator on localhost (gcp-storage-emulator), for the archive's gs:// tests: the GCS
 # JSON API in a process of its own, storage in memory. gcsfs reaches it through
-# STORAGE_EMULATOR_HOST (see `GcsEmulator.environment`), and src/core/archive.py then sends no
+# STORAGE_EMULATOR_HOST (see `GcsEmulator.environment`), and src/core/archive/store.py then sends no
 # credentials. The emulator speaks only HTTP, while gcsfs's experimental zonal/hierarchical bucket
 # support (on by default) asks for the bucket's layout over gRPC on every call, and retries for
 # 60 s against a port that does not speak gRPC: off for the tests. gcsfs reads the switch once,

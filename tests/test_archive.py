@@ -18,21 +18,15 @@ import torch
 import yaml
 from helpers import CREDENTIALS, GcsEmulator, MotoServer, assert_same_run
 
-from src.core.archive import (
-    ENVIRONMENT_VARIABLE,
-    Mirror,
-    Store,
-    archive_run,
-    archive_uri,
-    refused,
-    restore_run,
-    store_errors,
-)
-from src.core.checkpoint import CheckpointWriter, read_checkpoint, step_checkpoints
-from src.core.config import validate
+from src.core.archive.commands import archive_run
+from src.core.archive.mirror import Mirror
+from src.core.archive.restore import restore_run
+from src.core.archive.store import ENVIRONMENT_VARIABLE, Store, archive_uri, refused, store_errors
+from src.core.config.schema import project_schema
+from src.core.config.validation import validate
 from src.core.errors import UserError
-from src.core.rundir import lock_run_directory, read_yaml, update_metadata
-from src.core.template_schema import project_schema
+from src.core.record.checkpoint import CheckpointWriter, read_checkpoint, step_checkpoints
+from src.core.record.rundir import lock_run_directory, read_yaml, update_metadata
 
 SCHEMA = project_schema()
 
@@ -512,7 +506,7 @@ def test_a_missing_back_end_is_one_clear_message():
         "from run import main\n"
         "sys.exit(main(sys.argv[1:]))"
     )
-    check = "from src.core.archive import check_archive\ncheck_archive({'archive': {'uri': sys.argv[-1]}})"
+    check = "from src.core.archive.store import check_archive\ncheck_archive({'archive': {'uri': sys.argv[-1]}})"
     for uri, package in (("s3://bucket/runs", "s3fs"), ("gs://bucket/runs", "gcsfs")):
         result = subprocess.run(
             [sys.executable, "-c", code, "--runs", uri], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -525,7 +519,7 @@ def test_a_missing_back_end_is_one_clear_message():
             [sys.executable, "-c", code.split("\n")[0] + "\n" + check, uri], cwd=REPO, capture_output=True, text=True
         )
         assert f"src.core.errors.UserError: {message}" in at_plan_time.stderr  # raised before anything is written
-        mirror = "from src.core.archive import Mirror\nMirror('/nowhere/Proj/run', sys.argv[-1])"
+        mirror = "from src.core.archive.mirror import Mirror\nMirror('/nowhere/Proj/run', sys.argv[-1])"
         resumed = subprocess.run(
             [sys.executable, "-c", code.split("\n")[0] + "\n" + mirror, uri], cwd=REPO, capture_output=True, text=True
         )
@@ -546,7 +540,7 @@ def test_a_back_end_that_cannot_be_imported_stops_the_mirror_at_once(tmp_path):
     assert "s3fs is installed but cannot be imported (cannot import name AioSession" in listed.stderr
 
     run = make_run(tmp_path)
-    code = "import sys, time\nfrom src.core.archive import Mirror\nt = time.monotonic()\n"
+    code = "import sys, time\nfrom src.core.archive.mirror import Mirror\nt = time.monotonic()\n"
     code += "closed = Mirror(sys.argv[1], 's3://bucket/runs').close(60)\nprint(closed, time.monotonic() - t < 30)"
     mirrored = subprocess.run([sys.executable, "-c", code, str(run)], cwd=REPO, capture_output=True, text=True, env=env)
     assert mirrored.stdout.split() == ["False", "True"], mirrored.stderr

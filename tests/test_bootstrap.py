@@ -10,11 +10,12 @@ import torch
 import yaml
 from helpers import MINIMAL, QUICK_RUN, logged_values, run_directory
 
-from src.core import provenance
-from src.core.bootstrap import bootstrap_model, bootstrap_path, file_sha256
-from src.core.config import finalize, parse_yaml
+from src.core.config.loader import parse_yaml
+from src.core.config.schema import project_schema
+from src.core.config.validation import finalize
 from src.core.errors import UserError
-from src.core.template_schema import project_schema
+from src.core.record.bootstrap import bootstrap_model, bootstrap_path, file_sha256
+from src.core.record.git import PROJECT_ROOT
 from src.model import PendulumModel
 
 SCHEMA = project_schema()
@@ -44,7 +45,7 @@ def message_of(path, **keys) -> str:
 
 def test_relative_paths_start_at_the_project_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert bootstrap_path("logs/p/r/checkpoints/best.pt") == provenance.PROJECT_ROOT / "logs/p/r/checkpoints/best.pt"
+    assert bootstrap_path("logs/p/r/checkpoints/best.pt") == PROJECT_ROOT / "logs/p/r/checkpoints/best.pt"
     assert bootstrap_path(str(tmp_path / "w.pt")) == tmp_path / "w.pt"
 
 

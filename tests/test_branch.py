@@ -7,8 +7,8 @@ import pytest
 import yaml
 from helpers import NOISY, QUICK_RUN, assert_same_tensors, final_state, logged_values, run_directory
 
-from src.core.checkpoint import read_checkpoint
-from src.core.metrics import read_metrics
+from src.core.record.checkpoint import read_checkpoint
+from src.core.tracking.metrics import read_metrics
 
 # 13 steps an epoch, 39 in all; checkpoints every 5 steps, kept at multiples of 5.
 RUN = (*QUICK_RUN, "--epochs=3", "--checkpoint.every_n_steps=5", "--checkpoint.keep_every_n_steps=5", *NOISY)

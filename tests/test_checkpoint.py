@@ -8,8 +8,8 @@ import zipfile
 import pytest
 import torch
 
-from src.core import checkpoint
-from src.core.checkpoint import (
+from src.core.record import checkpoint
+from src.core.record.checkpoint import (
     CheckpointWriter,
     DamagedCheckpoint,
     Retention,

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from src.core.cli import parse_command_line
+from src.core.commands.cli import parse_command_line
 from src.core.errors import UserError
 
 QUICK = ("--mini", "--epochs=1", "--cpu")

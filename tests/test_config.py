@@ -5,19 +5,11 @@ import time
 import pytest
 from helpers import MINIMAL
 
-from src.core.config import (
-    Config,
-    ConfigEdits,
-    apply_edits,
-    check_sweep_size,
-    config_hash,
-    finalize,
-    load_config,
-    load_yaml_file,
-    parse_yaml,
-)
+from src.core.config.edits import ConfigEdits, apply_edits
+from src.core.config.loader import load_yaml_file, parse_yaml
+from src.core.config.schema import project_schema
+from src.core.config.validation import Config, check_sweep_size, config_hash, finalize, load_config
 from src.core.errors import UserError
-from src.core.template_schema import project_schema
 
 SCHEMA = project_schema()
 

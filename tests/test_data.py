@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from src.core.data import EpochSampler
+from src.core.training.data import EpochSampler
 
 
 @pytest.mark.parametrize("size", [3, 7, 100, 101])

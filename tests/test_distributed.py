@@ -10,10 +10,11 @@ import pytest
 import yaml
 from helpers import MINIMAL, NOISY, QUICK_RUN, assert_same_run, free_port, logged_values, run_directory
 
-from src.core.checkpoint import read_checkpoint
-from src.core.config import finalize, parse_yaml
-from src.core.distributed import launch_settings, torchrun_arguments
-from src.core.template_schema import project_schema
+from src.core.commands.launch import launch_settings, torchrun_arguments
+from src.core.config.loader import parse_yaml
+from src.core.config.schema import project_schema
+from src.core.config.validation import finalize
+from src.core.record.checkpoint import read_checkpoint
 
 # 100 training pairs: batches of 8 on each of 2 ranks (a global batch of 16), 7 steps an epoch.
 RUN = (*QUICK_RUN, "--epochs=3", "--checkpoint.every_n_steps=3", *NOISY)

@@ -10,7 +10,7 @@ import sys
 import yaml
 from helpers import REPO, project_files
 
-from src.core import provenance
+from src.core.record.git import COMMIT_ENV_VARIABLE
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 IGNORED = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
@@ -32,7 +32,7 @@ def test_image_is_python_311_slim_with_the_pinned_requirements():
 
 
 def test_commit_variable_is_the_one_the_gate_reads():
-    assert ("ENV", f"{provenance.COMMIT_ENV_VARIABLE}=${{GIT_COMMIT}}") in instructions()
+    assert ("ENV", f"{COMMIT_ENV_VARIABLE}=${{GIT_COMMIT}}") in instructions()
     assert ("ENTRYPOINT", '["python", "run.py"]') in instructions()
 
 
@@ -73,9 +73,9 @@ def image_copy(tmp_path):
 
 
 def run_in_image(root, commit: str | None):
-    env = {key: value for key, value in os.environ.items() if key != provenance.COMMIT_ENV_VARIABLE}
+    env = {key: value for key, value in os.environ.items() if key != COMMIT_ENV_VARIABLE}
     if commit:
-        env[provenance.COMMIT_ENV_VARIABLE] = commit
+        env[COMMIT_ENV_VARIABLE] = commit
     return subprocess.run(
         [sys.executable, "run.py", "sample_runconfig.yaml", "--mini", "--epochs=1"],
         cwd=root,
@@ -89,7 +89,7 @@ def test_a_run_in_the_image_records_the_commit_it_was_built_from(tmp_path):
     root = image_copy(tmp_path)
     refused = run_in_image(root, commit=None)
     assert refused.returncode == 3 and "not inside a git repository" in refused.stderr
-    assert provenance.COMMIT_ENV_VARIABLE in refused.stderr
+    assert COMMIT_ENV_VARIABLE in refused.stderr
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     result = run_in_image(root, commit)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import yaml
 
-from src.core.metrics import read_metrics
+from src.core.tracking.metrics import read_metrics
 
 RUN = (
     "sample_runconfig.yaml",

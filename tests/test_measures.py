@@ -13,11 +13,11 @@ from helpers import NOISY, QUICK_RUN, assert_same_run, logged_values, run_direct
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from src.core.checkpoint import read_checkpoint
 from src.core.distributed import DistContext
 from src.core.errors import UserError
-from src.core.measures import SampleMeans, SplitSamples, figure_png, per_sample, split_loss
-from src.core.metrics import read_metrics
+from src.core.record.checkpoint import read_checkpoint
+from src.core.tracking.metrics import read_metrics
+from src.core.training.measures import SampleMeans, SplitSamples, figure_png, per_sample, split_loss
 
 CLASSIFIER = '''
 

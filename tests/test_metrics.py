@@ -4,7 +4,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from src.core.errors import UserError
-from src.core.metrics import MetricLogger, read_metrics
+from src.core.tracking.metrics import MetricLogger, read_metrics
 
 
 def test_a_resume_cuts_back_to_the_checkpoint_and_purges_later_tensorboard_steps(tmp_path):

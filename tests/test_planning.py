@@ -10,12 +10,12 @@ import pytest
 COUNTING = """
 import json, sys
 import run
-from src.core import config
-from src.core import rundir
+from src.core.config import loader, validation
+from src.core.record import rundir
 watched = {
-    config.read_config_file.__code__: "read",  # a config file given on the command line
+    loader.read_config_file.__code__: "read",  # a config file given on the command line
     rundir.read_run_files.__code__: "read",  # a run's config.yaml (--resume)
-    config.validate.__code__: "validate",
+    validation.validate.__code__: "validate",
 }
 counts = {"read": 0, "validate": 0}
 def profile(frame, event, arg):

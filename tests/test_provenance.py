@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 from helpers import git
 
-from src.core import provenance
 from src.core.errors import Refusal
+from src.core.record import environment
+from src.core.record.environment import data_fingerprint, environment_provenance, installed_packages
+from src.core.record.git import COMMIT_ENV_VARIABLE, gate, index_may_mark_files, repository_state
 
 
 def refusal(root) -> str:
     with pytest.raises(Refusal) as caught:
-        provenance.gate(root)
+        gate(root)
     assert caught.value.exit_code == 3
     return str(caught.value)
 
 
 def test_clean_repository_passes_and_records_the_commit(repo):
-    section = provenance.gate(repo)
+    section = gate(repo)
     assert section["commit"] == git(repo, "rev-parse", "HEAD")
     assert section["branch"] == "main" and section["detached"] is False
     assert section["source"] == "git repository"
@@ -51,7 +53,7 @@ def test_ignored_files_alone_do_not_count(repo):
     (repo / "ignored").mkdir()
     (repo / "ignored" / "data.bin").write_bytes(b"x")
     (repo / "run.log").write_text("log")
-    assert provenance.gate(repo)["commit"]
+    assert gate(repo)["commit"]
 
 
 def test_long_lists_are_cut_at_twenty_with_a_count(repo):
@@ -74,10 +76,10 @@ def test_long_lists_are_cut_at_twenty_with_a_count(repo):
 )
 def test_files_git_status_is_told_to_trust_are_checked_by_content(repo, mark, change, expected):
     git(repo, "update-index", mark, "a.txt")
-    assert provenance.gate(repo)["commit"]  # marked but unchanged: clean
+    assert gate(repo)["commit"]  # marked but unchanged: clean
     change(repo)
     assert git(repo, "status", "--porcelain") == ""  # git status itself sees nothing
-    assert [expected] == provenance.repository_state(repo).changes
+    assert [expected] == repository_state(repo).changes
     assert expected in refusal(repo)
 
 
@@ -86,25 +88,25 @@ def test_a_marked_symbolic_link_is_compared_by_its_target(repo):
     git(repo, "add", "link")
     git(repo, "commit", "-q", "-m", "link")
     git(repo, "update-index", "--assume-unchanged", "link", "b.txt")
-    assert provenance.gate(repo)["commit"]  # the link's target is a.txt, as committed
+    assert gate(repo)["commit"]  # the link's target is a.txt, as committed
     (repo / "link").unlink()
     (repo / "link").symlink_to("b.txt")
-    assert provenance.repository_state(repo).changes == ["modified (assume-unchanged): link"]
+    assert repository_state(repo).changes == ["modified (assume-unchanged): link"]
 
 
 def test_the_index_is_read_without_git_only_where_no_file_is_marked(repo):
     """The common case costs no second git process: the index's own flags say nothing is marked."""
     index = repo / ".git" / "index"
-    assert provenance.index_may_mark_files(index) is False
+    assert index_may_mark_files(index) is False
     git(repo, "update-index", "--assume-unchanged", "b.txt")
-    assert provenance.index_may_mark_files(index) is True
+    assert index_may_mark_files(index) is True
     git(repo, "update-index", "--no-assume-unchanged", "b.txt")
     git(repo, "update-index", "--skip-worktree", "a.txt")
-    assert provenance.index_may_mark_files(index) is True
+    assert index_may_mark_files(index) is True
     git(repo, "update-index", "--no-skip-worktree", "a.txt")
-    assert provenance.index_may_mark_files(index) is False
+    assert index_may_mark_files(index) is False
     git(repo, "update-index", "--index-version", "4")  # a format not read here: git is asked
-    assert provenance.index_may_mark_files(index) is True
+    assert index_may_mark_files(index) is True
 
 
 def test_an_index_version_4_and_a_linked_worktree_are_checked_too(repo, tmp_path):
@@ -114,9 +116,9 @@ def test_an_index_version_4_and_a_linked_worktree_are_checked_too(repo, tmp_path
     assert "modified (skip-worktree): a.txt" in refusal(repo)
     linked = tmp_path / "linked"
     git(repo, "worktree", "add", "-q", "--detach", str(linked))
-    assert provenance.gate(linked)["commit"]
+    assert gate(linked)["commit"]
     git(linked, "update-index", "--assume-unchanged", "b.txt")
-    assert provenance.index_may_mark_files(Path(git(linked, "rev-parse", "--git-dir")) / "index") is True
+    assert index_may_mark_files(Path(git(linked, "rev-parse", "--git-dir")) / "index") is True
     (linked / "b.txt").write_text("changed\n")
     assert "modified (assume-unchanged): b.txt" in refusal(linked)
 
@@ -135,7 +137,7 @@ def with_submodule(repo, tmp_path):
 
 
 def test_submodule_commits_are_recorded(with_submodule):
-    section = provenance.gate(with_submodule)
+    section = gate(with_submodule)
     assert section["submodules"] == {"lib": git(with_submodule / "lib", "rev-parse", "HEAD")}
 
 
@@ -161,12 +163,12 @@ def test_detached_head_works(repo):
     git(repo, "commit", "-q", "-am", "second")
     first = git(repo, "rev-parse", "HEAD~1")
     git(repo, "checkout", "-q", first)
-    section = provenance.gate(repo)
+    section = gate(repo)
     assert section["commit"] == first and section["branch"] is None and section["detached"] is True
 
 
 def test_not_a_repository(tmp_path, monkeypatch):
-    monkeypatch.delenv(provenance.COMMIT_ENV_VARIABLE, raising=False)
+    monkeypatch.delenv(COMMIT_ENV_VARIABLE, raising=False)
     message = refusal(tmp_path)
     assert "is not inside a git repository" in message and "--no-logging" in message
 
@@ -202,14 +204,14 @@ def test_no_git_binary(repo, monkeypatch, tmp_path):
 
 
 def test_commit_from_environment_outside_a_repository(tmp_path, monkeypatch):
-    monkeypatch.setenv(provenance.COMMIT_ENV_VARIABLE, "0123456789abcdef")
-    section = provenance.gate(tmp_path)
+    monkeypatch.setenv(COMMIT_ENV_VARIABLE, "0123456789abcdef")
+    section = gate(tmp_path)
     assert section["commit"] == "0123456789abcdef"
-    assert provenance.COMMIT_ENV_VARIABLE in section["source"]
+    assert COMMIT_ENV_VARIABLE in section["source"]
 
 
 def test_environment_variable_does_not_override_a_real_repository(repo, monkeypatch):
-    monkeypatch.setenv(provenance.COMMIT_ENV_VARIABLE, "0123456789abcdef")
+    monkeypatch.setenv(COMMIT_ENV_VARIABLE, "0123456789abcdef")
     (repo / "a.txt").write_text("dirty\n")
     refusal(repo)  # a repository is there: its state decides
 
@@ -218,21 +220,21 @@ def test_remote_and_whether_the_commit_is_on_it(repo, tmp_path):
     remote = tmp_path / "remote.git"
     git(tmp_path, "init", "-q", "--bare", str(remote))
     git(repo, "remote", "add", "origin", str(remote))
-    assert provenance.gate(repo)["commit_on_remote"] is False
+    assert gate(repo)["commit_on_remote"] is False
     git(repo, "push", "-q", "origin", "main")
     git(repo, "fetch", "-q", "origin")
-    section = provenance.gate(repo)
+    section = gate(repo)
     assert section["remotes"] == {"origin": str(remote)} and section["commit_on_remote"] is True
     (repo / "a.txt").write_text("local only\n")
     git(repo, "commit", "-q", "-am", "local")
-    assert provenance.gate(repo)["commit_on_remote"] is False
+    assert gate(repo)["commit_on_remote"] is False
 
 
 def test_environment_section_names_the_versions():
     import numpy
     import torch
 
-    section = provenance.environment_provenance()
+    section = environment_provenance()
     assert section["torch"] == str(torch.__version__) and section["numpy"] == numpy.__version__
     assert section["python"].count(".") == 2 and section["hostname"] and section["cpu_count"] >= 1
     assert "cuda" in section and "cudnn" in section
@@ -242,14 +244,14 @@ def test_installed_packages_read_the_same_names_and_versions_as_importlib():
     import importlib.metadata
 
     parsed = {f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions() if d.metadata["Name"]}
-    assert provenance.installed_packages() == sorted(parsed, key=str.lower)
+    assert installed_packages() == sorted(parsed, key=str.lower)
 
 
 def test_installed_packages_match_pip_freeze():
     freeze = subprocess.run(
         [sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True
     ).stdout
-    listed = {line.lower().split("==")[0].replace("_", "-") for line in provenance.installed_packages()}
+    listed = {line.lower().split("==")[0].replace("_", "-") for line in installed_packages()}
     for line in freeze.splitlines():
         if "==" in line:
             assert line.lower().split("==")[0].replace("_", "-") in listed
@@ -259,14 +261,14 @@ def test_data_fingerprint_hashes_small_data_and_sees_changes(tmp_path, monkeypat
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
     (data / "train" / "x.npy").write_bytes(b"1234")
-    first = provenance.data_fingerprint(data)
+    first = data_fingerprint(data)
     assert first["files"] == 1 and first["bytes"] == 4 and first["content_sha256"]
     (data / "train" / "x.npy").write_bytes(b"1235")  # same size, other content
-    second = provenance.data_fingerprint(data)
+    second = data_fingerprint(data)
     assert second["listing_sha256"] == first["listing_sha256"]
     assert second["content_sha256"] != first["content_sha256"]
-    monkeypatch.setattr(provenance, "DATA_HASH_LIMIT_BYTES", 3)
-    large = provenance.data_fingerprint(data)
+    monkeypatch.setattr(environment, "DATA_HASH_LIMIT_BYTES", 3)
+    large = data_fingerprint(data)
     assert large["content_sha256"] is None and large["listing_sha256"] == first["listing_sha256"]
 
 
@@ -275,7 +277,7 @@ def test_data_fingerprint_does_not_depend_on_where_the_data_is(tmp_path):
     (data / "train").mkdir(parents=True)
     (data / "train" / "x.npy").write_bytes(b"1234")
     shutil.copytree(data, tmp_path / "b")
-    first, second = provenance.data_fingerprint(data), provenance.data_fingerprint(Path(tmp_path / "b"))
+    first, second = data_fingerprint(data), data_fingerprint(Path(tmp_path / "b"))
     assert (first["listing_sha256"], first["content_sha256"]) == (second["listing_sha256"], second["content_sha256"])
 
 
@@ -289,4 +291,4 @@ def test_the_templates_gitignore_covers_what_make_and_runs_create(project):
     (project.root / "benchmarks" / "results").mkdir()
     (project.root / "benchmarks" / "results" / "latest.md").write_text("")
     (project.root / "src" / "__pycache__").mkdir(exist_ok=True)
-    assert provenance.gate(project.root)["commit"] == project.git("rev-parse", "HEAD")
+    assert gate(project.root)["commit"] == project.git("rev-parse", "HEAD")

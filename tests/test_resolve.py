@@ -7,10 +7,17 @@ import yaml
 from helpers import DATA, MINIMAL
 
 from src.core.base import BaseDataset, BaseModel
-from src.core.config import finalize, parse_yaml
+from src.core.config.loader import parse_yaml
+from src.core.config.schema import project_schema
+from src.core.config.validation import finalize
 from src.core.errors import UserError
-from src.core.resolve import build_datasets, build_model, check_config_names, resolve_class, resolve_loss_function
-from src.core.template_schema import project_schema
+from src.core.training.build import (
+    build_datasets,
+    build_model,
+    check_config_names,
+    resolve_class,
+    resolve_loss_function,
+)
 from src.data_loader import PendulumSteps, PendulumTrajectories
 from src.model import PendulumModel, loss_function_example
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from helpers import NOISY, QUICK_RUN, assert_same_run, logged_values, run_directory
 
-from src.core.checkpoint import read_checkpoint
+from src.core.record.checkpoint import read_checkpoint
 
 # 100 training pairs in batches of 8: 13 steps an epoch, 39 in all; a checkpoint every 5 steps
 # and at each epoch's end. Per pass, validation reads 13 batches and the rollout 8.

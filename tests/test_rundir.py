@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from src.core.errors import UserError
-from src.core.rundir import create_run_directory, read_run_files, update_metadata
+from src.core.record.rundir import create_run_directory, read_run_files, update_metadata
 
 
 def _create(parent: str, queue) -> None:

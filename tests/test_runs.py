@@ -8,7 +8,7 @@ import time
 
 import yaml
 
-from src.core.runs import COLUMNS, filter_rows
+from src.core.commands.runs import COLUMNS, filter_rows
 
 RUN = ("sample_runconfig.yaml", "--mini", "--cpu", "--epochs=2", "--batch_size=8", "--checkpoint.every_n_steps=5")
 

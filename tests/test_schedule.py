@@ -5,8 +5,8 @@ import itertools
 import pytest
 from helpers import QUICK_RUN, logged_values, run_directory
 
-from src.core.config import Config
-from src.core.schedule import lr_factor, zero_lr_extension
+from src.core.config.validation import Config
+from src.core.training.schedule import lr_factor, zero_lr_extension
 
 
 def schedule(**changes) -> Config:

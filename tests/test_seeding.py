@@ -12,10 +12,11 @@ import pytest
 import torch
 from helpers import DELETE, MINIMAL
 
-from src.core.config import config_hash, finalize, parse_yaml
+from src.core.config.loader import parse_yaml
+from src.core.config.schema import project_schema
+from src.core.config.validation import config_hash, finalize
 from src.core.errors import UserError
 from src.core.seeding import apply_torch_threads
-from src.core.template_schema import project_schema
 
 SCHEMA = project_schema()
 

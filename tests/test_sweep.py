@@ -14,22 +14,21 @@ from helpers import DATA
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from src.core import sweep as sweep_module
-from src.core.config import parse_yaml
-from src.core.errors import UserError
-from src.core.runs import filter_rows
-from src.core.sweep import (
+from src.core.commands import sweep as sweep_module
+from src.core.commands.runs import filter_rows
+from src.core.commands.slurm import requeue_this_job, slurm_script
+from src.core.commands.sweep import (
     Sweep,
     SweepMember,
     expand,
     format_value,
     member_name,
     member_rows,
-    requeue_this_job,
-    slurm_script,
     write_table,
 )
-from src.core.template_schema import project_schema
+from src.core.config.loader import parse_yaml
+from src.core.config.schema import project_schema
+from src.core.errors import UserError
 
 SCHEMA = project_schema()
 

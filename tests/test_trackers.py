@@ -17,10 +17,10 @@ import pytest
 import yaml
 from helpers import QUICK_RUN, REPO
 
-from src.core.config import finalize
+from src.core.config.schema import project_schema
+from src.core.config.validation import finalize
 from src.core.errors import UserError
-from src.core.metrics import read_metrics
-from src.core.template_schema import project_schema
+from src.core.tracking.metrics import read_metrics
 
 SCHEMA = project_schema()
 
@@ -116,7 +116,7 @@ def test_loggers_default_to_tensorboard_and_jsonl_and_keep_jsonl():
 def test_a_named_tracker_that_is_not_installed_is_refused_before_training():
     # -S: without site-packages, neither tracker is importable (trackers.py needs only the stdlib).
     code = (
-        "from src.core.trackers import check_trackers\n"
+        "from src.core.tracking.trackers import check_trackers\n"
         "check_trackers(['tensorboard', 'jsonl'])\n"
         "try:\n    check_trackers(['jsonl', 'mlflow'])\n"
         "except Exception as error:\n    print(type(error).__name__, error)\n"

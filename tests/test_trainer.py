@@ -9,13 +9,17 @@ import yaml
 from helpers import DATA, DELETE
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from src.core.checkpoint import read_checkpoint
-from src.core.config import finalize, parse_yaml
-from src.core.metrics import read_metrics
-from src.core.resolve import build_datasets, build_model, resolve_loss_function
+from src.core.config.loader import parse_yaml
+from src.core.config.schema import project_schema
+from src.core.config.validation import finalize
+from src.core.distributed import DistContext
+from src.core.record.checkpoint import read_checkpoint
 from src.core.seeding import seed_everything
-from src.core.template_schema import project_schema
-from src.core.trainer import Trainer, rescaled_position
+from src.core.tracking.metrics import read_metrics
+from src.core.training.build import Task, build_datasets, build_model, resolve_loss_function
+from src.core.training.output import RunOutput
+from src.core.training.start import FRESH
+from src.core.training.trainer import Trainer, build_trainer, rescaled_position
 from src.model import PendulumModel
 
 SCHEMA = project_schema()
@@ -187,14 +191,15 @@ batch_size: 32
 """
 
 
-def make_trainer(extra: str = "", mini: bool = True, **kwargs) -> Trainer:
+def make_trainer(extra: str = "", mini: bool = True, run_directory=None) -> Trainer:
     config = finalize({**parse_yaml(BASE, "base"), **(parse_yaml(extra, "extra") or {})}, SCHEMA)
     seed_everything(config.seed)
     datasets = build_datasets(config, str(DATA), mini=mini)
-    model = build_model(config)
-    return Trainer(
-        config, model, resolve_loss_function(config.loss_function), datasets, device=torch.device("cpu"), **kwargs
-    )
+    task = Task(build_model(config), resolve_loss_function(config.loss_function), datasets)
+    output = None
+    if run_directory is not None:  # logged as a new run there
+        output = RunOutput.open(run_directory, config, FRESH.log_position, {"commit": None, "config_hash": None}, {})
+    return build_trainer(config, task, DistContext(), output)
 
 
 def test_rollout_mode_is_entered_for_the_rollout_phase_only_and_left():
@@ -207,10 +212,10 @@ def test_rollout_mode_is_entered_for_the_rollout_phase_only_and_left():
         return original(self, state, horizon)
 
     trainer.model.forward = spy.__get__(trainer.model)
-    metrics, _ = trainer.evaluate("val")
+    metrics, _ = trainer.evaluator.evaluate("val")
     assert set(modes) == {("step", False)} and set(metrics) == {"val/loss"}
     modes.clear()
-    metrics, details = trainer.evaluate("rollout")
+    metrics, details = trainer.evaluator.evaluate("rollout")
     assert set(modes) == {("rollout", True)} and trainer.model.rollout_mode is False
     assert sum(item["samples"] for item in details) == 64  # the 64 test trajectories
 
@@ -223,7 +228,7 @@ def test_rollout_mode_is_left_even_when_the_rollout_fails():
 
     trainer.model.forward = broken.__get__(trainer.model)
     with pytest.raises(RuntimeError, match="boom"):
-        trainer.evaluate("rollout")
+        trainer.evaluator.evaluate("rollout")
     assert trainer.model.rollout_mode is False
 
 
@@ -250,7 +255,7 @@ def test_rollout_every_n_epochs_and_always_after_the_last(tmp_path):
 
 
 def test_rollout_max_samples_bounds_the_expensive_phase():
-    _, details = make_trainer("rollout: {max_samples: 10}\n").evaluate("rollout")
+    _, details = make_trainer("rollout: {max_samples: 10}\n").evaluator.evaluate("rollout")
     assert sum(item["samples"] for item in details) == 10
 
 

@@ -20,9 +20,9 @@ import signal
 import sys
 from pathlib import Path
 
-from src.core.metrics import MetricLogger
-from src.core.rundir import read_yaml, update_metadata
-from src.core.trackers import Trackers
+from src.core.record.rundir import read_yaml, update_metadata
+from src.core.tracking.metrics import MetricLogger
+from src.core.tracking.trackers import Trackers
 
 run_directory, names = Path(sys.argv[1]), sys.argv[2].split(",")
 first, last, checkpoint, mode = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]

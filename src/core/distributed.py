@@ -6,23 +6,17 @@ key-value store (a TCPStore) that outlives worker restarts. Rank 0 decides the p
 then every rank joins the process group, with the backend and timeout the config
 asks for (NCCL on CUDA, gloo on the CPU by default). In a single process every
 function here is a no-op, so the Trainer reads the same either way.
-
-`python run.py cfg.yaml` with `distributed.nproc_per_node > 1` (or the original
-`multigpu_parameters`) starts itself through torchrun's own launcher.
+Starting the processes is src/core/commands/launch.py's job.
 """
 
-import contextlib
 import datetime
 import os
 import pickle
-import signal
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
-from src.core.config import Config
 from src.core.errors import UserError
 
 STORE_PREFIX = "pytorch-template"
@@ -30,11 +24,14 @@ STORE_PREFIX = "pytorch-template"
 
 @dataclass(frozen=True)
 class DistContext:
+    """Where this process computes: its rank among `world_size` processes, and its device."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     restart_count: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: 0 on the first attempt
     store: object = field(default=None, compare=False, repr=False)  # torchrun's store, shared by all attempts
+    device: torch.device = field(default=torch.device("cpu"), compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -44,6 +41,10 @@ class DistContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    def on(self, device: torch.device) -> "DistContext":
+        """This context, computing on `device`."""
+        return replace(self, device=device)
 
     def attempt_store(self):
         """Keys of this attempt only: a restarted group must not read the last attempt's keys."""
@@ -114,7 +115,7 @@ def choose_device(cpu: bool, context: DistContext) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(context: DistContext, backend: str, timeout_seconds: float, device: torch.device) -> None:
+def init_process_group(context: DistContext, backend: str, timeout_seconds: float) -> None:
     """Join the process group: NCCL on CUDA, gloo on the CPU, unless the config names one.
 
     A collective that waits longer than `timeout_seconds` (a dead rank) fails the job
@@ -122,6 +123,7 @@ def init_process_group(context: DistContext, backend: str, timeout_seconds: floa
     """
     if not context.enabled:
         return
+    device = context.device
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
@@ -171,105 +173,3 @@ def shutdown(context: DistContext, finished: bool) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------
-# Starting the processes: `python run.py cfg.yaml` with several processes per node
-
-
-def launch_settings(config: Config) -> dict:
-    """The `distributed` section (the original template's `multigpu_parameters` are mapped onto
-    it when the config is finalized: src/core/config.py, map_original_sections)."""
-    return config.distributed.to_dict()
-
-
-def torchrun_arguments(settings: dict) -> list[str]:
-    """torchrun's flags for these settings: standalone on one node, else a c10d rendezvous."""
-    arguments = [f"--nproc-per-node={settings['nproc_per_node']}", f"--max-restarts={settings['max_restarts']}"]
-    if settings["nnodes"] == 1:
-        return [*arguments, "--standalone"]
-    if not settings.get("rdzv_endpoint"):
-        raise UserError("distributed.nnodes > 1 needs distributed.rdzv_endpoint (host:port of the first node)")
-    if settings.get("node_rank") is not None:  # the original template numbered its nodes: a static rendezvous
-        host, _, port = settings["rdzv_endpoint"].rpartition(":")
-        return [
-            *arguments,
-            f"--nnodes={settings['nnodes']}",
-            f"--node-rank={settings['node_rank']}",
-            f"--master-addr={host}",
-            f"--master-port={port}",
-        ]
-    return [
-        *arguments,
-        f"--nnodes={settings['nnodes']}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={settings['rdzv_endpoint']}",
-        f"--rdzv-id={settings.get('rdzv_id') or 'pytorch-template'}",
-    ]
-
-
-def launch_with_torchrun(settings: dict, script: str, argv: list[str]) -> int:
-    """Run `script argv` in torchrun's elastic agent; return rank 0's exit code."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    arguments = [*torchrun_arguments(settings), script, *argv]
-    with forwarding_sigusr1_to_workers():
-        print(f"starting {settings['nproc_per_node'] * settings['nnodes']} processes: torchrun {' '.join(arguments)}")
-        try:
-            run(get_args_parser().parse_args(arguments))
-        except ChildFailedError as error:
-            failures = error.failures
-            first = failures.get(0) or next(iter(failures.values()))
-            return first.exitcode if first.exitcode > 0 else 1
-    return 0
-
-
-@contextlib.contextmanager
-def forwarding_sigusr1_to_workers():
-    """Pass Slurm's warning before the time limit (SIGUSR1, for --requeue) on to the workers.
-
-    It reaches this launcher, not its workers. Each worker that gets it checkpoints and
-    stops, and rank 0 requeues the job. A worker still starting up has no handler yet,
-    and SIGUSR1 would kill it, so it gets the signal once it has one (a thread keeps
-    looking, which also covers workers that torchrun restarts).
-    """
-    requested, finished = threading.Event(), threading.Event()
-
-    def forward() -> None:
-        requested.wait()
-        if not finished.is_set():
-            print("SIGUSR1: passing it on to the workers (--requeue)", flush=True)
-        signalled = set()
-        while not finished.is_set():
-            for pid in children_handling(signal.SIGUSR1) - signalled:
-                with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-                    os.kill(pid, signal.SIGUSR1)
-                signalled.add(pid)
-            finished.wait(0.5)
-
-    threading.Thread(target=forward, daemon=True, name="forward-SIGUSR1").start()
-    previous = signal.signal(signal.SIGUSR1, lambda *_: requested.set())
-    try:
-        yield
-    finally:
-        finished.set()
-        requested.set()  # lets the thread see `finished` and end
-        signal.signal(signal.SIGUSR1, previous if previous is not None else signal.SIG_DFL)
-
-
-def children_handling(signal_number: int) -> set[int]:
-    """This process's children that have a handler for `signal_number` (SigCgt in Linux's /proc)."""
-    found = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/status") as stream:
-                fields = dict(line.split(":", 1) for line in stream if ":" in line)
-        except OSError:  # ended meanwhile
-            continue
-        caught = int(fields.get("SigCgt", "0").strip(), 16) >> (signal_number - 1) & 1
-        if caught and int(fields.get("PPid", "0")) == os.getpid():
-            found.add(int(entry.name))
-    return found

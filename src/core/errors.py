@@ -5,6 +5,7 @@ repository). `run.py` prints the message and exits with `exit_code`; anything
 else is a bug or a training failure and keeps its traceback (exit code 1).
 """
 
+import difflib
 import errno
 import os
 import sys
@@ -58,3 +59,9 @@ def report(error: UserError) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {error}", file=sys.stderr)
     return error.exit_code
+
+
+def nearest(word: str, candidates) -> str:
+    """' Did you mean ...?' for the closest candidate, or '' when nothing is close."""
+    matches = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {matches[0]!r}?" if matches else ""

@@ -6,19 +6,27 @@ occurrence of a named point (`run_directory` once it is made, `train_step`, `val
 with a node failure), `enospc` (raise a disk-full error) or `exit` (end the process at
 once with status 0: the start-up benchmark's stopwatch). `@<rank>` limits it to one
 rank of a distributed run. It acts in torchrun's first attempt only, so a restarted
-group runs clean. Without the variable every call is a no-op costing one comparison.
+group runs clean. run.py arms it at start; unarmed, every call is a no-op costing one comparison.
 """
 
 import errno
 import os
 import signal
 
-_SPEC, _, _RANK = os.environ.get("TEMPLATE_FAULT", "").partition("@")
-_POINT, _, _REST = _SPEC.partition(":")
-_COUNT, _, _ACTION = _REST.partition(":")
-if (_RANK and os.environ.get("RANK", "0") != _RANK) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-    _POINT = ""
+_point, _count, _action = "", 1, ""
 _seen: dict[str, int] = {}
+
+
+def arm(spec: str | None = None) -> None:
+    """Read the fault to inject from `spec` (default: $TEMPLATE_FAULT); an empty one disarms."""
+    global _point, _count, _action
+    spec, _, rank = (os.environ.get("TEMPLATE_FAULT", "") if spec is None else spec).partition("@")
+    point, _, rest = spec.partition(":")
+    count, _, action = rest.partition(":")
+    if (rank and os.environ.get("RANK", "0") != rank) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        point = ""
+    _point, _count, _action = point, int(count or 1), action
+    _seen.clear()
 
 
 def maybe_fail(point: str, settle=None) -> None:
@@ -26,16 +34,16 @@ def maybe_fail(point: str, settle=None) -> None:
     `settle` (waiting for checkpoint writes in flight, and for the archive's upload of them)
     runs first, so that a test knows which checkpoint is the newest at the kill
     (`checkpoint_write` kills inside a write)."""
-    if point != _POINT:
+    if point != _point:
         return
     _seen[point] = _seen.get(point, 0) + 1
-    if _seen[point] != int(_COUNT or 1):
+    if _seen[point] != _count:
         return
     if settle is not None:
         settle()
-    if _ACTION == "enospc":
+    if _action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if _ACTION == "exit":
+    if _action == "exit":
         os._exit(0)
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -1,0 +1,171 @@
+"""Restore: an archived run downloaded into a local run directory, every checkpoint verified
+against its manifest; and the archived runs under a URI, for `--runs URI`."""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from src.core.archive.store import Store, check_uri, sha256_of_file, store_call
+from src.core.archive.upload import POINTERS
+from src.core.errors import UserError
+from src.core.record.checkpoint import STEP_FILE, manifest_path
+from src.core.record.rundir import CONFIG_FILE, METADATA_FILE, fsync_directory, now, update_metadata, write_text_atomic
+
+RESTORING_MARKER = ".restoring"  # in a run directory whose restore has not finished
+
+
+@dataclass
+class RestoreReport:
+    directory: Path
+    restored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already restored and verified
+    damaged: list[str] = field(default_factory=list)  # "name: why"
+
+
+def restore_run(uri: str, log_dir: Path) -> RestoreReport:
+    """Download the run at `uri` into `log_dir/<project>/<run>`, verifying every checkpoint
+    against its manifest (a temporary name, verified, then renamed). Re-running an
+    interrupted restore completes it; a finished local run is never overwritten."""
+    location = check_uri(uri)
+    store = Store(location)
+    with store_call("--restore", location):
+        store.refresh()
+        listing = store.listing()
+    if CONFIG_FILE not in listing or METADATA_FILE not in listing:
+        raise UserError(
+            f"--restore {location}: no run there (expected {CONFIG_FILE} and {METADATA_FILE}); "
+            "list the archived runs with --runs ARCHIVE_URI"
+        )
+    project, run = location.rsplit("/", 2)[1:]
+    directory = Path(log_dir) / project / run
+    marker = directory / RESTORING_MARKER
+    if directory.exists() and not marker.exists():
+        raise UserError(
+            f"--restore {location}: {directory} exists already (a finished restore, or the original run); "
+            "use it as it is (--resume DIR), delete it, or restore elsewhere with --log-dir DIR"
+        )
+    (directory / "checkpoints").mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    report = RestoreReport(directory)
+    with store_call("--restore", location, then=f"; run the same --restore again to complete {directory}"):
+        _restore_files(store, listing, directory, report)
+    update_metadata(directory, restored={"from": location, "at": now()})
+    marker.unlink()
+    fsync_directory(directory)
+    return report
+
+
+def _restore_files(store: Store, listing: dict[str, int], directory: Path, report: RestoreReport) -> None:
+    checkpoints = directory / "checkpoints"
+    for name in sorted(listing):
+        if name.startswith("checkpoints/") or Path(name).name.startswith("."):
+            continue
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # a key crafted to write elsewhere
+            report.damaged.append(f"{name}: not a path inside the run; not restored")
+            continue
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.part")
+        store.download(name, temporary)
+        os.replace(temporary, target)
+    for name in sorted(listing):
+        match = STEP_FILE.fullmatch(name.removeprefix("checkpoints/"))
+        if not name.startswith("checkpoints/") or not match:
+            continue
+        file_name = match.group(0)
+        manifest_text = store.read(f"checkpoints/{manifest_path(Path(file_name)).name}")
+        if manifest_text is None:
+            report.damaged.append(f"{file_name}: no manifest in the archive (its upload did not finish)")
+            continue
+        manifest = json.loads(manifest_text)
+        target = checkpoints / file_name
+        if _verified_locally(target, manifest_text):
+            report.skipped.append(file_name)
+            continue
+        temporary = checkpoints / f".{file_name}.part"
+        store.download(f"checkpoints/{file_name}", temporary)
+        size, sha256 = temporary.stat().st_size, sha256_of_file(temporary)
+        if (size, sha256) != (manifest.get("bytes"), manifest.get("sha256")):
+            temporary.unlink()
+            report.damaged.append(
+                f"{file_name}: {size} bytes, SHA-256 {sha256[:12]}… where the manifest says "
+                f"{manifest.get('bytes')} bytes, {str(manifest.get('sha256'))[:12]}…"
+            )
+            continue
+        manifest_path(target).unlink(missing_ok=True)  # a stale manifest must never describe the new file
+        os.replace(temporary, target)
+        write_text_atomic(manifest_path(target), manifest_text.decode())
+        report.restored.append(file_name)
+    for pointer in POINTERS:
+        text = store.read(f"checkpoints/{pointer}.json")
+        target_name = json.loads(text).get("links_to") if text else None
+        if not target_name:
+            continue
+        source = checkpoints / target_name
+        if not _verified_locally(source, None):
+            report.damaged.append(f"{pointer}.pt: points at {target_name}, which was not restored")
+            continue
+        link, temporary = checkpoints / f"{pointer}.pt", checkpoints / f".{pointer}.pt.part"
+        temporary.unlink(missing_ok=True)
+        try:
+            os.link(source, temporary)
+        except OSError:  # no hard links on this filesystem: a copy does the same job
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, link)
+        write_text_atomic(checkpoints / f"{pointer}.json", text.decode())
+    fsync_directory(checkpoints)
+
+
+def _verified_locally(path: Path, manifest_text: bytes | None) -> bool:
+    """Whether `path` is in place with its manifest (equal to `manifest_text` when given).
+    Only verified files are ever renamed into place, so the size check guards against truncation."""
+    try:
+        local = manifest_path(path).read_text()
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if manifest_text is not None and local != manifest_text.decode():
+        return False
+    return size == json.loads(local).get("bytes")
+
+
+def restore_for_resume(uri: str, log_dir: Path) -> Path:
+    """`--resume URI`: restore the run into `log_dir` (completing an interrupted restore) and
+    return its local directory, which run.py then resumes as any other."""
+    report = restore_run(uri, log_dir)
+    print_restore_report(report)
+    return report.directory
+
+
+def print_restore_report(report: RestoreReport) -> None:
+    print(
+        f"restored {report.directory}: {len(report.restored)} checkpoint(s) downloaded and verified"
+        + (f", {len(report.skipped)} already here and verified" if report.skipped else "")
+    )
+    for line in report.damaged:
+        print(f"warning: skipped {line}", file=sys.stderr)
+
+
+def archived_runs(uri: str) -> dict[str, tuple[dict, dict]]:
+    """Every archived run under `uri`: its name -> (config.yaml, metadata.yaml), for `--runs URI`."""
+    store = Store(uri)
+    with store_call("--runs", store.uri):
+        store.refresh()
+        listing = store.listing()
+    runs = sorted(
+        name[: -len(METADATA_FILE)].rstrip("/")
+        for name in listing
+        if Path(name).name == METADATA_FILE and f"{name[: -len(METADATA_FILE)]}{CONFIG_FILE}" in listing
+    )
+    documents = {}
+    for run in runs:
+        prefix = f"{run}/" if run else ""
+        config = yaml.safe_load(store.read(f"{prefix}{CONFIG_FILE}") or b"") or {}
+        metadata = yaml.safe_load(store.read(f"{prefix}{METADATA_FILE}") or b"") or {}
+        documents[run or Path(store.root).name] = (config, metadata)
+    return documents
