@@ -3,56 +3,81 @@
 PYTHON_FOR_VENV ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
-INSTALLED := $(VENV)/.installed
+PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
+# What is installed, in layers: the runtime (make demo), the test runner (make check), and the
+# whole development stack (make test, make lint: trackers, archive back ends, local stores, ruff).
+RUNTIME := $(VENV)/.installed-runtime
+TESTING := $(VENV)/.installed-testing
+DEVELOPMENT := $(VENV)/.installed-development
 DATA := data/pendulum/train/trajectories.npy
 PYTEST_ARGS ?=
+# Independent tests run on every core; the Slurm tests stay together on one (they share a cluster).
+PARALLEL ?= -n auto --dist loadgroup
 
-.PHONY: help install install-archive data demo test check lint format bench clean docker-build
+.PHONY: help install install-dev install-archive install-trackers install-search data demo test test-quick check \
+	lint format bench clean docker-build
 
 help:
-	@echo "make demo    install, make the example data, train sample_runconfig.yaml with logging"
-	@echo "make test    install and run the tests"
-	@echo "make check   the quick tier (under 2 minutes): your config trains, resumes exactly, merges"
-	@echo "make lint    ruff check and ruff format --check"
-	@echo "make format  ruff format and ruff check --fix"
-	@echo "make bench   run the benchmarks (benchmarks/README.md)"
-	@echo "make data    simulate the example pendulum data into data/pendulum"
-	@echo "make install-archive  add the S3 and GCS back ends for archiving runs (s3fs, gcsfs)"
+	@echo "make demo        install the runtime, make the example data, train sample_runconfig.yaml with logging"
+	@echo "make test        install everything and run every test, in parallel"
+	@echo "make test-quick  the tests without the slow tier (torchrun, Slurm, object stores, kill matrices)"
+	@echo "make check       after editing your model: your config trains, resumes exactly, merges (CONFIG=my.yaml)"
+	@echo "make lint        ruff check and ruff format --check"
+	@echo "make format      ruff format and ruff check --fix"
+	@echo "make bench       run the benchmarks (benchmarks/README.md)"
+	@echo "make data        simulate the example pendulum data into data/pendulum"
+	@echo "make install-trackers / install-archive / install-search   the optional extras"
 
-$(INSTALLED): requirements.txt requirements-dev.txt requirements-trackers.txt requirements-archive.txt requirements-s3-server.txt
+$(RUNTIME): requirements.txt
 	test -d $(VENV) || $(PYTHON_FOR_VENV) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PIP) -r requirements.txt
 	touch $@
 
-install: $(INSTALLED)
+$(TESTING): $(RUNTIME) requirements-test.txt
+	$(PIP) -r requirements-test.txt
+	touch $@
 
-# The object-store back ends of the archive (README, "Archiving runs to object storage"); make test has them.
-install-archive:
-	test -d $(VENV) || $(PYTHON_FOR_VENV) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-archive.txt
+$(DEVELOPMENT): $(TESTING) requirements-dev.txt requirements-trackers.txt requirements-archive.txt requirements-s3-server.txt
+	$(PIP) -r requirements-dev.txt
+	touch $@
 
-$(DATA): $(INSTALLED) data/generate_pendulum.py
+install: $(RUNTIME)
+install-dev: $(DEVELOPMENT)
+
+# The optional extras, each on top of the runtime.
+install-trackers: $(RUNTIME)
+	$(PIP) -r requirements-trackers.txt
+install-archive: $(RUNTIME)
+	$(PIP) -r requirements-archive.txt
+install-search: $(RUNTIME)
+	$(PIP) -r requirements-search.txt
+
+$(DATA): $(RUNTIME) data/generate_pendulum.py
 	$(PYTHON) data/generate_pendulum.py --out data/pendulum
 
 data: $(DATA)
 
-demo: $(INSTALLED) $(DATA)
+demo: $(RUNTIME) $(DATA)
 	$(PYTHON) run.py sample_runconfig.yaml
 
 # pytest's exit code 5 means "no tests collected": not a failure of the code under test.
-test: $(INSTALLED) $(DATA)
-	$(PYTHON) -m pytest $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
+test: $(DEVELOPMENT) $(DATA)
+	$(PYTHON) -m pytest $(PARALLEL) $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
 
-# The quick tier, after you edit your model or dataset: CONFIG=my_config.yaml checks yours.
+test-quick: $(DEVELOPMENT) $(DATA)
+	$(PYTHON) -m pytest $(PARALLEL) -m "not slow" $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
+
+# The quick tier, after you edit your model or dataset: CONFIG=my_config.yaml checks yours,
+# with the data its data_directory names.
 CONFIG ?= sample_runconfig.yaml
-check: $(INSTALLED) $(DATA)
-	CHECK_CONFIG=$(CONFIG) $(PYTHON) -m pytest -m check $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
+check: $(TESTING) $(DATA)
+	CHECK_CONFIG=$(CONFIG) $(PYTHON) -m pytest $(PARALLEL) -m check $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && status=0; exit $$status
 
-lint: $(INSTALLED)
+lint: $(DEVELOPMENT)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(INSTALLED)
+format: $(DEVELOPMENT)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 

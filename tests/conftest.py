@@ -6,6 +6,7 @@ the example data beside it; tests run `run.py` there exactly as a user would.
 The helpers the tests share are in tests/helpers.py.
 """
 
+import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,36 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import DATA, REPO, Project, git, project_files
+
+# The slow tier (make test runs it, make test-quick leaves it out): real torchrun groups, the
+# Slurm cluster, the object stores, the kill-and-resume matrices, the trackers' services.
+SLOW_MODULES = {"test_distributed", "test_slurm", "test_archive", "test_resume", "test_trackers", "test_fuzz"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slurm"):  # one cluster: its tests run on one worker (--dist loadgroup)
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
+def checked_data_directories() -> list[str]:
+    """The data directory of the config `make check CONFIG=...` checks, when it lies inside the
+    project (relative to its root): a fork's own data goes into the test project beside the example's."""
+    config = Path(os.environ.get("CHECK_CONFIG", "sample_runconfig.yaml"))
+    path = config if config.is_absolute() else REPO / config
+    try:
+        directory = (yaml.safe_load(path.read_text()) or {}).get("data_directory")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []  # the check itself reports what is wrong with the config
+    if not isinstance(directory, str) or Path(directory).is_absolute():
+        return []  # an absolute data_directory is read where it is
+    return [directory] if (REPO / directory).is_dir() else []
+
 
 # The Ctrl-C tests need children that stop on SIGINT. A runner that starts the tests in the
 # background has SIGINT ignored (as non-interactive shells do for background jobs), and an
@@ -33,6 +63,8 @@ def project_snapshot(tmp_path_factory) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
     shutil.copytree(DATA, snapshot / "data" / "pendulum")
+    for directory in checked_data_directories():  # the checked config's own data (ignored by git)
+        shutil.copytree(REPO / directory, snapshot / directory, dirs_exist_ok=True)
     return snapshot
 
 

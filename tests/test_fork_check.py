@@ -5,6 +5,9 @@ three phases, killed mid-run and resumed: bitwise the same as a run never interr
 """
 
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from helpers import assert_same_run
@@ -37,3 +40,22 @@ def test_your_config_trains_through_every_phase_and_resumes_exactly(project):
     resumed = project.run("--resume", str(killed_run))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(reference_run, killed_run)
+
+
+@pytest.mark.slow
+def test_make_check_runs_on_a_forks_own_data(project):
+    """A fork whose config names its own data directory (under data/, which git ignores) passes
+    the check: the check's test project gets that data beside the example's."""
+    shutil.copytree(project.root / "data" / "pendulum", project.root / "data" / "my-data")
+    project.write_config("mine.yaml", data_directory="data/my-data", description="a fork's own data")
+    project.commit("a fork with its own data")
+    checked = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "check", "tests/test_fork_check.py"],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CHECK_CONFIG": "mine.yaml"},
+    )
+    assert checked.returncode == 0, checked.stdout[-3000:]
+    assert "1 passed" in checked.stdout

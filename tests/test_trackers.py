@@ -325,3 +325,34 @@ def test_a_real_run_killed_and_resumed_has_one_continuous_history_in_each_tracke
         for key, value in history_item(row).items():
             if (key, row["step"]["num"]) in logged:
                 assert value == pytest.approx(logged[(key, row["step"]["num"])], rel=1e-12)
+
+
+def test_the_default_mlflow_store_opens_in_mlflows_own_client_without_any_variable(project):
+    """No tracking URI anywhere: the run goes to logs/mlflow.db, which MlflowClient reads as it is
+    (MLflow 3's file store would need MLFLOW_ALLOW_FILE_STORE); the artifacts stay under logs/."""
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    args = ("sample_runconfig.yaml", "--mini", "--cpu", "--epochs=1", "--batch_size=50", "--run_name=default-store")
+    result = subprocess.run(
+        [sys.executable, "run.py", *args, "--loggers=[tensorboard, jsonl, mlflow]"],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+    database = project.root / "logs" / "mlflow.db"
+    read = (
+        "import sys; from mlflow import MlflowClient\n"
+        "client = MlflowClient(tracking_uri=sys.argv[1])\n"
+        "(run,) = client.search_runs([client.get_experiment_by_name('PendulumModel').experiment_id])\n"
+        "steps = [m.step for m in client.get_metric_history(run.info.run_id, 'val/loss')]\n"
+        "print(run.data.tags['mlflow.runName'], steps)"
+    )
+    history = subprocess.run(
+        [sys.executable, "-c", read, f"sqlite:///{database}"], capture_output=True, text=True, env=clean, timeout=120
+    )
+    assert history.returncode == 0, history.stderr
+    assert history.stdout.split()[0] == "default-store" and "[0, 2]" in history.stdout
+    assert project.written_files() == [] or all(path.startswith("logs/") for path in project.written_files())

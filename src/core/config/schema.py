@@ -206,7 +206,7 @@ TEMPLATE_SCHEMA = {
         },
         meta=NEUTRAL,
     ),
-    # Null: MLFLOW_TRACKING_URI, else a local store in logs/mlruns; the experiment is the run's project.
+    # Null: MLFLOW_TRACKING_URI, else a local SQLite store, logs/mlflow.db; the experiment is the run's project.
     "mlflow": _section(
         {
             "tracking_uri": {"type": "string", "nullable": True, "default": None},

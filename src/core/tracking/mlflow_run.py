@@ -50,6 +50,8 @@ class MlflowTracker:
         )
         if _file_store(self.tracking_uri):  # MLflow 3 keeps the file store behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if self.tracking_uri.startswith("sqlite:///"):  # SQLite creates the file, not its directory
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.pending: list = []
         if resume.get("run_id"):
@@ -67,7 +69,9 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(name)
         if found is None:
             try:
-                self.experiment_id = self.client.create_experiment(name)
+                self.experiment_id = self.client.create_experiment(
+                    name, artifact_location=artifact_root(self.tracking_uri)
+                )
             except Exception:  # another run created it meanwhile
                 self.experiment_id = self.client.get_experiment_by_name(name).experiment_id
         else:
@@ -140,5 +144,15 @@ def _figure_path(step: int, tag: str) -> str:
     return f"{FIGURES_DIRECTORY}/{phase or 'figures'}/{figure_file_name(step, name)}"
 
 
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps figures and config.yaml: beside the
+    database (MLflow's default, ./mlruns, would land in the working tree and make it dirty)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a server or a file store decides
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts").resolve().as_uri()
+
+
 def default_mlflow_uri() -> str:
-    return (PROJECT_ROOT / "logs" / "mlruns").resolve().as_uri()
+    """An SQLite store in logs/mlflow.db: MLflow 3's client and UI open it as it is (its file store
+    needs MLFLOW_ALLOW_FILE_STORE)."""
+    return f"sqlite:///{(PROJECT_ROOT / 'logs' / 'mlflow.db').resolve()}"
