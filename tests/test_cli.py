@@ -262,3 +262,10 @@ def test_a_refused_flag_exits_2_before_anything_runs(project):
     assert_clean_error(project, result, 2, "--log-dir", "is a file, not a directory")
     result = project.run("sample_runconfig.yaml", "--checkpoints", "best")
     assert_clean_error(project, result, 2, "--checkpoints does nothing with a new run")
+
+
+def test_help_shows_archive_taking_a_run_directory_and_an_optional_uri():
+    from src.core.commands.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "--archive RUN_DIR [URI]" in text and "[URI] ..." not in text and "[URI] [" not in text

@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from helpers import MINIMAL
+from helpers import MINIMAL, REPO
 
 from src.core.config.edits import ConfigEdits, apply_edits
 from src.core.config.loader import load_yaml_file, parse_yaml
@@ -329,3 +329,9 @@ def test_config_hash_ignores_keys_that_do_not_change_results():
     assert config_hash(base, SCHEMA) == config_hash(longer, SCHEMA)
     assert config_hash(base, SCHEMA) != config_hash(other_lr, SCHEMA)
     assert isinstance(base, Config)
+
+
+def test_the_sample_config_trains_its_small_model_on_one_thread():
+    """A 4.5k-parameter model runs several times faster on one intra-op thread than on one per core."""
+    sample = parse_yaml((REPO / "sample_runconfig.yaml").read_text(), "sample")
+    assert finalize(sample, SCHEMA).torch_threads == 1

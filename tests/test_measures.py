@@ -244,3 +244,13 @@ def test_image_tensors_become_pngs():
         assert picture.size == (4, 3) and picture.getpixel((3, 2)) == 255
     with pytest.raises(UserError, match="expected \\(C, H, W\\)"):
         figure_png("bad", torch.zeros(2, 3, 4))
+
+
+def test_a_misspelled_monitor_lists_every_phases_own_metrics(project):
+    """Monitoring a validation name the model logs only in its rollout phase: the message names
+    the rollout's own metrics too, so the user sees what exists."""
+    result = project.run(*QUICK_RUN, "--checkpoint.monitor=val/final_angle_error")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    listed = result.stderr.split("it can monitor: ")[1]
+    assert "rollout/final_angle_error" in listed and "rollout/steps_before_divergence" in listed
+    assert not (project.root / "logs").exists()

@@ -148,3 +148,14 @@ def test_the_worktree_is_removed_after_ctrl_c(project):
     process.wait(timeout=60)
     assert len(worktrees(project)) == 1
     assert config["git"]["commit"] == project.git("rev-parse", "HEAD")
+
+
+def test_the_environment_is_compared_with_the_reproductions_not_this_process(project):
+    """A run with torch_threads: 1 records 1 thread; so does its reproduction. The parent
+    process of --reproduce has torch's default (one per core): no warning about it."""
+    assert project.run(*RUN, "--torch_threads=1", "--run_name=original").returncode == 0
+    assert yaml.safe_load((project.root / ORIGINAL / "config.yaml").read_text())["environment"]["torch_threads"] == 1
+    result = project.run("--reproduce", ORIGINAL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "identical (bitwise)" in result.stdout
+    assert "torch_threads" not in result.stdout + result.stderr

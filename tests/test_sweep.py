@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import DATA
+from helpers import DATA, REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -450,3 +450,11 @@ def test_an_array_task_requeues_itself_not_its_whole_array(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "9")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     assert requeue_this_job() == "requeued Slurm job 9_1" and calls == [["scontrol", "requeue", "9_1"]]
+
+
+def test_a_tasks_setup_can_reach_the_checkout_the_sweep_was_submitted_from(tmp_path):
+    """Each task runs in the sweep's worktree, which has no .venv: `slurm.setup` reaches the
+    submitting checkout's as "$TEMPLATE_PROJECT/.venv/bin/activate"."""
+    settings = slurm_settings(setup=['echo "project|$TEMPLATE_PROJECT"'])
+    output = run_script(slurm_script(fake_sweep(tmp_path), settings, [], requeue=False), tmp_path)
+    assert output[0] == ["project", str(REPO)]

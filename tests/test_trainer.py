@@ -348,3 +348,13 @@ def test_the_monitored_metric_and_mode_choose_the_best_checkpoint(tmp_path, mode
     assert (trainer.monitor.best["metric"], trainer.monitor.best["epoch"]) == ("train/epoch_loss", best_epoch)
     best = read_checkpoint(tmp_path / "checkpoints" / "best.pt")
     assert best["progress"]["epoch"] == best_epoch
+
+
+def test_a_finished_run_says_what_to_do_next(project):
+    result = project.run("sample_runconfig.yaml", "--mini", "--cpu", "--epochs=1", "--run_name=done")
+    assert result.returncode == 0, result.stderr
+    run = project.root / "logs" / "PendulumModel" / "done"
+    after = result.stdout.split(f"finished: {run}")[1]
+    assert f"-m tensorboard.main --logdir {run.parent}" in after
+    assert f"{run / 'checkpoints' / 'best.pt'}  (rollout/loss " in after
+    assert f"run.py --evaluate {run}" in after and "run.py --runs" in after

@@ -61,6 +61,15 @@ class CommandLine:
     restore: str | None = None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse shows nargs="+" as `X [X ...]`; --archive takes RUN_DIR and an optional URI."""
+
+    def _format_args(self, action, default_metavar):
+        if action.dest == "archive":
+            return "RUN_DIR [URI]"
+        return super()._format_args(action, default_metavar)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # a usage mistake is exit code 2 with one line, as every other
         raise UserError(f"{message} (see python run.py --help)")
@@ -70,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="run.py",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("config", nargs="?", help="the YAML config to run")

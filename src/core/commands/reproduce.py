@@ -118,17 +118,26 @@ def compare_parameters(original_run: Path, reproduction_run: Path) -> str | None
     return f"parameters at step {step}: the original kept no checkpoint of that step"
 
 
-def environment_differences(saved: dict, run_directory: Path, data_directory: Path) -> list[str]:
-    """What differs between the recorded environment and data and the current ones."""
+def environment_differences(
+    saved: dict, run_directory: Path, data_directory: Path, reproduction: Path | None = None
+) -> list[str]:
+    """What differs between the recorded environment and data and the reproduction's (as its own
+    config.yaml and packages.txt record them; this process's where it recorded none)."""
     notes = []
-    recorded, current = saved.get("environment", {}), environment_provenance()
+    reproduced = (read_yaml(reproduction / CONFIG_FILE) or {}) if reproduction else {}
+    recorded, current = saved.get("environment", {}), reproduced.get("environment") or environment_provenance()
     for key in ("python", "torch", "numpy", "cuda", "cudnn", "gpus", "platform", "cpu_count", "torch_threads"):
-        if key in recorded and recorded[key] != current[key]:
-            notes.append(f"{key}: {recorded[key]} when recorded, {current[key]} now")
+        if key in recorded and key in current and recorded[key] != current[key]:
+            notes.append(f"{key}: {recorded[key]} when recorded, {current[key]} in the reproduction")
     packages_file = run_directory / "packages.txt"
     if packages_file.exists():
         before = set(packages_file.read_text().split())
-        after = set(installed_packages())
+        reproduced_packages = reproduction / "packages.txt" if reproduction else None
+        after = (
+            set(reproduced_packages.read_text().split())
+            if reproduced_packages and reproduced_packages.exists()
+            else set(installed_packages())
+        )
         changed = sorted({line.split("==")[0] for line in before ^ after})
         if changed:
             more = " ..." if len(changed) > 10 else ""
@@ -301,7 +310,7 @@ def report(
     verdict = compare_metrics(original, read_metrics(reproduction))
     parameters = compare_parameters(run_directory, reproduction)
     reproduced_epochs = (read_yaml(reproduction / METADATA_FILE) or {}).get("epochs_done", 0)
-    notes = environment_differences(saved, run_directory, Path(saved["data_fingerprint"]["directory"]))
+    notes = environment_differences(saved, run_directory, Path(saved["data_fingerprint"]["directory"]), reproduction)
     notes += world_size_differences(saved, metadata, read_yaml(reproduction / CONFIG_FILE) or {})
     same_weights = parameters is None or "identical" in parameters or "no checkpoint" in parameters
     identical = verdict.identical and same_weights

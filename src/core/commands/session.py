@@ -24,6 +24,7 @@ from src.core.distributed import DistContext, broadcast_object
 from src.core.errors import UserError, storage_error, warn
 from src.core.record.checkpoint import CheckpointWriteError
 from src.core.record.environment import data_fingerprint, environment_provenance, installed_packages
+from src.core.record.git import PROJECT_ROOT
 from src.core.record.rundir import (
     METADATA_FILE,
     lock_run_directory,
@@ -102,9 +103,26 @@ class Run:
                 traceback.print_exc()
             return 1
         if self.records:
-            update_metadata(self.directory, status="finished", finished=now())
-            print(f"finished: {self.directory}")
+            metadata = update_metadata(self.directory, status="finished", finished=now())
+            print(f"finished: {self.directory}\n{next_steps(self.directory, metadata)}")
         return 0
+
+
+def next_steps(directory: Path, metadata: dict) -> str:
+    """What to do with a finished run: its curves, its best weights, an evaluation, the table of runs."""
+    python = Path(sys.executable)
+    if python.is_relative_to(PROJECT_ROOT):  # the project's own .venv: no activation needed
+        python = python.relative_to(PROJECT_ROOT)
+    best = metadata.get("best") or {}
+    value = f"  ({best['metric']} {best['value']:.4g} at step {best['step']})" if best.get("value") is not None else ""
+    return "\n".join(
+        [
+            f"  curves:    {python} -m tensorboard.main --logdir {directory.parent}",
+            f"  best:      {directory / 'checkpoints' / 'best.pt'}{value}",
+            f"  evaluate:  {python} run.py --evaluate {directory}",
+            f"  all runs:  {python} run.py --runs",
+        ]
+    )
 
 
 def disk_message(error: BaseException, disk: OSError | None, directory: Path | None, recorded: bool) -> str:

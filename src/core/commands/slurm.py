@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from src.core.errors import UserError
+from src.core.record.git import PROJECT_ROOT
 from src.core.record.rundir import write_text_atomic
 
 
@@ -77,6 +78,8 @@ def task_body(sweep: SweepFiles, settings: dict, flags: list[str], requeue: bool
         "",
         "# Every task runs the commit the sweep was submitted at, whatever happens to the working tree.",
         "set -eo pipefail",
+        "# The checkout the sweep was submitted from (its .venv, say): the worktree below has none.",
+        f"export TEMPLATE_PROJECT={shlex.quote(str(PROJECT_ROOT))}",
         f"cd {shlex.quote(str(sweep.code))}",
         *settings["setup"],  # before set -u, which many module and conda scripts do not survive
         "set -u",

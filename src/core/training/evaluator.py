@@ -94,7 +94,10 @@ class Evaluator:
         phase = monitor.partition("/")[0]
         if monitor not in known and phase in self.phases:
             known |= set(self.evaluate(phase, probe=True)[0])
-        if monitor not in known:
+        if monitor not in known:  # say everything it can monitor: the other phase's own names too
+            for other in self.phases:
+                if other != phase:
+                    known |= set(self.evaluate(other, probe=True)[0])
             during_training = " (other training values are logged between evaluations)" if phase == "train" else ""
             raise UserError(
                 f"config key 'checkpoint.monitor': {monitor!r} is not a metric of this run's evaluations"
