@@ -65,17 +65,7 @@ class MlflowTracker:
             self.figures = self._figures()
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        name = settings.get("experiment") or experiment
-        found = self.client.get_experiment_by_name(name)
-        if found is None:
-            try:
-                self.experiment_id = self.client.create_experiment(
-                    name, artifact_location=artifact_root(self.tracking_uri)
-                )
-            except Exception:  # another run created it meanwhile
-                self.experiment_id = self.client.get_experiment_by_name(name).experiment_id
-        else:
-            self.experiment_id = found.experiment_id
+        self.experiment_id = self._experiment(settings.get("experiment") or experiment)
         git = provenance.get("git") or {}
         tags = {
             "mlflow.source.git.commit": git.get("commit"),
@@ -96,6 +86,16 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, tags=[RunTag("command_line", str(provenance.get("command_line", "")))])
         if (Path(run_directory) / "config.yaml").is_file():  # the exact provenance, as saved
             self.client.log_artifact(self.run_id, str(Path(run_directory) / "config.yaml"))
+
+    def _experiment(self, name: str) -> str:
+        """The id of the experiment called `name`, created when it does not exist yet."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_root(self.tracking_uri))
+        except Exception:  # another run created it meanwhile
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def _figures(self) -> set[str]:
         return {
