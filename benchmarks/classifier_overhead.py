@@ -5,7 +5,8 @@ more often a small classifier. Here: an MLP (16 features -> 128 -> 128 -> 3 clas
 parameters) on 12,000 synthetic points of three overlapping Gaussian clusters (3,000 for
 testing), batch 64, AdamW, 10 epochs (1,880 steps), each epoch followed by a validation
 pass and a rollout pass (test-time augmentation: the mean of 8 shifted copies of each
-input) and a checkpoint. The benchmark writes the classes into a clone of the project
+input) with an accuracy metric, a confusion-matrix figure of the rollout's first batch
+(matplotlib, saved as PNG) and a checkpoint. The benchmark writes the classes into a clone of the project
 (`MODEL_CODE`, `DATA_CODE`: they are the user's code, not the template's) and the data
 into its `data/classify`, deterministically; `plain_classifier.py` does the same work by
 hand, a `torch.save` per epoch included.
@@ -46,6 +47,31 @@ class MLPClassifier(BaseModel):
         if not self.rollout_mode:
             return self.net(features)
         return torch.stack([self.net(features + shift) for shift in self.SHIFTS]).mean(dim=0)
+
+    def metrics(self, prediction, target, batch):
+        return {"accuracy": (prediction.argmax(1) == target).float()}
+
+    def figures(self, prediction, target, batch):
+        return {"confusion": confusion_figure(prediction, target)}
+
+
+def confusion_figure(prediction: torch.Tensor, target: torch.Tensor):
+    """The confusion matrix of a batch, as a matplotlib figure (the plain loop draws the same)."""
+    import itertools
+
+    import matplotlib.pyplot as plt
+
+    classes = prediction.shape[1]
+    counts = torch.zeros(classes, classes)
+    for true, guessed in zip(target.tolist(), prediction.argmax(1).tolist()):
+        counts[true, guessed] += 1
+    figure, axes = plt.subplots(figsize=(4, 4))
+    axes.imshow(counts.numpy(), cmap="Blues")
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for row, column in itertools.product(range(classes), range(classes)):
+        axes.text(column, row, int(counts[row, column]), ha="center", va="center")
+    return figure
 '''
 
 DATA_CODE = '''

@@ -3,7 +3,9 @@
 Runs in the benchmark's clone of the project, whose src/ holds MLPClassifier and
 ClusterPoints. Same model, data, batch size, optimizer, seed, determinism and steps as
 the Trainer's run; after each epoch a validation pass, a rollout pass and a bare
-`torch.save` of the model and optimizer.
+`torch.save` of the model and optimizer; the validation and rollout passes compute the
+accuracy, and the rollout's first batch is drawn as a confusion matrix (the model's own
+`confusion_figure`) and saved as PNG, as the Trainer's figures are.
 """
 
 import argparse
@@ -16,18 +18,29 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures without a display, as run.py draws them
 sys.path.insert(0, os.getcwd())  # the clone holding the classifier (the benchmark runs this there)
 from src.data_loader import ClusterPoints
-from src.model import MLPClassifier
+from src.model import MLPClassifier, confusion_figure
 
 
 @torch.no_grad()
-def mean_loss(model, loader) -> float:
-    total, count = 0.0, 0
+def evaluate(model, loader, figure_file: Path | None = None) -> tuple[float, float]:
+    """The mean loss and accuracy; the first batch's confusion matrix into `figure_file`."""
+    total, correct, count = 0.0, 0.0, 0
     for batch in loader:
-        total += F.cross_entropy(model(batch["features"]), batch["supervision"]).item() * len(batch["supervision"])
-        count += len(batch["supervision"])
-    return total / count
+        prediction, target = model(batch["features"]), batch["supervision"]
+        total += F.cross_entropy(prediction, target).item() * len(target)
+        correct += (prediction.argmax(1) == target).float().sum().item()
+        count += len(target)
+        if figure_file is not None:
+            import matplotlib.pyplot as plt
+
+            figure = confusion_figure(prediction, target)
+            figure.savefig(figure_file, format="png", dpi=100)
+            plt.close(figure)
+            figure_file = None
+    return total / count, correct / count
 
 
 def main() -> None:
@@ -59,15 +72,15 @@ def main() -> None:
             optimizer.step()
             total += loss.detach()
         model.eval()
-        val_loss = mean_loss(model, test)
+        val_loss, val_accuracy = evaluate(model, test)
         model.rollout_mode = True
-        rollout_loss = mean_loss(model, test)
+        rollout_loss, rollout_accuracy = evaluate(model, test, checkpoints / f"confusion-{epoch + 1}.png")
         model.rollout_mode = False
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoints / "last.pt")
         seconds = time.monotonic() - started
         print(
-            f"epoch {epoch + 1}: train {total.item() / len(train):.4g}  val {val_loss:.4g}  "
-            f"rollout {rollout_loss:.4g}  ({seconds:.3f} s)"
+            f"epoch {epoch + 1}: train {total.item() / len(train):.4g}  val {val_loss:.4g} "
+            f"({val_accuracy:.3f})  rollout {rollout_loss:.4g} ({rollout_accuracy:.3f})  ({seconds:.3f} s)"
         )
 
 
