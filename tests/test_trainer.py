@@ -67,6 +67,8 @@ def test_end_to_end_run_directory(project):
         ("train", "samples_per_second"),
         ("train", "epoch_loss"),
         ("train", "epoch_seconds"),
+        ("system", "peak_rss_mb"),  # what the machine did each epoch (on a GPU, peak_cuda_mb too)
+        ("system", "data_wait_fraction"),
         ("val", "loss"),
         ("rollout", "loss"),
         ("rollout", "final_angle_error"),  # the example's own metrics

@@ -31,8 +31,18 @@ BUILT_IN_METRICS = (
     "train/epoch_loss",
     "train/samples_per_second",
     "train/epoch_seconds",
+    "system/peak_rss_mb",  # at epoch ends; system/peak_cuda_mb too on a GPU (training/system.py)
+    "system/data_wait_fraction",
 )
 
 # Logged values that measure the machine, not the model: they differ from run to run,
 # so comparisons of runs (resume, --reproduce) leave them out.
-WALL_CLOCK_METRICS = frozenset({"train/samples_per_second", "train/epoch_seconds"})
+WALL_CLOCK_METRICS = frozenset(
+    {
+        "train/samples_per_second",
+        "train/epoch_seconds",
+        "system/peak_rss_mb",
+        "system/peak_cuda_mb",
+        "system/data_wait_fraction",
+    }
+)

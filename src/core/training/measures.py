@@ -5,6 +5,7 @@ documented in src/core/base.py; README, "Your own metrics".
 """
 
 import io
+from collections.abc import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -129,16 +130,24 @@ class SplitSamples:
 def figure_png(name: str, figure) -> bytes:
     """A matplotlib figure (closed afterwards) or an image tensor, (C, H, W) or (H, W) with values
     in [0, 1] or uint8, as PNG bytes."""
+    return prepare_figure(name, figure)()
+
+
+def prepare_figure(name: str, figure) -> Callable[[], bytes]:
+    """What the training thread does of a figure: check it, take it out of pyplot's figures (closed),
+    or copy the image; the returned function encodes it as PNG on any thread (FigureWriter)."""
     if hasattr(figure, "savefig"):
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
         import matplotlib.pyplot as plt  # loaded already: the figure is matplotlib's
 
-        plt.close(figure)
-        return buffer.getvalue()
-    from PIL import Image
+        plt.close(figure)  # out of pyplot's global list, which only the training thread touches
 
-    image = torch.as_tensor(figure).detach().cpu()
+        def encode_figure() -> bytes:
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+        return encode_figure
+    image = torch.as_tensor(figure).detach().cpu().clone()  # the model may reuse its tensor
     if image.dim() == 3:
         image = image.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
     if image.dim() == 3 and image.shape[2] == 1:
@@ -148,8 +157,13 @@ def figure_png(name: str, figure) -> bytes:
             f"the model's figures(): {name!r} is an image of shape {tuple(figure.shape)}; expected "
             "(C, H, W) with 1, 3 or 4 channels, or (H, W), or a matplotlib figure"
         )
-    if image.dtype != torch.uint8:
-        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(image.numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()
+
+    def encode_image() -> bytes:
+        from PIL import Image
+
+        pixels = image if image.dtype == torch.uint8 else (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.contiguous().numpy()).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    return encode_image

@@ -16,7 +16,8 @@ from src.core.record.rundir import update_metadata
 from src.core.tracking.metrics import MetricLogger
 from src.core.tracking.trackers import TRACKERS, Trackers
 from src.core.training.console import QUIET, Console
-from src.core.training.measures import figure_png
+from src.core.training.figures import FigureWriter
+from src.core.training.measures import prepare_figure
 
 
 class NullOutput:
@@ -75,6 +76,7 @@ class RunOutput(NullOutput):
         super().__init__(console, run_logs=True)
         self.directory, self.logger, self.trackers = directory, logger, trackers
         self.checkpoints, self.identity = checkpoints, identity
+        self.figures = FigureWriter(self._write_figure)
 
     @classmethod
     def open(
@@ -108,11 +110,14 @@ class RunOutput(NullOutput):
             self.trackers.log_metrics(step, metrics)
 
     def log_figures(self, step: int, phase: str, figures: dict) -> None:
+        """Checked here; encoded as PNG and written on the figure writer's thread."""
         for name, figure in figures.items():
-            png = figure_png(name, figure)
-            self.logger.log_image(step, phase, name, png)
-            if self.trackers is not None:
-                self.trackers.log_image(step, f"{phase}/{name}", png)
+            self.figures.put(step, phase, name, prepare_figure(name, figure))
+
+    def _write_figure(self, step: int, phase: str, name: str, png: bytes) -> None:  # on the figures' thread
+        self.logger.log_image(step, phase, name, png)
+        if self.trackers is not None:
+            self.trackers.log_image(step, f"{phase}/{name}", png)
 
     def save_checkpoint(self, state: dict, links: tuple[str, ...], metadata: dict) -> None:
         """Write `state` in the background; `metadata` goes into metadata.yaml once it is on disk."""
@@ -128,20 +133,25 @@ class RunOutput(NullOutput):
     def check_writes(self) -> None:
         if self.checkpoints.failed:
             self.checkpoints.wait()  # raises the write's error
+        self.figures.raise_error()
 
     def wait(self) -> None:
         self.checkpoints.wait()
 
     def settle(self) -> None:
         self.wait()
+        self.figures.wait()
         mirror = self.checkpoints.archive
         if mirror is not None and not mirror.wait_until_idle(timeout=120):
             warn("fault: the archive did not catch up within 120 s; acting anyway")
 
     def close(self, status: str = "finished") -> None:
-        """Finish the checkpoint write in flight, then close the logs."""
+        """Finish the checkpoint write and the figures in flight, then close the logs."""
         try:
-            self.wait()
+            try:
+                self.wait()
+            finally:
+                self.figures.wait()
             self.logger.close()
         finally:
             if self.trackers is not None:

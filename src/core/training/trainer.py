@@ -34,6 +34,7 @@ from src.core.training.policies import CheckpointSchedule, Monitor, Preempted, P
 from src.core.training.schedule import zero_lr_extension
 from src.core.training.start import FRESH, Start
 from src.core.training.stepper import Stepper, steps_per_epoch
+from src.core.training.system import WaitClock, system_metrics
 
 BUILT_IN_MONITORS = (None, "train/epoch_loss", "val/loss", "rollout/loss")
 
@@ -116,6 +117,7 @@ class Trainer:
         self.train_metrics = config.train_metrics and overrides(self.model, "metrics")
         self.checkpointed_step = -1
         self.stop_reason: str | None = None
+        self.data_wait_seconds = 0.0  # of the last training epoch: inside the data loader's __next__
 
     # ------------------------------------------------------------------------------
     # The loop
@@ -143,8 +145,10 @@ class Trainer:
         while not self.steps_done() and not self.monitor.stop_reason():
             started = time.monotonic()
             metrics = {"train/epoch_loss": self.train_one_epoch()}
-            seconds = {"train/epoch_seconds": time.monotonic() - started}
-            self.output.log(progress.global_step, progress.epoch + 1, metrics | seconds)
+            seconds = time.monotonic() - started
+            machine = system_metrics(self.data_wait_seconds, seconds, self.context.device)  # system/...
+            timing = {"train/epoch_seconds": seconds, **machine}
+            self.output.log(progress.global_step, progress.epoch + 1, metrics | timing)
             metrics |= self.evaluate_and_log(epoch=progress.epoch + 1)
             if progress.batch_in_epoch == self.batches_per_epoch:  # else max_steps stopped it mid-epoch
                 progress.epoch += 1
@@ -168,7 +172,8 @@ class Trainer:
         config, progress = self.config, self.progress
         accumulation = config.gradient_accumulation_steps
         start = progress.batch_in_epoch
-        _, batches = self.loaders.loader("train", epoch=progress.epoch, skip_batches=start)
+        _, loader_batches = self.loaders.loader("train", epoch=progress.epoch, skip_batches=start)
+        batches = WaitClock(loader_batches)  # system/data_wait_fraction: is the model starved?
         bar = self.output.console.bar(
             self.batches_per_epoch, start, f"epoch {progress.epoch + 1}/{config.epochs} train"
         )
@@ -201,6 +206,7 @@ class Trainer:
                         self.save_checkpoint(links=("last",))
             bar.update()
         bar.close()
+        self.data_wait_seconds = batches.waited
         return self.meter.epoch_mean(epoch_done=progress.batch_in_epoch == self.batches_per_epoch)
 
     def steps_done(self) -> bool:
