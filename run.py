@@ -10,6 +10,8 @@ src/model.py, src/data_loader.py and src/schema.py; the machinery in src/core/ (
 (repository state), 1 training failed, 4 --reproduce found differences, 130 Ctrl-C.
 """
 
+import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -24,7 +26,7 @@ from src.core.commands.launch import launch_with_torchrun
 from src.core.commands.planning import Request, make_plan, read_request
 from src.core.commands.reproduce import reproduce
 from src.core.commands.runs import set_note, show_runs
-from src.core.commands.session import open_run
+from src.core.commands.session import gather_provenance, open_run
 from src.core.commands.slurm import requeue_this_job
 from src.core.commands.sweep import run_sweep
 from src.core.distributed import (
@@ -89,6 +91,7 @@ def train(command: CommandLine, request: Request | None, preemption: threading.E
         if plan is None:  # --print-config, or an --auto-resume of a finished run
             return 0
         config = plan.config
+        gathering = gather_provenance(plan, context)  # the package list and data fingerprint, beside the build
         # Build: the device, the process group, then the model, its data and its loss.
         context = context.on(choose_device(command.cpu, context))
         init_process_group(context, config.distributed.backend, config.distributed.timeout_seconds)
@@ -101,17 +104,31 @@ def train(command: CommandLine, request: Request | None, preemption: threading.E
         def fit(output, start) -> dict:
             return build_trainer(config, task, context, output, preemption).fit(start)
 
-        with open_run(plan, command, context) as run:
+        with open_run(plan, command, context, gathering) as run:
             status = run.fit(fit, on_preempted=requeue_this_job)
         return status
     finally:
         shutdown(context, finished=status == 0)
 
 
+def exit_without_teardown(exit_code: int) -> None:
+    """End the process once every file of the run is closed and fsynced (main has returned),
+    skipping the interpreter's teardown: freeing torch's modules one by one costs a small run's
+    exit more than its own closing work, and under torchrun gloo's threads can still abort a
+    finished worker there (SIGABRT, seen under load). What a normal exit does first is done
+    here: threads that are not daemons are joined, the atexit functions run (logging, the data
+    loader's worker processes, the trackers' clients), the console is flushed. Files you opened
+    yourself are closed by `with open(...)`; one left open is not flushed at this exit."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    if not launched_by_torchrun():  # a worker skips them, as it always has
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
+            stream.flush()
+    os._exit(exit_code)
+
+
 if __name__ == "__main__":
-    exit_code = main()
-    if launched_by_torchrun():  # every file is closed: skip the interpreter's teardown, where gloo's
-        sys.stdout.flush()  # threads can still abort a finished worker (SIGABRT, seen under load)
-        sys.stderr.flush()
-        os._exit(exit_code)
-    sys.exit(exit_code)
+    exit_without_teardown(main())

@@ -11,8 +11,9 @@ the logged run and the --no-logging run. Each process is split in three by two m
   wraps the optimizer's `step` and writes the time of its first call);
 - the epochs: from there to the last epoch's line on the console (both sides print one
   line per epoch, after its checkpoint is handed over);
-- exit: from that line to the parent seeing the process end (closing the logs, the last
-  checkpoint's write, the interpreter's teardown).
+- exit: from that line to the parent seeing the process end, in two parts: closing (the
+  script's own work after its last epoch: the last checkpoint's write, closing the logs,
+  the final status) up to the script's return, then teardown (the interpreter's exit).
 
 Wall and CPU time (user + system, os.wait4) of the whole process too. Medians over the
 rounds, with the spread of the per-round differences and ratios; the first round warms up.
@@ -52,7 +53,11 @@ def child(marks: str, argv: list[str]) -> None:
     torch.optim.AdamW.step = step
     sys.argv = argv
     sys.path.insert(0, os.getcwd())
-    runpy.run_path(argv[0], run_name="__main__")
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    finally:  # reached by sys.exit; not by an os._exit, where teardown is (nearly) nothing
+        with open(marks, "a") as stream:
+            stream.write(f"{time.time()}\n")
 
 
 def run_once(command: list[str], cwd: Path, marks: Path) -> dict[str, float]:
@@ -71,13 +76,16 @@ def run_once(command: list[str], cwd: Path, marks: Path) -> dict[str, float]:
     ended = time.time()
     if status != 0 or last_epoch is None or not marks.exists():
         raise RuntimeError(f"{command} failed (status {status}):\n{''.join(lines[-20:])}")
-    first_step = float(marks.read_text())
+    first_step, *returned = (float(line) for line in marks.read_text().split())
+    returned = returned[0] if returned else ended  # an os._exit: the script's return is the process's end
     return {
         "wall": ended - started,
         "cpu": usage.ru_utime + usage.ru_stime,
         "start-up": first_step - started,
         "epochs": last_epoch - first_step,
         "exit": ended - last_epoch,
+        "closing": returned - last_epoch,
+        "teardown": ended - returned,
     }
 
 
@@ -85,7 +93,7 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> list[str]:
     """A markdown table: each side's medians, and the logged sides against the plain loop."""
     rows = ["| part | plain loop | logged | --no-logging | logged − plain (range) | --no-logging − plain (range) |"]
     rows.append("|---|---|---|---|---|---|")
-    for part in ("start-up", "epochs", "exit", "wall", "cpu"):
+    for part in ("start-up", "epochs", "exit", "closing", "teardown", "wall", "cpu"):
         medians = [statistics.median(r[part] for r in results[side]) for side in ("plain", "logged", "logging off")]
         cells = [f"{value:.3f} s" for value in medians]
         for side in ("logged", "logging off"):

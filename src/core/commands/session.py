@@ -23,7 +23,7 @@ from src.core.config.validation import Config, config_hash
 from src.core.distributed import DistContext, broadcast_object
 from src.core.errors import UserError, storage_error, warn
 from src.core.record.checkpoint import CheckpointWriteError
-from src.core.record.environment import data_fingerprint, environment_provenance, installed_packages
+from src.core.record.environment import Gathering, environment_provenance
 from src.core.record.git import PROJECT_ROOT
 from src.core.record.rundir import (
     METADATA_FILE,
@@ -141,13 +141,24 @@ def disk_message(error: BaseException, disk: OSError | None, directory: Path | N
     )
 
 
+def gather_provenance(plan: Plan, context: DistContext) -> Gathering | None:
+    """A new logged run's package list and data fingerprint, started on a thread (rank 0) so that
+    they are gathered while the model and the data are built; None when no run directory is created."""
+    if context.is_main and plan.git is not None and plan.resume_from is None:
+        return Gathering(plan.data_directory)
+    return None
+
+
 @contextlib.contextmanager
-def open_run(plan: Plan, command: CommandLine, context: DistContext) -> Iterator[Run]:
+def open_run(
+    plan: Plan, command: CommandLine, context: DistContext, gathering: Gathering | None = None
+) -> Iterator[Run]:
     """Rank 0 creates the run directory (or reopens a resumed one) and holds its lock for as
-    long as the block runs; every rank learns its path and where its training starts."""
+    long as the block runs; every rank learns its path and where its training starts.
+    `gathering`: the provenance started by `gather_provenance` (None: gathered here)."""
     directory = lock = None
     if context.is_main and plan.git is not None:
-        directory = plan.resume_from or create_run_directory(plan, command, context.world_size)
+        directory = plan.resume_from or create_run_directory(plan, command, context.world_size, gathering)
         lock = lock_run_directory(directory)
         context.remember("run_directory", str(directory))  # a torchrun restart resumes it
     try:
@@ -169,10 +180,11 @@ def open_run(plan: Plan, command: CommandLine, context: DistContext) -> Iterator
             lock.close()
 
 
-def create_run_directory(plan: Plan, command: CommandLine, world_size: int) -> Path:
+def create_run_directory(plan: Plan, command: CommandLine, world_size: int, gathering: Gathering | None) -> Path:
     """The new run's directory, with its config and provenance stamped in (rank 0). A branch
     goes next to its parent."""
     parent = branch_provenance(plan.branch) if plan.branch else None
+    packages, fingerprint = (gathering or Gathering(plan.data_directory)).result()
     directory = start_run(
         Path(plan.branch["run"]).parent if plan.branch else run_parent(command, plan.config),
         plan.config.run_name,
@@ -182,11 +194,11 @@ def create_run_directory(plan: Plan, command: CommandLine, world_size: int) -> P
             "flags": recorded_flags(command),
             "command_line": shlex.join(["python", "run.py", *command.argv]),
             "environment": {**environment_provenance(), "world_size": world_size},
-            "data_fingerprint": data_fingerprint(plan.data_directory),
+            "data_fingerprint": fingerprint,
             **({"parent": parent} if parent else {}),
             **({"bootstrap": plan.bootstrap} if plan.bootstrap else {}),
         },
-        installed_packages(),
+        packages,
     )
     if parent:
         update_metadata(directory, parent=parent)

@@ -7,6 +7,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from src.core.errors import UserError
@@ -61,13 +62,7 @@ def data_fingerprint(directory: Path | str) -> dict:
     """Identify the data, which lives outside git: every file's name and size, and a
     SHA-256 of all contents when the directory holds at most DATA_HASH_LIMIT_BYTES."""
     directory = Path(directory)
-    files = sorted(path for path in directory.rglob("*") if path.is_file())
-    listing = hashlib.sha256()
-    total = 0
-    for path in files:
-        size = path.stat().st_size
-        total += size
-        listing.update(f"{path.relative_to(directory).as_posix()}\0{size}\n".encode())
+    files, total, listing = data_listing(directory)
     content = None
     if total <= DATA_HASH_LIMIT_BYTES:
         content_hash = hashlib.sha256()
@@ -80,10 +75,51 @@ def data_fingerprint(directory: Path | str) -> dict:
         "directory": str(directory.resolve()),
         "files": len(files),
         "bytes": total,
-        "listing_sha256": listing.hexdigest(),
+        "listing_sha256": listing,
         "content_sha256": content,
         "rule": f"names and sizes always; contents when at most {DATA_HASH_LIMIT_BYTES // 2**20} MiB",
     }
+
+
+def data_listing(directory: Path) -> tuple[list[Path], int, str]:
+    """The data's files, their total size and the SHA-256 of their names and sizes."""
+    files = sorted(path for path in directory.rglob("*") if path.is_file())
+    listing = hashlib.sha256()
+    total = 0
+    for path in files:
+        size = path.stat().st_size
+        total += size
+        listing.update(f"{path.relative_to(directory).as_posix()}\0{size}\n".encode())
+    return files, total, listing.hexdigest()
+
+
+class Gathering:
+    """The package list and the data's fingerprint, gathered on a thread while the model and its
+    data are built (hashing up to DATA_HASH_LIMIT_BYTES of data takes seconds); `result` waits."""
+
+    def __init__(self, data_directory: Path | str):
+        self.data_directory = Path(data_directory)
+        self.values: tuple[list[str], dict] | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._gather, name="provenance", daemon=True)
+        self.thread.start()
+
+    def _gather(self) -> None:
+        try:
+            self.values = (installed_packages(), data_fingerprint(self.data_directory))
+        except BaseException as error:  # raised by `result`, on the thread that records the run
+            self.error = error
+
+    def result(self) -> tuple[list[str], dict]:
+        """(packages, data fingerprint). A dataset that wrote into its directory while it was built
+        (a cache) changed the listing: the data is then fingerprinted again, as it is now."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        packages, fingerprint = self.values
+        if data_listing(self.data_directory)[2] != fingerprint["listing_sha256"]:
+            fingerprint = data_fingerprint(self.data_directory)
+        return packages, fingerprint
 
 
 def find_data_directory(value: str) -> Path:
