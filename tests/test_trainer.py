@@ -173,7 +173,7 @@ def test_a_forking_user_adds_a_model_and_a_dataset(project):
     assert result.returncode == 0, result.stderr
     (run,) = project.run_directories()
     assert run.parent.name == "LinearDynamics"
-    assert {r["phase"] for r in read_metrics(run)} == {"train", "val"}
+    assert {r["phase"] for r in read_metrics(run)} == {"train", "val", "system"}  # system: the machine's values
     assert yaml.safe_load((run / "metadata.yaml").read_text())["best"]["metric"] == "val/loss"
 
 
@@ -246,7 +246,7 @@ def test_rollout_mode_is_left_even_when_the_rollout_fails():
 def test_each_evaluation_phase_can_be_switched_off(tmp_path, extra, phases, monitor):
     trainer = make_trainer(extra, run_directory=tmp_path)
     trainer.fit()
-    assert {r["phase"] for r in read_metrics(tmp_path)} == phases
+    assert {r["phase"] for r in read_metrics(tmp_path)} == phases | {"system"}  # system: the machine's values
     assert trainer.monitor.metric == monitor and trainer.monitor.best["value"] is not None
 
 
