@@ -34,7 +34,8 @@ FUNCTIONS = {
 METHODS = {
     ("src.core.tracking.metrics", "MetricLogger"): ["__init__", "log", "flush"],
     ("src.core.record.checkpoint", "CheckpointWriter"): ["save", "wait"],
-    ("src.core.training.output", "RunOutput"): ["log", "log_figures", "save_checkpoint"],
+    ("src.core.training.output", "RunOutput"): ["log", "log_figures", "_write_figure", "save_checkpoint", "close"],
+    ("src.core.record.environment", "Gathering"): ["result"],
     ("src.core.training.evaluator", "Evaluator"): ["evaluate"],
     ("src.core.training.trainer", "Trainer"): [
         "fit",
@@ -60,7 +61,8 @@ def child(output: str, arguments: list[str]) -> None:
             try:
                 return function(*args, **kwargs)
             finally:
-                thread = "training" if threading.current_thread() is threading.main_thread() else "writer"
+                current = threading.current_thread()
+                thread = "training" if current is threading.main_thread() else current.name
                 entry = timings[f"{name} ({thread} thread)"]
                 entry[0] += 1
                 entry[1] += time.perf_counter() - wall
