@@ -119,10 +119,10 @@ def exit_without_teardown(exit_code: int) -> None:
     here: threads that are not daemons are joined, the atexit functions run (logging, the data
     loader's worker processes, the trackers' clients), the console is flushed. Files you opened
     yourself are closed by `with open(...)`; one left open is not flushed at this exit."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    if not launched_by_torchrun():  # a worker skips them, as it always has
+    if not launched_by_torchrun():  # a torchrun worker skips these, as it always has
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
         atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
