@@ -36,7 +36,7 @@ def test_a_neutral_key_is_shown_but_exits_0(project):
     assert "config: (nothing here affects results)\n  does not affect results:\n    checkpoint.keep_recent: 2 | 5" in (
         result.stdout
     )
-    assert "results:" not in result.stdout
+    assert "\nresults:" not in result.stdout
     assert result.stdout.rstrip().endswith("nothing that affects results differs")
 
 
@@ -70,7 +70,7 @@ def test_a_package_version_faked_in_a_copy_is_named(project):
     result = diff(project, original, copy)
     assert result.returncode == 4, result.stdout + result.stderr
     assert f"environment:\n  packages:\n    numpy: {numpy_line.split('==')[1]} | 0.0.1\n" in result.stdout
-    assert "results:" not in result.stdout  # the copy's metrics are the original's
+    assert "\nresults:" not in result.stdout  # the copy's metrics are the original's
 
 
 def test_a_changed_data_file_is_named(project):
