@@ -163,3 +163,26 @@ def test_bad_input_is_one_message_and_exit_2(project):
     assert no_run.returncode == 2 and "Traceback" not in no_run.stderr, no_run.stderr
     stray = project.run("--runs", "--json")
     assert stray.returncode == 2 and "--json does nothing with --runs" in stray.stderr
+
+
+def test_reproduce_says_where_it_differs_and_runs_shows_the_verdict_and_a_branch_parent(project):
+    assert project.run(*RUN, "--run_name=original").returncode == 0
+    original = run_directory(project, "original")
+    assert project.run("--reproduce", str(original)).returncode == 0
+    table = project.run("--runs", "--filter", "original")
+    assert table.returncode == 0 and "reproduced" in table.stdout.splitlines()[0]
+    (row,) = [line for line in table.stdout.splitlines() if line.startswith("PendulumModel/original ")]
+    assert row.rstrip().endswith("identical")
+
+    what_if = project.run("--reproduce", str(original), "--optimizer.lr=0.002")
+    assert what_if.returncode == 4, what_if.stdout + what_if.stderr
+    results = what_if.stdout.split("results (original | reproduction):\n")[1]
+    assert "parts at step 2, train/" in results and "final values:" in results
+    (row,) = [line for line in project.run("--runs").stdout.splitlines() if line.startswith("PendulumModel/original ")]
+    assert "differs at step 2" in row  # the newest reproduction's verdict
+
+    assert project.run("--resume", str(original), "--from-step", "13", "--epochs=2").returncode == 0
+    table = project.run("--runs").stdout.splitlines()
+    assert "parent" in table[0]
+    (row,) = [line for line in table if line.startswith("PendulumModel/original-from-13 ")]
+    assert "original@13" in row

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.core.commands.diff import read_recorded_run, results_section
 from src.core.config.loader import dump_yaml, split_provenance
 from src.core.errors import UserError
 from src.core.phases import WALL_CLOCK_METRICS
@@ -311,6 +312,9 @@ def report(
         print(f"  {line}")
     for note in notes:
         print(f"  warning: {note}")
+    results = results_section(read_recorded_run(str(run_directory)), read_recorded_run(str(reproduction)), True)
+    if not identical and results.lines:  # as --diff ORIGINAL REPRODUCTION says it
+        print("results (original | reproduction):", *results.lines, sep="\n")
     comparison = {
         "original": str(run_directory),
         "identical": identical,
@@ -320,6 +324,7 @@ def report(
         "original_last_step": verdict.original_last_step,
         "epochs": {"original": epochs, "reproduction": reproduced_epochs},
         "differences": verdict.lines,
+        "parts_at": results.data["parts"],  # the first step and metric where the values differ
         "parameters": parameters,
         "environment_warnings": notes,
     }
