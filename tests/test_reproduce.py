@@ -148,3 +148,15 @@ def test_the_worktree_is_removed_after_ctrl_c(project):
     process.wait(timeout=60)
     assert len(worktrees(project)) == 1
     assert config["git"]["commit"] == project.git("rev-parse", "HEAD")
+
+
+def test_a_run_extended_with_max_steps_is_reproduced_to_its_recorded_step(project):
+    assert project.run(*RUN, "--run_name=original", "--max_steps=10", "--scheduler.type=cosine").returncode == 0
+    assert project.run("--resume", ORIGINAL, "--max_steps=20").returncode == 0  # config.yaml still says 10
+    assert yaml.safe_load((project.root / ORIGINAL / "config.yaml").read_text())["max_steps"] == 10
+
+    result = project.run("--reproduce", ORIGINAL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "extended to step 20" in result.stdout
+    assert "of the original's 20: identical (bitwise)" in result.stdout
+    assert "parameters at step 20: identical (bitwise)" in result.stdout

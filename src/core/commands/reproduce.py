@@ -284,14 +284,25 @@ def reproduction_settings(
     # The data lives outside git, at its recorded place; the reproduction is named by its start time.
     extra = [f"--data_directory={saved['data_fingerprint']['directory']}", "--run_name=null"]
     epochs = original_epochs(metadata, original)
-    asked = any(key == "epochs" for key, _ in overrides)  # --epochs=1: a quick check of the beginning
-    extended = epochs > saved["epochs"] and not asked
-    if extended:
+    extra += length_overrides(saved, metadata, epochs, overrides)
+    return config, flags, [*extra, *(f"--{key}={value}" for key, value in overrides)], epochs
+
+
+def length_overrides(saved: dict, metadata: dict, epochs: int, overrides: list) -> list[str]:
+    """How long the reproduction runs: the original's whole length, an extended run's too (to its
+    recorded epoch, or with `max_steps` to its recorded step), unless --epochs/--max_steps says."""
+    asked = any(key in ("epochs", "max_steps") for key, _ in overrides)  # --epochs=1: a quick check
+    steps = metadata.get("global_step") or 0
+    extra = []
+    if saved.get("max_steps") and steps > saved["max_steps"] and not asked:  # max_steps ends the run
+        print(f"the original was extended to step {steps} (its config.yaml says max_steps {saved['max_steps']})")
+        extra.append(f"--max_steps={steps}")
+    elif epochs > saved["epochs"] and not asked and not saved.get("max_steps"):
         print(f"the original was extended to {epochs} epochs (its config.yaml says {saved['epochs']}): reproducing all")
         extra.append(f"--epochs={epochs}")
-    if (asked or extended) and metadata.get("schedule_steps"):  # another length keeps the original's schedule
+    if (asked or extra) and metadata.get("schedule_steps"):  # another length keeps the original's schedule
         extra.append(f"--scheduler.total_steps={metadata['schedule_steps']}")
-    return config, flags, [*extra, *(f"--{key}={value}" for key, value in overrides)], epochs
+    return extra
 
 
 def report(
