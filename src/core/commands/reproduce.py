@@ -45,11 +45,13 @@ class Verdict:
         return self.last_step >= self.original_last_step
 
 
-def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
+def compare_metrics(original: list[dict], reproduction: list[dict], stops: frozenset[int] = frozenset()) -> Verdict:
     """Compare every value the reproduction logged with the original's at the same step.
 
-    Values the original logged up to the reproduction's last step must all be there;
-    a reproduction cut short (--epochs=1) is compared on the steps it ran.
+    Values the original logged up to the reproduction's last step must all be there, but
+    for those at `stops`, where it ended before a resume extended it (max_steps stops
+    mid-epoch and evaluates; the uninterrupted reproduction does not). A reproduction cut
+    short (--epochs=1) is compared on the steps it ran.
     """
 
     def keyed(records):  # what measures the machine (throughput, seconds) differs from run to run
@@ -63,7 +65,8 @@ def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
     last_step = max((key[0] for key in after), default=-1)
     original_last_step = max((key[0] for key in before), default=-1)
     expected = {key for key in before if key[0] <= last_step}
-    missing = sorted(expected - after.keys())
+    excused = sorted(key for key in expected - after.keys() if key[0] in stops)
+    missing = sorted(expected - after.keys() - set(excused))
     common = sorted(expected & after.keys())
     lines = []
     differences: dict[str, list[tuple]] = {}
@@ -81,6 +84,12 @@ def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
     if missing:
         shown = ", ".join(f"{phase}/{name} at step {step}" for step, _, phase, name in missing[:5])
         lines.append(f"{len(missing)} value(s) the original logged are missing: {shown}")
+    if excused:
+        steps = ", ".join(str(step) for step in sorted({key[0] for key in excused}))
+        lines.append(
+            f"not compared: {len(excused)} value(s) the original logged where it stopped before an extension "
+            f"(step {steps})"
+        )
     if not common:
         lines.append("no values in common: nothing was compared")
     if last_step > original_last_step >= 0:
@@ -310,7 +319,8 @@ def report(
 ) -> int:
     """Compare the reproduction with the original, print the verdict, and keep it in
     the reproduction's comparison.json."""
-    verdict = compare_metrics(original, read_metrics(reproduction))
+    stops = frozenset(resume.get("from_step") for resume in metadata.get("resumes") or [])
+    verdict = compare_metrics(original, read_metrics(reproduction), stops)
     parameters = compare_parameters(run_directory, reproduction)
     reproduced_epochs = (read_yaml(reproduction / METADATA_FILE) or {}).get("epochs_done", 0)
     notes = environment_differences(saved, run_directory, Path(saved["data_fingerprint"]["directory"]))
