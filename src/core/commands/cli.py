@@ -210,7 +210,7 @@ FLAG_MODES = {
     "--KEY=VALUE": (NEW_RUN, "--resume", "--evaluate", "--reproduce"),
     "--print-config": (NEW_RUN,),
     "--log-dir": (NEW_RUN,),
-    "--run-parent": (NEW_RUN,),
+    "--run-parent": (NEW_RUN, "--resume"),  # with --resume: a branch's (--from-step)
     "--checkpoints": ("--evaluate",),
     "--name": ("--evaluate",),
     "--subset": ("--evaluate",),
@@ -274,6 +274,12 @@ def check_flags_apply(command: CommandLine) -> None:
     requirements = [
         ("--y", command.y, "--allow-dirty-repo", command.allow_dirty_repo),
         ("--submit", command.submit, "--slurm", command.slurm),
+        (
+            "--run-parent",
+            command.run_parent is not None and command.resume is not None,
+            "--from-step",
+            command.from_step is not None,
+        ),
     ]
     for flag, flag_given, needed, needed_given in requirements:
         if flag_given and not needed_given:

@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from src.core.commands.diff import read_recorded_run, results_section
+from src.core.archive.store import sha256_of_file
+from src.core.commands.diff import ABSENT, IDENTITY_KEYS, flatten, read_recorded_run, results_section
 from src.core.config.loader import dump_yaml, split_provenance
 from src.core.errors import UserError
 from src.core.phases import WALL_CLOCK_METRICS
@@ -216,11 +217,51 @@ def original_epochs(metadata: dict, records: list[dict]) -> int:
     return max((record["epoch"] for record in records), default=0)
 
 
+def branch_arguments(run_directory: Path, saved: dict) -> list[str]:
+    """How a branch is re-made: `--resume PARENT --from-step N` from the parent's checkpoint,
+    verified by the SHA-256 the branch recorded, with the branch's config as edits of the parent's."""
+    parent = saved["parent"]
+    parent_run = Path(parent["run"])
+    checkpoint = parent_run / "checkpoints" / parent["checkpoint"]
+    where = f"--reproduce {run_directory}: a branch of {parent_run} at step {parent['step']}"
+    if not checkpoint.is_file() or not (parent_run / CONFIG_FILE).is_file():
+        raise UserError(
+            f"{where}, but {checkpoint} is not there; restore the parent run (--restore ARCHIVE_URI) "
+            "to that place, then reproduce the branch again"
+        )
+    if parent.get("checkpoint_sha256") and sha256_of_file(checkpoint) != parent["checkpoint_sha256"]:
+        raise UserError(
+            f"{where}, but {checkpoint} is not the checkpoint it started from (its SHA-256 differs from the "
+            "one in the branch's config.yaml, parent); the branch cannot be re-made from it"
+        )
+    before = flatten(split_provenance(read_yaml(parent_run / CONFIG_FILE) or {})[0])
+    after = flatten(split_provenance(saved)[0])
+    edits = [
+        f"--{key}={json.dumps(value)}"  # JSON is YAML: strings quoted, floats exact
+        for key, value in sorted(after.items())
+        if key not in IDENTITY_KEYS and before.get(key, ABSENT) != value
+    ]
+    deleted = sorted(key for key in before.keys() - after.keys() if key not in IDENTITY_KEYS)
+    return [
+        "--resume",
+        str(parent_run),
+        "--from-step",
+        str(parent["step"]),
+        *edits,
+        *(["--delete", *deleted] if deleted else []),
+    ]
+
+
 def run_at_commit(
-    run_directory: Path, commit: str, config: dict, flags: list[str], overrides: list[str]
+    run_directory: Path,
+    commit: str,
+    config: dict,
+    flags: list[str],
+    overrides: list[str],
+    branch: list[str] | None = None,
 ) -> tuple[int, Path | None]:
-    """Run `config` at `commit` in a temporary worktree; return the exit code and the
-    reproduction's run directory."""
+    """Run `config` (or, for a branch, its `branch_arguments`) at `commit` in a temporary
+    worktree; return the exit code and the reproduction's run directory."""
     scratch = Path(tempfile.mkdtemp(prefix="reproduce-"))
     worktree = scratch / "worktree"
     config_file = scratch / "config.yaml"  # outside the worktree, which must stay clean
@@ -230,7 +271,8 @@ def run_at_commit(
     try:
         add_worktree(commit, worktree, f"--reproduce {run_directory}")
         print(f"reproducing {run_directory} at commit {commit[:12]} in a temporary worktree")
-        command = [sys.executable, "run.py", str(config_file), *flags, "--run-parent", str(parent), *overrides]
+        source = [str(config_file)] if branch is None else branch
+        command = [sys.executable, "run.py", *source, *flags, "--run-parent", str(parent), *overrides]
         returncode = subprocess.run(command, cwd=worktree).returncode
     finally:
         remove_worktree(worktree)
@@ -255,17 +297,11 @@ def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) 
     """Re-run a logged run at its commit, with its flags, data and world size, to its full
     length (an extended run's too) unless --epochs says otherwise; compare and report."""
     saved = read_yaml(require_run_directory(run_directory, "--reproduce") / CONFIG_FILE)
-    if saved.get("parent"):
-        parent = saved["parent"]
-        raise UserError(
-            f"--reproduce {run_directory}: this run is a branch of {parent['run']} at step {parent['step']}, "
-            "and --reproduce re-makes runs from step 0 only. Reproduce the parent (--reproduce PARENT_DIR); "
-            "the branch is that checkpoint (its SHA-256 is in config.yaml, parent) plus an exact resume."
-        )
+    branch = branch_arguments(run_directory, saved) if saved.get("parent") else None
     metadata = read_yaml(run_directory / METADATA_FILE) or {}
     original = read_metrics(run_directory)
     config, flags, extra, epochs = reproduction_settings(run_directory, saved, metadata, original, cpu, overrides)
-    returncode, reproduction = run_at_commit(run_directory, saved["git"]["commit"], config, flags, extra)
+    returncode, reproduction = run_at_commit(run_directory, saved["git"]["commit"], config, flags, extra, branch)
     if returncode != 0 or reproduction is None:
         print(f"the reproduction failed (exit code {returncode})", file=sys.stderr)
         return returncode or 1
