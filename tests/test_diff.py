@@ -5,7 +5,11 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from helpers import NOISY, QUICK_RUN, run_directory
+
+from src.core.commands.cli import parse_command_line
+from src.core.errors import UserError
 
 RUN = (*QUICK_RUN, "--epochs=1")
 
@@ -186,3 +190,18 @@ def test_reproduce_says_where_it_differs_and_runs_shows_the_verdict_and_a_branch
     assert "parent" in table[0]
     (row,) = [line for line in table if line.startswith("PendulumModel/original-from-13 ")]
     assert "original@13" in row
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--diff", "a"], "expected 2 arguments"),
+        (["--diff", "a", "b", "--cpu"], "--cpu does nothing with --diff"),
+        (["--diff", "a", "b", "--runs"], "--runs and --diff cannot be combined"),
+        (["--full-diff"], "--full-diff does nothing with a new run"),
+        (["--resume", "r", "--run-parent", "x"], "--run-parent does nothing without --from-step"),
+    ],
+)
+def test_misplaced_flags_are_refused_when_parsed(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_command_line(argv)
