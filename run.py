@@ -3,11 +3,12 @@
     python run.py CONFIG.yaml [flags] [--key.path=value ...]
     python run.py --resume RUN_DIR | --evaluate RUN_DIR | --reproduce RUN_DIR | --runs | --note RUN_DIR TEXT
     python run.py --export RUN_DIR --to wandb|mlflow
+    python run.py --diff RUN_A RUN_B [--json] [--full-diff]
 
 Training reads top to bottom in `train`: parse -> plan -> build -> fit. Your code is in
 src/model.py, src/data_loader.py and src/schema.py; the machinery in src/core/ (README,
 "Architecture"). Exit codes: 0 done, 2 bad command line, config or checkpoint, 3 refused
-(repository state), 1 training failed, 4 --reproduce found differences, 130 Ctrl-C.
+(repository state), 1 training failed, 4 --reproduce or --diff found differences, 130 Ctrl-C.
 """
 
 import atexit
@@ -20,6 +21,7 @@ from pathlib import Path
 from src.core import faults
 from src.core.commands.archiving import run_archive_command
 from src.core.commands.cli import CommandLine, parse_command_line
+from src.core.commands.diff import diff_runs
 from src.core.commands.evaluation import evaluate_run
 from src.core.commands.export import export_run
 from src.core.commands.launch import launch_with_torchrun
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return archived
         if command.runs is not None:  # a directory of runs, a sweep, or an archive URI
             return show_runs(command)
+        if command.diff:
+            return diff_runs(command)
         if command.note:
             return set_note(Path(command.note[0]), command.note[1])
         if command.reproduce:

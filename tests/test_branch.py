@@ -59,8 +59,8 @@ def test_branch_from_a_step_of_a_finished_run(project):
     missing = project.run("--resume", str(parent), "--from-step", "21")
     assert missing.returncode == 2 and "steps kept: 5, 10, 15, 20, 25, 30, 35" in missing.stderr, missing.stderr
     reproduced = project.run("--reproduce", str(child))
-    assert reproduced.returncode == 2 and "branch of" in reproduced.stderr
-    assert "--reproduce PARENT_DIR" in reproduced.stderr
+    # A branch is re-made from its parent's checkpoint (it was refused, pointing to the parent, before).
+    assert reproduced.returncode == 0 and "of the original's 39: identical (bitwise)" in reproduced.stdout
     assert files(parent) == before
 
 
@@ -87,3 +87,28 @@ def test_max_steps_limits_and_extends_a_run(project):
     assert extended.returncode == 0, extended.stderr
     assert "the 7 steps after it train at lr 0" in extended.stderr and "--from-step" in extended.stderr
     assert yaml.safe_load((run / "metadata.yaml").read_text())["global_step"] == 20
+
+
+def test_a_branch_is_reproduced_from_its_parents_verified_checkpoint(project):
+    run = (*QUICK_RUN, "--epochs=2", *NOISY)  # checkpoints at steps 13 and 26
+    assert project.run(*run, "--run_name=parent").returncode == 0
+    parent = run_directory(project, "parent")
+    branch = project.run("--resume", str(parent), "--from-step", "13", "--optimizer.lr=1e-3", "--epochs=3")
+    assert branch.returncode == 0, branch.stderr
+    child = run_directory(project, "parent-from-13")
+    before = files(parent)
+
+    reproduced = project.run("--reproduce", str(child))
+    assert reproduced.returncode == 0, reproduced.stdout + reproduced.stderr
+    assert "up to step 39 of the original's 39: identical (bitwise)" in reproduced.stdout
+    assert "parameters at step 39: identical (bitwise)" in reproduced.stdout
+    (reproduction,) = (child / "reproductions").iterdir()
+    assert yaml.safe_load((reproduction / "config.yaml").read_text())["parent"]["step"] == 13
+    assert files(parent) == before  # the parent is read, never written
+
+    checkpoint = parent / "checkpoints" / "step-000000013.pt"
+    data = bytearray(checkpoint.read_bytes())
+    data[-100] ^= 0xFF  # not the checkpoint the branch started from
+    checkpoint.write_bytes(bytes(data))
+    refused = project.run("--reproduce", str(child))
+    assert refused.returncode == 2 and "SHA-256 differs" in refused.stderr and "Traceback" not in refused.stderr

@@ -159,3 +159,15 @@ def test_the_environment_is_compared_with_the_reproductions_not_this_process(pro
     assert result.returncode == 0, result.stdout + result.stderr
     assert "identical (bitwise)" in result.stdout
     assert "torch_threads" not in result.stdout + result.stderr
+
+
+def test_a_run_extended_with_max_steps_is_reproduced_to_its_recorded_step(project):
+    assert project.run(*RUN, "--run_name=original", "--max_steps=10", "--scheduler.type=cosine").returncode == 0
+    assert project.run("--resume", ORIGINAL, "--max_steps=20").returncode == 0  # config.yaml still says 10
+    assert yaml.safe_load((project.root / ORIGINAL / "config.yaml").read_text())["max_steps"] == 10
+
+    result = project.run("--reproduce", ORIGINAL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "extended to step 20" in result.stdout
+    assert "of the original's 20: identical (bitwise)" in result.stdout
+    assert "parameters at step 20: identical (bitwise)" in result.stdout

@@ -59,6 +59,9 @@ class CommandLine:
     archive: tuple[str, ...] | None = None
     delete_local_checkpoints: bool = False
     restore: str | None = None
+    diff: tuple[str, str] | None = None
+    json: bool = False
+    full_diff: bool = False
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -114,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--archive", nargs="+", metavar="RUN_DIR [URI]", help="back a run up to an archive (default: its archive.uri)")
     add("--delete-local-checkpoints", action="store_true", help="with --archive: then delete step files but best, last")
     add("--restore", metavar="URI", help="download an archived run into --log-dir (default: logs/), verified")
+    add(
+        "--diff",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="what differs between two runs, and whether it can change results",
+    )
+    add("--json", action="store_true", help="with --diff: print one JSON document")
+    add("--full-diff", action="store_true", help="with --diff: the whole code diff, not only its --stat")
     add("--run-parent", metavar="DIR", help="create the run directory right under DIR (used by --reproduce)")
     add("--slurm", action="store_true", help="write the sweep's Slurm array script instead of running it here")
     add("--submit", action="store_true", help="with --slurm: also submit it with sbatch")
@@ -181,7 +192,7 @@ def parse_command_line(argv: list[str] | None = None) -> CommandLine:
         overrides=overrides,
     )
     given = {field.name: getattr(args, field.name) for field in fields(CommandLine) if hasattr(args, field.name)}
-    for name in ("checkpoints", "note", "archive"):  # lists become tuples: the record is frozen
+    for name in ("checkpoints", "note", "archive", "diff"):  # lists become tuples: the record is frozen
         if given[name] is not None:
             given[name] = tuple(given[name])
     command = CommandLine(**{**given, "argv": tuple(argv), "edits": edits})
@@ -191,7 +202,7 @@ def parse_command_line(argv: list[str] | None = None) -> CommandLine:
 
 
 # What a command does: one of these flags, or (none of them) a new run from CONFIG.yaml.
-MODES = ("--runs", "--note", "--reproduce", "--evaluate", "--resume")
+MODES = ("--runs", "--note", "--reproduce", "--evaluate", "--resume", "--diff")
 NEW_RUN = "a new run (CONFIG.yaml)"
 
 # Each flag and the modes where it does something. Anywhere else it would be silently
@@ -208,7 +219,7 @@ FLAG_MODES = {
     "--KEY=VALUE": (NEW_RUN, "--resume", "--evaluate", "--reproduce"),
     "--print-config": (NEW_RUN,),
     "--log-dir": (NEW_RUN,),
-    "--run-parent": (NEW_RUN,),
+    "--run-parent": (NEW_RUN, "--resume"),  # with --resume: a branch's (--from-step)
     "--checkpoints": ("--evaluate",),
     "--name": ("--evaluate",),
     "--subset": ("--evaluate",),
@@ -221,6 +232,8 @@ FLAG_MODES = {
     "--slurm": (NEW_RUN,),
     "--submit": (NEW_RUN,),
     "--requeue": (NEW_RUN, "--resume"),
+    "--json": ("--diff",),
+    "--full-diff": ("--diff",),
 }
 
 
@@ -250,6 +263,8 @@ def _given(command: CommandLine) -> dict[str, bool]:
         "--slurm": command.slurm,
         "--submit": command.submit,
         "--requeue": command.requeue,
+        "--json": command.json,
+        "--full-diff": command.full_diff,
     }
 
 
@@ -268,6 +283,12 @@ def check_flags_apply(command: CommandLine) -> None:
     requirements = [
         ("--y", command.y, "--allow-dirty-repo", command.allow_dirty_repo),
         ("--submit", command.submit, "--slurm", command.slurm),
+        (
+            "--run-parent",
+            command.run_parent is not None and command.resume is not None,
+            "--from-step",
+            command.from_step is not None,
+        ),
     ]
     for flag, flag_given, needed, needed_given in requirements:
         if flag_given and not needed_given:

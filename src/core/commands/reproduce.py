@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.core.archive.store import sha256_of_file
+from src.core.commands.diff import ABSENT, IDENTITY_KEYS, flatten, read_recorded_run, results_section
 from src.core.config.loader import dump_yaml, split_provenance
 from src.core.errors import UserError
 from src.core.phases import WALL_CLOCK_METRICS
@@ -44,11 +46,13 @@ class Verdict:
         return self.last_step >= self.original_last_step
 
 
-def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
+def compare_metrics(original: list[dict], reproduction: list[dict], stops: frozenset[int] = frozenset()) -> Verdict:
     """Compare every value the reproduction logged with the original's at the same step.
 
-    Values the original logged up to the reproduction's last step must all be there;
-    a reproduction cut short (--epochs=1) is compared on the steps it ran.
+    Values the original logged up to the reproduction's last step must all be there, but
+    for those at `stops`, where it ended before a resume extended it (max_steps stops
+    mid-epoch and evaluates; the uninterrupted reproduction does not). A reproduction cut
+    short (--epochs=1) is compared on the steps it ran.
     """
 
     def keyed(records):  # what measures the machine (throughput, seconds) differs from run to run
@@ -62,7 +66,8 @@ def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
     last_step = max((key[0] for key in after), default=-1)
     original_last_step = max((key[0] for key in before), default=-1)
     expected = {key for key in before if key[0] <= last_step}
-    missing = sorted(expected - after.keys())
+    excused = sorted(key for key in expected - after.keys() if key[0] in stops)
+    missing = sorted(expected - after.keys() - set(excused))
     common = sorted(expected & after.keys())
     lines = []
     differences: dict[str, list[tuple]] = {}
@@ -80,6 +85,12 @@ def compare_metrics(original: list[dict], reproduction: list[dict]) -> Verdict:
     if missing:
         shown = ", ".join(f"{phase}/{name} at step {step}" for step, _, phase, name in missing[:5])
         lines.append(f"{len(missing)} value(s) the original logged are missing: {shown}")
+    if excused:
+        steps = ", ".join(str(step) for step in sorted({key[0] for key in excused}))
+        lines.append(
+            f"not compared: {len(excused)} value(s) the original logged where it stopped before an extension "
+            f"(step {steps})"
+        )
     if not common:
         lines.append("no values in common: nothing was compared")
     if last_step > original_last_step >= 0:
@@ -215,11 +226,51 @@ def original_epochs(metadata: dict, records: list[dict]) -> int:
     return max((record["epoch"] for record in records), default=0)
 
 
+def branch_arguments(run_directory: Path, saved: dict) -> list[str]:
+    """How a branch is re-made: `--resume PARENT --from-step N` from the parent's checkpoint,
+    verified by the SHA-256 the branch recorded, with the branch's config as edits of the parent's."""
+    parent = saved["parent"]
+    parent_run = Path(parent["run"])
+    checkpoint = parent_run / "checkpoints" / parent["checkpoint"]
+    where = f"--reproduce {run_directory}: a branch of {parent_run} at step {parent['step']}"
+    if not checkpoint.is_file() or not (parent_run / CONFIG_FILE).is_file():
+        raise UserError(
+            f"{where}, but {checkpoint} is not there; restore the parent run (--restore ARCHIVE_URI) "
+            "to that place, then reproduce the branch again"
+        )
+    if parent.get("checkpoint_sha256") and sha256_of_file(checkpoint) != parent["checkpoint_sha256"]:
+        raise UserError(
+            f"{where}, but {checkpoint} is not the checkpoint it started from (its SHA-256 differs from the "
+            "one in the branch's config.yaml, parent); the branch cannot be re-made from it"
+        )
+    before = flatten(split_provenance(read_yaml(parent_run / CONFIG_FILE) or {})[0])
+    after = flatten(split_provenance(saved)[0])
+    edits = [
+        f"--{key}={json.dumps(value)}"  # JSON is YAML: strings quoted, floats exact
+        for key, value in sorted(after.items())
+        if key not in IDENTITY_KEYS and before.get(key, ABSENT) != value
+    ]
+    deleted = sorted(key for key in before.keys() - after.keys() if key not in IDENTITY_KEYS)
+    return [
+        "--resume",
+        str(parent_run),
+        "--from-step",
+        str(parent["step"]),
+        *edits,
+        *(["--delete", *deleted] if deleted else []),
+    ]
+
+
 def run_at_commit(
-    run_directory: Path, commit: str, config: dict, flags: list[str], overrides: list[str]
+    run_directory: Path,
+    commit: str,
+    config: dict,
+    flags: list[str],
+    overrides: list[str],
+    branch: list[str] | None = None,
 ) -> tuple[int, Path | None]:
-    """Run `config` at `commit` in a temporary worktree; return the exit code and the
-    reproduction's run directory."""
+    """Run `config` (or, for a branch, its `branch_arguments`) at `commit` in a temporary
+    worktree; return the exit code and the reproduction's run directory."""
     scratch = Path(tempfile.mkdtemp(prefix="reproduce-"))
     worktree = scratch / "worktree"
     config_file = scratch / "config.yaml"  # outside the worktree, which must stay clean
@@ -229,7 +280,8 @@ def run_at_commit(
     try:
         add_worktree(commit, worktree, f"--reproduce {run_directory}")
         print(f"reproducing {run_directory} at commit {commit[:12]} in a temporary worktree")
-        command = [sys.executable, "run.py", str(config_file), *flags, "--run-parent", str(parent), *overrides]
+        source = [str(config_file)] if branch is None else branch
+        command = [sys.executable, "run.py", *source, *flags, "--run-parent", str(parent), *overrides]
         returncode = subprocess.run(command, cwd=worktree).returncode
     finally:
         remove_worktree(worktree)
@@ -254,17 +306,11 @@ def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) 
     """Re-run a logged run at its commit, with its flags, data and world size, to its full
     length (an extended run's too) unless --epochs says otherwise; compare and report."""
     saved = read_yaml(require_run_directory(run_directory, "--reproduce") / CONFIG_FILE)
-    if saved.get("parent"):
-        parent = saved["parent"]
-        raise UserError(
-            f"--reproduce {run_directory}: this run is a branch of {parent['run']} at step {parent['step']}, "
-            "and --reproduce re-makes runs from step 0 only. Reproduce the parent (--reproduce PARENT_DIR); "
-            "the branch is that checkpoint (its SHA-256 is in config.yaml, parent) plus an exact resume."
-        )
+    branch = branch_arguments(run_directory, saved) if saved.get("parent") else None
     metadata = read_yaml(run_directory / METADATA_FILE) or {}
     original = read_metrics(run_directory)
     config, flags, extra, epochs = reproduction_settings(run_directory, saved, metadata, original, cpu, overrides)
-    returncode, reproduction = run_at_commit(run_directory, saved["git"]["commit"], config, flags, extra)
+    returncode, reproduction = run_at_commit(run_directory, saved["git"]["commit"], config, flags, extra, branch)
     if returncode != 0 or reproduction is None:
         print(f"the reproduction failed (exit code {returncode})", file=sys.stderr)
         return returncode or 1
@@ -292,14 +338,25 @@ def reproduction_settings(
     # The data lives outside git, at its recorded place; the reproduction is named by its start time.
     extra = [f"--data_directory={saved['data_fingerprint']['directory']}", "--run_name=null"]
     epochs = original_epochs(metadata, original)
-    asked = any(key == "epochs" for key, _ in overrides)  # --epochs=1: a quick check of the beginning
-    extended = epochs > saved["epochs"] and not asked
-    if extended:
+    extra += length_overrides(saved, metadata, epochs, overrides)
+    return config, flags, [*extra, *(f"--{key}={value}" for key, value in overrides)], epochs
+
+
+def length_overrides(saved: dict, metadata: dict, epochs: int, overrides: list) -> list[str]:
+    """How long the reproduction runs: the original's whole length, an extended run's too (to its
+    recorded epoch, or with `max_steps` to its recorded step), unless --epochs/--max_steps says."""
+    asked = any(key in ("epochs", "max_steps") for key, _ in overrides)  # --epochs=1: a quick check
+    steps = metadata.get("global_step") or 0
+    extra = []
+    if saved.get("max_steps") and steps > saved["max_steps"] and not asked:  # max_steps ends the run
+        print(f"the original was extended to step {steps} (its config.yaml says max_steps {saved['max_steps']})")
+        extra.append(f"--max_steps={steps}")
+    elif epochs > saved["epochs"] and not asked and not saved.get("max_steps"):
         print(f"the original was extended to {epochs} epochs (its config.yaml says {saved['epochs']}): reproducing all")
         extra.append(f"--epochs={epochs}")
-    if (asked or extended) and metadata.get("schedule_steps"):  # another length keeps the original's schedule
+    if (asked or extra) and metadata.get("schedule_steps"):  # another length keeps the original's schedule
         extra.append(f"--scheduler.total_steps={metadata['schedule_steps']}")
-    return config, flags, [*extra, *(f"--{key}={value}" for key, value in overrides)], epochs
+    return extra
 
 
 def report(
@@ -307,7 +364,8 @@ def report(
 ) -> int:
     """Compare the reproduction with the original, print the verdict, and keep it in
     the reproduction's comparison.json."""
-    verdict = compare_metrics(original, read_metrics(reproduction))
+    stops = frozenset(resume.get("from_step") for resume in metadata.get("resumes") or [])
+    verdict = compare_metrics(original, read_metrics(reproduction), stops)
     parameters = compare_parameters(run_directory, reproduction)
     reproduced_epochs = (read_yaml(reproduction / METADATA_FILE) or {}).get("epochs_done", 0)
     notes = environment_differences(saved, run_directory, Path(saved["data_fingerprint"]["directory"]), reproduction)
@@ -320,6 +378,9 @@ def report(
         print(f"  {line}")
     for note in notes:
         print(f"  warning: {note}")
+    results = results_section(read_recorded_run(str(run_directory)), read_recorded_run(str(reproduction)), True)
+    if not identical and results.lines:  # as --diff ORIGINAL REPRODUCTION says it
+        print("results (original | reproduction):", *results.lines, sep="\n")
     comparison = {
         "original": str(run_directory),
         "identical": identical,
@@ -329,6 +390,7 @@ def report(
         "original_last_step": verdict.original_last_step,
         "epochs": {"original": epochs, "reproduction": reproduced_epochs},
         "differences": verdict.lines,
+        "parts_at": results.data["parts"],  # the first step and metric where the values differ
         "parameters": parameters,
         "environment_warnings": notes,
     }

@@ -5,6 +5,8 @@ chance to say so: it shows as `crashed` (resume it with --resume).
 """
 
 import fcntl
+import json
+import re
 from pathlib import Path
 
 from src.core.archive.restore import archived_runs
@@ -23,6 +25,7 @@ from src.core.record.rundir import (
 )
 from src.core.tables import csv_text
 
+FIRST_AT = re.compile(r"first at step (\d+)")
 COLUMNS = ("run", "started", "commit", "status", "epochs", "best", "description")
 
 
@@ -72,7 +75,31 @@ def summarize(run_directory: Path, root: Path, config: dict, on_remote: dict[str
     if status == "running" and not is_locked(run_directory):
         status = "crashed"
     row = make_row(str(run_directory.relative_to(root)), config, metadata, status, on_remote)
+    verdict = reproduction_verdict(run_directory)
+    if verdict is not None:
+        row["reproduced"] = verdict
     return {"order": (row["started"], (run_directory / CONFIG_FILE).stat().st_mtime), **row}
+
+
+def reproduction_verdict(run_directory: Path) -> str | None:
+    """The newest --reproduce's verdict: identical, differs at step N, or not reproduced
+    (it failed, or runs still); None when the run was never reproduced."""
+    reproductions = sorted((run_directory / "reproductions").glob("*/config.yaml"))
+    if not reproductions:
+        return None
+    comparison_file = reproductions[-1].parent / "comparison.json"
+    try:
+        comparison = json.loads(comparison_file.read_text())
+    except (OSError, ValueError):
+        return "not reproduced"
+    if comparison.get("identical"):
+        complete = comparison.get("complete")
+        return "identical" if complete else f"identical to step {comparison.get('compared_up_to_step')}"
+    parts = comparison.get("parts_at") or {}
+    # A comparison written before parts_at: its lines say "first at step N" per metric.
+    steps = [int(step) for line in comparison.get("differences") or [] for step in FIRST_AT.findall(line)]
+    step = parts.get("step", min(steps, default=None))
+    return "differs" if step is None else f"differs at step {step}"
 
 
 def make_row(run: str, config: dict, metadata: dict, status: str, on_remote: dict[str, bool]) -> dict:

@@ -182,11 +182,11 @@ def open_run(
 
 def create_run_directory(plan: Plan, command: CommandLine, world_size: int, gathering: Gathering | None) -> Path:
     """The new run's directory, with its config and provenance stamped in (rank 0). A branch
-    goes next to its parent."""
+    goes next to its parent, unless --run-parent says (a branch's reproduction)."""
     parent = branch_provenance(plan.branch) if plan.branch else None
     packages, fingerprint = (gathering or Gathering(plan.data_directory)).result()
     directory = start_run(
-        Path(plan.branch["run"]).parent if plan.branch else run_parent(command, plan.config),
+        Path(plan.branch["run"]).parent if plan.branch and not command.run_parent else run_parent(command, plan.config),
         plan.config.run_name,
         plan.config.to_dict(),
         {

@@ -15,6 +15,9 @@ from src.core.record.git import PROJECT_ROOT
 
 # Data fingerprints hash file contents when the directory holds at most this much.
 DATA_HASH_LIMIT_BYTES = 256 * 2**20
+# ...and list each file (name, size, SHA-256 when hashed) when it holds at most this many,
+# so that `--diff` can name the files two runs' data differ in.
+DATA_LISTING_LIMIT_FILES = 200
 
 
 def installed_packages() -> list[str]:
@@ -63,14 +66,22 @@ def data_fingerprint(directory: Path | str) -> dict:
     SHA-256 of all contents when the directory holds at most DATA_HASH_LIMIT_BYTES."""
     directory = Path(directory)
     files, total, listing = data_listing(directory)
-    content = None
+    content, digests = None, {}
     if total <= DATA_HASH_LIMIT_BYTES:
         content_hash = hashlib.sha256()
         for path in files:
             content_hash.update(path.relative_to(directory).as_posix().encode() + b"\0")
             with open(path, "rb") as stream:
-                content_hash.update(hashlib.file_digest(stream, "sha256").digest())
+                digest = hashlib.file_digest(stream, "sha256")
+            content_hash.update(digest.digest())
+            digests[path] = digest.hexdigest()
         content = content_hash.hexdigest()
+    per_file = None
+    if len(files) <= DATA_LISTING_LIMIT_FILES:
+        per_file = {
+            path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": digests.get(path)}
+            for path in files
+        }
     return {
         "directory": str(directory.resolve()),
         "files": len(files),
@@ -78,6 +89,7 @@ def data_fingerprint(directory: Path | str) -> dict:
         "listing_sha256": listing,
         "content_sha256": content,
         "rule": f"names and sizes always; contents when at most {DATA_HASH_LIMIT_BYTES // 2**20} MiB",
+        "per_file": per_file,  # None over DATA_LISTING_LIMIT_FILES files
     }
 
 
