@@ -62,29 +62,43 @@ def journal_storage(directory: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(directory / STUDY_FILE)))
 
 
-def open_study(directory: Path, spec: SearchSpec, storage=None):
-    """The study in `directory`'s journal file, created on first use; every process that opens
-    it (the driver, each trial) gets the same sampler and pruner."""
+def make_sampler(spec: SearchSpec, seed: int):
     optuna = import_optuna()
-    storage = storage or journal_storage(directory)
     if spec.sampler == "grid":
         space = {parameter.key: parameter.values for parameter in spec.parameters}
-        sampler = optuna.samplers.GridSampler(space, seed=spec.seed)
-    else:
-        sampler = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}[spec.sampler](
-            seed=spec.seed
-        )
+        return optuna.samplers.GridSampler(space, seed=seed)
+    return {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}[spec.sampler](seed=seed)
+
+
+def make_pruner(spec: SearchSpec):
+    optuna = import_optuna()
     options = {key: value for key, value in spec.pruner.items() if key != "type"}
-    pruner = {
+    return {
         "median": optuna.pruners.MedianPruner,
         "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
         "hyperband": optuna.pruners.HyperbandPruner,
         "none": optuna.pruners.NopPruner,
     }[spec.pruner["type"]](**options)
-    direction = "maximize" if spec.mode == "max" else "minimize"
-    return optuna.create_study(
-        storage=storage, sampler=sampler, pruner=pruner, study_name=STUDY_NAME, direction=direction, load_if_exists=True
+
+
+def open_study(directory: Path, spec: SearchSpec, mode: str, storage=None):
+    """The study in `directory`'s journal file, created on first use; every process that opens
+    it (the driver, each trial) gets the same sampler and pruner. A continued search draws on
+    from `seed` + the trials it has already (the same seed again would repeat their values)."""
+    optuna = import_optuna()
+    storage = storage or journal_storage(directory)
+    study = optuna.create_study(
+        storage=storage,
+        sampler=make_sampler(spec, spec.seed),
+        pruner=make_pruner(spec),
+        study_name=STUDY_NAME,
+        direction="maximize" if mode == "max" else "minimize",
+        load_if_exists=True,
     )
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        study.sampler = make_sampler(spec, spec.seed + existing)
+    return study
 
 
 def suggest(trial, spec: SearchSpec) -> dict:
@@ -117,7 +131,9 @@ def search_pruning(run_directory: Path | None, context: DistContext):
     sweep_directory = run_directory.parent
     spec = read_search(read_yaml(sweep_directory / "sweep.yaml"))
     storage = journal_storage(sweep_directory)
-    study = open_study(sweep_directory, spec, storage)
+    study = import_optuna().load_study(
+        study_name=STUDY_NAME, storage=storage, sampler=make_sampler(spec, spec.seed), pruner=make_pruner(spec)
+    )
     trial = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("run") == run_directory.name), None)
     if trial is None or trial.state.name != "RUNNING":
         return None
@@ -193,7 +209,8 @@ def run_search(command: CommandLine, document: dict) -> int:
     verb = "continuing" if continued else "starting"
     print(f"{verb} a search of {spec.trials} trial(s) at commit {commit[:12]}: {directory}", flush=True)
     flags = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
-    driver = SearchDriver(Sweep(directory, code, [], commit), spec, document, flags)
+    mode = spec.mode or config.checkpoint.mode  # the objective's direction: checkpoint.mode by default
+    driver = SearchDriver(Sweep(directory, code, [], commit), spec, document, flags, mode)
     try:
         return driver.run()
     finally:
@@ -210,9 +227,9 @@ def die_with_parent() -> None:
 class SearchDriver:
     """Asks the study for trials, runs `parallel` at a time, and tells the study how each ended."""
 
-    def __init__(self, sweep: Sweep, spec: SearchSpec, document: dict, flags: list[str]):
+    def __init__(self, sweep: Sweep, spec: SearchSpec, document: dict, flags: list[str], mode: str):
         self.sweep, self.spec, self.document, self.flags = sweep, spec, document, flags
-        self.study = open_study(sweep.directory, spec)
+        self.study = open_study(sweep.directory, spec, mode)
         self.running: dict[int, tuple[subprocess.Popen, str]] = {}
         self.to_resume: list[tuple[int, str]] = []
         self.checkpointed: set[str] = set()

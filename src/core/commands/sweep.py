@@ -194,14 +194,17 @@ def swept_values(sweep_directory: Path, member_config: dict) -> dict:
 
 def trial_objective(run_directory: Path, objective: str | None, mode: str | None) -> tuple[str, float | None]:
     """A search trial's objective: the best value its run logged of `objective` (default: the
-    monitored metric, `checkpoint.monitor`), lowest or highest by `mode` (default: checkpoint.mode)."""
+    monitored metric, `checkpoint.monitor`) after training began, lowest or highest by `mode`
+    (default: checkpoint.mode)."""
     metadata_file = run_directory / METADATA_FILE
     best = ((read_yaml(metadata_file) or {}).get("best") or {}) if metadata_file.exists() else {}
     metric, mode = objective or best.get("metric") or "?", mode or best.get("mode") or "min"
     values = [
         record["value"]
         for record in read_metrics(run_directory)
-        if f"{record['phase']}/{record['name']}" == metric and record["value"] == record["value"]  # not NaN
+        if f"{record['phase']}/{record['name']}" == metric
+        and record["epoch"] > 0  # not the untrained model's baseline (evaluate_before_training)
+        and record["value"] == record["value"]  # not NaN
     ]
     return metric, ((max if mode == "max" else min)(values) if values else None)
 
