@@ -32,7 +32,7 @@ from src.core.commands.sweep import Sweep, member_name, trial_objective, write_t
 from src.core.config.loader import dump_yaml
 from src.core.config.schema import project_schema
 from src.core.config.validation import Config, finalize
-from src.core.distributed import DistContext
+from src.core.distributed import DistContext, broadcast_object
 from src.core.errors import UserError
 from src.core.record.bootstrap import bootstrap_path
 from src.core.record.environment import find_data_directory
@@ -124,10 +124,15 @@ def search_pruning(run_directory: Path | None, context: DistContext):
     trial running): a check `(metrics, epoch, step, monitored) -> stop reason or None` that
     reports the objective and asks the pruner. None for any other run (a reproduction, a run
     outside a search). Rank 0 alone talks to the study; the Trainer shares its answer."""
+    check = trial_check(run_directory) if context.is_main else None
+    if not broadcast_object(check is not None, context):  # every rank agrees, or collectives would hang
+        return None
+    return check or (lambda *_: None)  # the other ranks' answer comes from rank 0 (policies.PruningStop)
+
+
+def trial_check(run_directory: Path | None):
     if run_directory is None or not (run_directory.parent / STUDY_FILE).is_file():
         return None
-    if not context.is_main:
-        return lambda *_: None  # the answer comes from rank 0 (policies.PruningStop)
     sweep_directory = run_directory.parent
     spec = read_search(read_yaml(sweep_directory / "sweep.yaml"))
     storage = journal_storage(sweep_directory)
