@@ -28,6 +28,7 @@ train_data_loader_type: PendulumSteps
 epochs: 1
 batch_size: 8
 """
+LONG = 1200  # seconds: a search of several trials on a loaded machine
 GOOD_PARAMETERS = "{optimizer.lr: {log_uniform: [1.0e-4, 1.0e-2]}, model_parameters.hidden_size: {choice: [16, 32]}}"
 
 
@@ -113,7 +114,7 @@ def test_a_search_prunes_and_lists_its_trials_best_first(project):
     name = write_search(
         project, "search.yaml", 2, trials=4, parallel=1, seed=0, pruner={"type": "median", "n_startup_trials": 1}
     )
-    result = project.run(name, "--mini", "--cpu")
+    result = project.run(name, "--mini", "--cpu", timeout=LONG)
     assert result.returncode == 0, result.stdout + result.stderr
     directory = project.root / "logs" / "PendulumModel" / "search-search"
     rows = trial_rows(directory)
@@ -152,12 +153,12 @@ def test_a_search_prunes_and_lists_its_trials_best_first(project):
 
 def test_a_killed_search_continues_with_the_trials_asked_and_resumes_the_one_in_flight(project):
     name = write_search(project, "search.yaml", 3, trials=4, parallel=2, pruner={"type": "none"})
-    killed = project.run(name, "--mini", "--cpu", env={"TEMPLATE_FAULT": "search_trial_checkpointed:1"})
+    killed = project.run(name, "--mini", "--cpu", env={"TEMPLATE_FAULT": "search_trial_checkpointed:1"}, timeout=LONG)
     assert killed.returncode == -9, killed.stdout + killed.stderr  # kill -9 of the driver: its trials die too
     directory = project.root / "logs" / "PendulumModel" / "search-search"
     in_flight = [p.parent.parent.name for p in directory.glob("*/checkpoints/last.pt")]
     assert in_flight and len(list((directory / "configs").glob("*.yaml"))) == 2
-    result = project.run(name, "--mini", "--cpu")
+    result = project.run(name, "--mini", "--cpu", timeout=LONG)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resuming trial {in_flight[0]}" in result.stdout and f"trial {in_flight[0]}: resumed" in result.stdout
     rows = trial_rows(directory)
@@ -173,6 +174,6 @@ def test_a_killed_search_continues_with_the_trials_asked_and_resumes_the_one_in_
         3,
     ]  # before training, then after each of the 3 epochs: none lost, none twice
     # Bitwise what a run never interrupted gives: its reproduction, from scratch, at the search's commit.
-    reproduced = project.run("--reproduce", str(resumed), "--cpu")
+    reproduced = project.run("--reproduce", str(resumed), "--cpu", timeout=LONG)
     assert reproduced.returncode == 0, reproduced.stdout + reproduced.stderr
     assert "identical (bitwise)" in reproduced.stdout and "parameters at step" in reproduced.stdout
