@@ -110,6 +110,7 @@ def trial_rows(search_directory) -> list[dict]:
         return list(csv.DictReader(stream))
 
 
+@pytest.mark.slow  # a real search of 4 trials
 def test_a_search_prunes_and_lists_its_trials_best_first(project):
     name = write_search(
         project, "search.yaml", 2, trials=4, parallel=1, seed=0, pruner={"type": "median", "n_startup_trials": 1}
@@ -151,6 +152,7 @@ def test_a_search_prunes_and_lists_its_trials_best_first(project):
     assert "started" not in again.stdout and trial_rows(directory) == rows
 
 
+@pytest.mark.slow  # a real search killed, continued, and a trial reproduced
 def test_a_killed_search_continues_with_the_trials_asked_and_resumes_the_one_in_flight(project):
     name = write_search(project, "search.yaml", 3, trials=4, parallel=2, pruner={"type": "none"})
     killed = project.run(name, "--mini", "--cpu", env={"TEMPLATE_FAULT": "search_trial_checkpointed:1"}, timeout=LONG)
