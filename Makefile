@@ -37,7 +37,7 @@ $(TESTING): $(RUNTIME) requirements-test.txt
 	$(PIP) -r requirements-test.txt
 	touch $@
 
-$(DEVELOPMENT): $(TESTING) requirements-dev.txt requirements-trackers.txt requirements-archive.txt requirements-s3-server.txt
+$(DEVELOPMENT): $(TESTING) requirements-dev.txt requirements-trackers.txt requirements-archive.txt requirements-s3-server.txt requirements-search.txt
 	$(PIP) -r requirements-dev.txt
 	touch $@
 

@@ -28,6 +28,8 @@ from src.core.commands.launch import launch_with_torchrun
 from src.core.commands.planning import Request, make_plan, read_request
 from src.core.commands.reproduce import reproduce
 from src.core.commands.runs import set_note, show_runs
+from src.core.commands.search import run_search, search_pruning
+from src.core.commands.search_spec import is_search
 from src.core.commands.session import gather_provenance, open_run
 from src.core.commands.slurm import requeue_this_job
 from src.core.commands.sweep import run_sweep
@@ -41,7 +43,7 @@ from src.core.distributed import (
 )
 from src.core.errors import UserError, quiet_storage_errors_in_threads, report
 from src.core.training.build import build_task
-from src.core.training.policies import listen_for_preemption
+from src.core.training.policies import Stops, listen_for_preemption
 from src.core.training.trainer import build_trainer, check_monitor_before_training
 
 
@@ -70,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             return export_run(Path(command.export), command.to)
         # The config, read and validated once (a torchrun worker leaves it to rank 0).
         request = None if launched_by_torchrun() else read_request(command)
-        if request is not None and request.sweep is not None:
-            return run_sweep(command, request.sweep)
+        if request is not None and request.sweep is not None:  # a grid, or a search (commands/search.py)
+            return (run_search if is_search(request.sweep) else run_sweep)(command, request.sweep)
         return train(command, request, preemption)
     except UserError as error:  # the user's to fix: one message, no traceback
         return report(error)
@@ -105,10 +107,12 @@ def train(command: CommandLine, request: Request | None, preemption: threading.E
 
         # Fit: in the run directory (rank 0 creates or reopens it), or logging nothing. The Trainer
         # is built inside run.fit, so that a failure while building it is recorded too.
-        def fit(output, start) -> dict:
-            return build_trainer(config, task, context, output, preemption).fit(start)
-
         with open_run(plan, command, context, gathering) as run:
+            stops = Stops(preemption, pruning=search_pruning(run.directory, context))  # a search's trial
+
+            def fit(output, start) -> dict:
+                return build_trainer(config, task, context, output, stops).fit(start)
+
             status = run.fit(fit, on_preempted=requeue_this_job)
         return status
     finally:

@@ -168,7 +168,7 @@ def extends(config: Config, metadata: dict) -> bool:
     """Whether a finished run's config asks for more training (a larger epochs or max_steps)."""
     if config.get("max_steps"):
         return config.max_steps > (metadata.get("global_step") or 0)
-    stopped_early = str(metadata.get("stop_reason") or "").startswith("early stopping")
+    stopped_early = str(metadata.get("stop_reason") or "").startswith(("early stopping", "pruned"))
     return not stopped_early and config.epochs > (metadata.get("epochs_done") or 0)
 
 

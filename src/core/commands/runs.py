@@ -134,7 +134,9 @@ def filter_rows(rows: list[dict], text: str | None = None, status: str | None = 
     if text:
         rows = [row for row in rows if text.lower() in _searchable(row)]
     if status:
-        rows = [row for row in rows if f"{row.get('status', '')} ".startswith(f"{status} ")]
+        rows = [  # a search trial's state (pruned, complete...) matches too
+            row for row in rows if any(f"{row.get(key, '')} ".startswith(f"{status} ") for key in ("status", "state"))
+        ]
     return rows
 
 

@@ -178,11 +178,65 @@ def run_locally(sweep: Sweep, flags: list[str]) -> int:
     return 1 if failed else 0
 
 
-def swept_values(sweep_directory: Path, member_config: dict) -> dict:
-    """A member's value of each swept key (`optimizer.lr`: 3e-4, ...), in the sweep's order."""
+def sweep_section(sweep_directory: Path) -> dict:
+    """The sweep directory's `sweep:` section (a grid's lists, or a search's form)."""
     sweep_file = sweep_directory / "sweep.yaml"
-    swept = ((read_yaml(sweep_file) or {}).get("sweep") or {}) if sweep_file.exists() else {}
-    return {key: lookup(member_config, key) for key in swept}
+    return ((read_yaml(sweep_file) or {}).get("sweep") or {}) if sweep_file.exists() else {}
+
+
+def swept_values(sweep_directory: Path, member_config: dict) -> dict:
+    """A member's value of each swept key (`optimizer.lr`: 3e-4, ...), in the sweep's order
+    (a search's: its parameters)."""
+    swept = sweep_section(sweep_directory)
+    keys = swept.get("parameters") or {} if "search" in swept else swept
+    return {key: lookup(member_config, key) for key in keys}
+
+
+def trial_objective(run_directory: Path, objective: str | None, mode: str | None) -> tuple[str, float | None]:
+    """A search trial's objective: the best value its run logged of `objective` (default: the
+    monitored metric, `checkpoint.monitor`) after training began, lowest or highest by `mode`
+    (default: checkpoint.mode)."""
+    metadata_file = run_directory / METADATA_FILE
+    best = ((read_yaml(metadata_file) or {}).get("best") or {}) if metadata_file.exists() else {}
+    metric, mode = objective or best.get("metric") or "?", mode or best.get("mode") or "min"
+    values = [
+        record["value"]
+        for record in read_metrics(run_directory)
+        if f"{record['phase']}/{record['name']}" == metric
+        and record["epoch"] > 0  # not the untrained model's baseline (evaluate_before_training)
+        and record["value"] == record["value"]  # not NaN
+    ]
+    return metric, ((max if mode == "max" else min)(values) if values else None)
+
+
+TRIAL_STATES = {"finished": "complete", "failed": "failed", None: "waiting"}
+
+
+def trial_columns(sweep_directory: Path, run_directory: Path, metadata: dict) -> dict:
+    """A search trial's state (complete, pruned, running, failed) and objective."""
+    search = sweep_section(sweep_directory).get("search") or {}
+    objective = search.get("objective") if isinstance(search, dict) else None
+    mode = search.get("mode") if isinstance(search, dict) else None
+    state = TRIAL_STATES.get(metadata.get("status"), "running")
+    if state == "complete" and str(metadata.get("stop_reason") or "").startswith("pruned"):
+        state = "pruned"
+    metric, value = trial_objective(run_directory, objective, mode)
+    return {"state": state, "objective": metric if value is None else value, "_mode": mode or "min"}
+
+
+def best_first(rows: list[dict]) -> list[dict]:
+    """A search's trials: complete ones best first, then pruned (best first), then the others."""
+    order = {"complete": 0, "pruned": 1, "running": 2, "failed": 3, "waiting": 4}
+
+    def key(row: dict):
+        value = row["objective"] if isinstance(row["objective"], float | int) else None
+        sign = -1 if row["_mode"] == "max" else 1
+        return (order[row["state"]], value is None, sign * value if value is not None else 0)
+
+    rows = sorted(rows, key=key)
+    for row in rows:
+        del row["_mode"]
+    return rows
 
 
 def final_metrics(run_directory: Path) -> dict[str, float]:
@@ -202,10 +256,13 @@ def member_rows(sweep_directory: Path, slurm: bool = True) -> list[dict]:
     `slurm`, the Slurm state of a submitted sweep's tasks (commands/runs.py filters them)."""
     rows = []
     states = slurm_states(sweep_directory) if slurm else {}
+    search = "search" in sweep_section(sweep_directory)
     for config_file in sorted((sweep_directory / "configs").glob("*.yaml")):
         run_directory = sweep_directory / config_file.stem
         metadata = read_yaml(run_directory / METADATA_FILE) if (run_directory / METADATA_FILE).exists() else {}
-        row = {"member": config_file.stem, "status": metadata.get("status", "not started")}
+        row = {"member": config_file.stem}
+        row |= trial_columns(sweep_directory, run_directory, metadata) if search else {}
+        row["status"] = metadata.get("status", "not started")
         if slurm and (sweep_directory / "slurm.json").exists():
             row["slurm"] = states.get(config_file.stem, "-")
         row |= swept_values(sweep_directory, read_yaml(config_file) or {})
@@ -213,7 +270,7 @@ def member_rows(sweep_directory: Path, slurm: bool = True) -> list[dict]:
         if best.get("value") is not None:
             row[f"best {best['metric']}"] = best["value"]
         rows.append(row | final_metrics(run_directory))
-    return rows
+    return best_first(rows) if search else rows
 
 
 def write_table(sweep_directory: Path) -> None:
@@ -235,7 +292,12 @@ def update_sweep_table(run_directory: Path) -> None:
     try:
         if (read_yaml(run_directory / METADATA_FILE) or {}).get("status") == "finished":
             parameters = swept_values(sweep_directory, read_yaml(run_directory / CONFIG_FILE) or {})
-            write_hparams(run_directory, parameters, final_metrics(run_directory))
+            metrics = final_metrics(run_directory)
+            search = sweep_section(sweep_directory).get("search")
+            if isinstance(search, dict):  # a search trial: its objective too (the best value, not the last)
+                value = trial_objective(run_directory, search.get("objective"), search.get("mode"))[1]
+                metrics |= {"search/objective": value} if value is not None else {}
+            write_hparams(run_directory, parameters, metrics)
         write_table(sweep_directory)
     except Exception as error:  # the table is a convenience: never fail the run for it
         print(f"warning: could not update {sweep_directory / 'sweep.csv'}: {error!r}", file=sys.stderr)

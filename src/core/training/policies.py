@@ -101,3 +101,25 @@ class PreemptionStop:
         if not at_epoch_end and step % self.log_every:
             return False
         return broadcast_object(self.requested.is_set(), self.context)
+
+
+class Stops:
+    """What may stop a run before its end besides early stopping, as handed to the Trainer:
+    `preemption`, an event set by Slurm's warning (SIGUSR1 under --requeue); `pruning`, a search
+    trial's check `(metrics, epoch, step, monitored metric) -> stop reason or None`, asked
+    after each evaluation (commands/search.py)."""
+
+    def __init__(self, preemption: threading.Event | None = None, pruning=None):
+        self.preemption, self.pruning = preemption, pruning
+
+
+class PruningStop:
+    """A search trial's pruning: after each epoch's evaluation the trial reports its objective and
+    asks whether to stop, as early stopping does. Under DDP rank 0 asks and every rank follows."""
+
+    def __init__(self, check, context: DistContext):
+        self.check, self.context = check, context
+
+    def reason(self, metrics: dict[str, float], epoch: int, step: int, monitored: str) -> str | None:
+        answer = self.check(metrics, epoch, step, monitored) if self.context.is_main else None
+        return broadcast_object(answer, self.context)

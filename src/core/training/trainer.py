@@ -12,7 +12,6 @@ What is logged, and when: README, "Run directory" and "Your own metrics".
 
 import contextlib
 import hashlib
-import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -30,7 +29,7 @@ from src.core.training.evaluator import Evaluator
 from src.core.training.measures import add_model_metrics, overrides
 from src.core.training.meter import Meter
 from src.core.training.output import NullOutput
-from src.core.training.policies import CheckpointSchedule, Monitor, Preempted, PreemptionStop
+from src.core.training.policies import CheckpointSchedule, Monitor, Preempted, PreemptionStop, PruningStop, Stops
 from src.core.training.schedule import zero_lr_extension
 from src.core.training.start import FRESH, Start
 from src.core.training.stepper import Stepper, steps_per_epoch
@@ -69,16 +68,16 @@ def check_monitor_before_training(config: Config, task: Task, context: DistConte
 
 
 def build_trainer(
-    config: Config, task: Task, context: DistContext, output: NullOutput | None = None, preemption=None
+    config: Config, task: Task, context: DistContext, output: NullOutput | None = None, stops: Stops | None = None
 ) -> "Trainer":
     """The Trainer and the parts it is given, as run.py assembles them. `output`: the run's
-    (None: nothing is logged)."""
+    (None: nothing is logged); `stops`: a preemption event, a search trial's pruning."""
     output = output if output is not None else NullOutput()
     loaders = Loaders(config, task.datasets, context)
     steps = steps_per_epoch(loaders.batches_per_epoch(), config.gradient_accumulation_steps)
     stepper = Stepper(config, task.model, task.loss_function, context, steps)
     evaluator = Evaluator(config, task, loaders, context, output)
-    return Trainer(config, loaders, stepper, evaluator, output, preemption)
+    return Trainer(config, loaders, stepper, evaluator, output, stops)
 
 
 def rescaled_position(
@@ -98,10 +97,11 @@ class Trainer:
         stepper: Stepper,
         evaluator: Evaluator,
         output: NullOutput,
-        preemption: threading.Event | None = None,
+        stops: Stops | None = None,
     ):
-        """`output`: the run's (a NullOutput where nothing is logged). `preemption`: an event that,
-        once set (SIGUSR1 under --requeue), makes the run checkpoint and stop."""
+        """`output`: the run's (a NullOutput where nothing is logged). `stops`: a preemption event
+        that, once set (SIGUSR1 under --requeue), makes the run checkpoint and stop, and a search
+        trial's pruning (policies.Stops)."""
         self.config, self.loaders, self.output = config, loaders, output
         self.stepper, self.evaluator = stepper, evaluator
         self.model, self.context = stepper.model, stepper.context  # the stepper holds where training runs
@@ -113,7 +113,10 @@ class Trainer:
         monitored = config.checkpoint.monitor or default_monitor(loaders.datasets)
         self.monitor = Monitor(monitored, config.checkpoint.mode, stopping.patience, stopping.min_delta)
         self.checkpoint_schedule = CheckpointSchedule(config, self.context)
+        stops = stops or Stops()
+        preemption = stops.preemption
         self.preemption = PreemptionStop(preemption, config.log_every_n_steps, self.context) if preemption else None
+        self.pruning = PruningStop(stops.pruning, self.context) if stops.pruning else None
         self.train_metrics = config.train_metrics and overrides(self.model, "metrics")
         self.checkpointed_step = -1
         self.stop_reason: str | None = None
@@ -158,11 +161,19 @@ class Trainer:
             self.print_summary(metrics, improved, time.monotonic() - started)
             if self.preemption and self.preemption.due(progress.global_step, at_epoch_end=True):
                 self.stop_for_preemption()
-        self.stop_reason = self.monitor.stop_reason() or (
-            f"reached max_steps {config.max_steps}" if config.max_steps else f"finished all {config.epochs} epochs"
+            pruned = self.pruning and self.pruning.reason(
+                metrics, progress.epoch, progress.global_step, self.monitor.metric
+            )
+            if pruned:  # a search's pruner: stop as early stopping does, after the epoch's checkpoint
+                self.stop_reason = pruned
+                break
+        self.stop_reason = (
+            self.stop_reason
+            or self.monitor.stop_reason()
+            or (f"reached max_steps {config.max_steps}" if config.max_steps else f"finished all {config.epochs} epochs")
         )
         self.output.record(stop_reason=self.stop_reason)
-        if self.stop_reason.startswith("early stopping"):
+        if self.stop_reason.startswith(("early stopping", "pruned")):
             self.output.console.line(f"stopped after epoch {progress.epoch}: {self.stop_reason}")
         if self.context.enabled:
             self.check_replicas()
