@@ -34,6 +34,7 @@ from src.core.record.rundir import (
     start_run,
     update_metadata,
 )
+from src.core.record.snapshot import pin_run_snapshot
 from src.core.tracking.trackers import TRACKERS
 from src.core.training.console import Console
 from src.core.training.output import NullOutput, RunOutput
@@ -177,8 +178,8 @@ def create_run_directory(plan: Plan, command: CommandLine, world_size: int) -> P
         Path(plan.branch["run"]).parent if plan.branch else run_parent(command, plan.config),
         plan.config.run_name,
         plan.config.to_dict(),
-        {
-            "git": plan.git,
+        lambda directory: {
+            "git": pin_run_snapshot(plan.git, directory),
             "flags": recorded_flags(command),
             "command_line": shlex.join(["python", "run.py", *command.argv]),
             "environment": {**environment_provenance(), "world_size": world_size},

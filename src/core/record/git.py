@@ -30,15 +30,18 @@ COMMIT_ENV_VARIABLE = "PROVENANCE_GIT_COMMIT"
 MAX_LISTED_PATHS = 20
 
 
-def start_git(args: list[str], cwd: Path | str = PROJECT_ROOT, stdin: int | None = None) -> subprocess.Popen:
-    """Start a git command (output captured as text); a missing git binary is a refusal."""
+def start_git(
+    args: list[str], cwd: Path | str = PROJECT_ROOT, stdin: int | None = None, env: dict | None = None
+) -> subprocess.Popen:
+    """Start a git command (output captured as text; `env` added to the environment); a missing
+    git binary is a refusal."""
     if shutil.which("git") is None:
         raise Refusal(
             "git is not installed (no 'git' on PATH): the template records the commit of "
             "every logged run and needs git to do so. Install git, or run with --no-logging."
         )
     # Git's messages in English whatever the user's locale: the gate reads some of them.
-    environment = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C"}
+    environment = {**os.environ, **(env or {}), "LC_ALL": "C", "LANGUAGE": "C"}
     return subprocess.Popen(
         ["git", *args], cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
     )
@@ -55,10 +58,14 @@ def finish_git(
 
 
 def run_git(
-    args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True, input: str | None = None
+    args: list[str],
+    cwd: Path | str = PROJECT_ROOT,
+    check: bool = True,
+    input: str | None = None,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a git command; a missing git binary is a refusal with a clear message."""
-    process = start_git(args, cwd, stdin=None if input is None else subprocess.PIPE)
+    process = start_git(args, cwd, stdin=None if input is None else subprocess.PIPE, env=env)
     return finish_git(process, cwd, check, input)
 
 

@@ -1,0 +1,203 @@
+"""`--snapshot`: log a run from a dirty working tree by committing the tree, as it is, to a
+hidden ref (`refs/runs/<project>/<run>`) instead of refusing.
+
+The commit is built with git's plumbing on a temporary copy of the index (GIT_INDEX_FILE,
+`git add -A`, `write-tree`, `commit-tree`), so HEAD, the branch, the real index, the stash
+and the working tree are left exactly as they were. It holds what the gate complains about:
+tracked files modified, deleted or renamed, untracked files that .gitignore does not
+exclude, executable bits, symbolic links, and files marked assume-unchanged or
+skip-worktree (by content, as the gate reads them).
+
+The commit's author, dates and message depend only on the tree and its base, so the same
+tree on the same base is the same commit: sweep members, repeated runs, a torchrun restart
+and a `--resume --snapshot` of an unchanged tree all find the one snapshot.
+"""
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.core.errors import Refusal
+from src.core.record.git import (
+    MAX_LISTED_PATHS,
+    PROJECT_ROOT,
+    NotARepository,
+    RepositoryState,
+    gate,
+    git_provenance,
+    repository_state,
+    run_git,
+)
+
+REF_PREFIX = "refs/runs"
+ENVIRONMENT_VARIABLE = "TEMPLATE_SNAPSHOT"
+# A root commit (a branch without commits yet) needs some date: a fixed one keeps it reproducible.
+ROOT_DATE = "946684800 +0000"  # 2000-01-01
+IDENTITY = {"name": "run.py --snapshot", "email": "snapshot@run.invalid"}
+UNSAFE_REF_CHARACTERS = re.compile(r"[^A-Za-z0-9._=,+-]")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    commit: str  # the snapshot commit
+    base: str | None  # HEAD when it was taken (None: a branch without commits)
+    files: list[str]  # the paths that differ from the base
+
+
+def snapshot_requested(flag: bool) -> bool:
+    """--snapshot, or TEMPLATE_SNAPSHOT=1 in the environment."""
+    return flag or os.environ.get(ENVIRONMENT_VARIABLE, "").strip() in ("1", "true", "yes")
+
+
+def _list(paths: list[str]) -> str:
+    listed = paths[:MAX_LISTED_PATHS]
+    more = len(paths) - len(listed)
+    return "\n  ".join(listed + ([f"... and {more} more"] if more else []))
+
+
+def check_snapshot_allowed(state: RepositoryState, max_file_mb: float) -> None:
+    """Refuse (exit 3, one message) what a snapshot should not hold: a submodule with
+    uncommitted content (its own commit would be needed), or untracked files over the
+    size limit (data and checkpoints belong in .gitignore)."""
+    submodules = [c for c in state.changes if c.startswith("submodule (") and "content" in c.split(":")[0]]
+    if submodules:
+        raise Refusal(
+            f"--snapshot: cannot snapshot submodules with uncommitted changes (a snapshot records "
+            f"a submodule's commit only):\n  {_list(submodules)}\n"
+            "Commit (or discard) the changes inside each submodule first, then run again."
+        )
+    if not any(change.startswith("untracked: ") for change in state.changes):
+        return
+    limit = max_file_mb * 1024 * 1024
+    listing = run_git(["ls-files", "--others", "--exclude-standard", "-z"], cwd=state.root).stdout
+    large = []
+    for path in filter(None, listing.split("\0")):
+        size = os.lstat(state.root / path).st_size
+        if size > limit:
+            large.append(f"{path} ({size / 1024 / 1024:.1f} MB)")
+    if large:
+        raise Refusal(
+            f"--snapshot: untracked files over snapshot_max_file_mb ({max_file_mb:g} MB) would go "
+            f"into the repository:\n  {_list(large)}\n"
+            "Add them to .gitignore (data, checkpoints and outputs belong outside git), or raise "
+            "snapshot_max_file_mb in the config."
+        )
+
+
+def _marked_paths(root: Path, index_env: dict) -> list[str]:
+    """The paths of the (temporary) index marked assume-unchanged or skip-worktree."""
+    listing = run_git(["ls-files", "-v", "-z"], cwd=root, env=index_env).stdout  # "h path", "S path"
+    return [record[2:] for record in filter(None, listing.split("\0")) if record[0].islower() or record[0] in "Ss"]
+
+
+def build_snapshot(state: RepositoryState) -> Snapshot:
+    """Commit the working tree of `state` (not referenced yet: see pin_snapshot) and return it."""
+    root = state.root
+    real_index = Path(run_git(["rev-parse", "--path-format=absolute", "--git-path", "index"], cwd=root).stdout.strip())
+    handle, temporary = tempfile.mkstemp(prefix="snapshot-index-", dir=real_index.parent)
+    os.close(handle)
+    index_env = {"GIT_INDEX_FILE": temporary}
+    try:
+        if real_index.exists():
+            Path(temporary).write_bytes(real_index.read_bytes())
+        else:
+            os.unlink(temporary)  # git starts an empty index where none exists
+        if any("(assume-unchanged" in c or "(skip-worktree" in c for c in state.changes):
+            marked = "".join(f"{path}\0" for path in _marked_paths(root, index_env))
+            for unmark in ("--no-assume-unchanged", "--no-skip-worktree"):  # one call each: git applies one mark a call
+                run_git(["update-index", unmark, "-z", "--stdin"], cwd=root, env=index_env, input=marked)
+        run_git(["-c", "gc.auto=0", "add", "-A", "--", ":/"], cwd=root, env=index_env)
+        tree = run_git(["write-tree"], cwd=root, env=index_env).stdout.strip()
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    base = state.commit
+    if base is None:
+        listing = run_git(["ls-tree", "-r", "-z", "--name-only", tree], cwd=root).stdout
+    else:
+        listing = run_git(["diff-tree", "-r", "-z", "--no-renames", "--name-only", base, tree], cwd=root).stdout
+    files = sorted(filter(None, listing.split("\0")))
+    date = ROOT_DATE if base is None else run_git(["show", "-s", "--format=%ct +0000", base], cwd=root).stdout.strip()
+    identity = {
+        "GIT_AUTHOR_NAME": IDENTITY["name"],
+        "GIT_AUTHOR_EMAIL": IDENTITY["email"],
+        "GIT_AUTHOR_DATE": date,
+        "GIT_COMMITTER_NAME": IDENTITY["name"],
+        "GIT_COMMITTER_EMAIL": IDENTITY["email"],
+        "GIT_COMMITTER_DATE": date,
+    }
+    message = f"snapshot of the working tree on {base or 'an unborn branch'} ({len(files)} files)\n"
+    parents = ["-p", base] if base else []
+    commit = run_git(["commit-tree", tree, *parents], cwd=root, env=identity, input=message).stdout.strip()
+    return Snapshot(commit, base, files)
+
+
+def snapshot_ref(project: str, run: str) -> str:
+    """`refs/runs/<project>/<run>`, with characters a ref cannot hold replaced."""
+    parts = [UNSAFE_REF_CHARACTERS.sub("_", part).lstrip(".").removesuffix(".lock") or "_" for part in (project, run)]
+    return "/".join([REF_PREFIX, *parts])
+
+
+def pin_snapshot(root: Path, commit: str, ref: str) -> str:
+    """Point `ref` at `commit` so that git keeps it (gc, prune). An existing ref is never moved:
+    a name another commit holds gets a `-2`, `-3`... suffix. Returns the ref used."""
+    zero = "0" * len(commit)  # update-ref's "this ref must not exist yet"
+    for attempt in range(1, 100):
+        name = ref if attempt == 1 else f"{ref}-{attempt}"
+        update = run_git(["update-ref", name, commit, zero], cwd=root, check=False)
+        if update.returncode == 0:
+            return name
+        existing = run_git(["rev-parse", "--verify", "-q", name], cwd=root, check=False).stdout.strip()
+        if existing == commit:
+            return name
+        if not existing:
+            raise RuntimeError(f"'git update-ref {name}' failed in {root}: {update.stderr.strip()}")
+    raise RuntimeError(f"could not find a free ref name for {ref} in {root}")
+
+
+def pin_run_snapshot(git: dict, directory: Path, root: Path = PROJECT_ROOT) -> dict:
+    """A snapshot run's `git` section, its snapshot now kept by `refs/runs/<project>/<run>`
+    (named after the run's, or sweep's, directory); any other run's as it is."""
+    snapshot = git.get("snapshot")
+    if not snapshot or snapshot.get("ref"):
+        return git
+    ref = pin_snapshot(root, git["commit"], snapshot_ref(directory.parent.name, directory.name))
+    print(f"snapshot of the working tree: commit {git['commit'][:12]} ({len(snapshot['files'])} files), kept as {ref}")
+    return {**git, "snapshot": {**snapshot, "ref": ref}}
+
+
+def snapshot_gate(root: Path, max_file_mb: float) -> dict:
+    """The `git` provenance of a run with --snapshot: a clean tree's as usual; a dirty tree's
+    snapshot commit, with `snapshot: {base, ref, files}` (`ref` is filled in when the run
+    directory, which names it, is made: see pin_snapshot)."""
+    try:
+        state = repository_state(root)
+    except NotARepository:  # a container built from a commit ($PROVENANCE_GIT_COMMIT), or a refusal
+        return gate(root)
+    if not state.changes:
+        return gate(root)
+    check_snapshot_allowed(state, max_file_mb)
+    snapshot = build_snapshot(state)
+    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))
+    provenance["snapshot"] = {"base": snapshot.base, "ref": None, "files": snapshot.files}
+    return provenance
+
+
+def logging_gate(snapshot: bool, max_file_mb: float, root: Path = PROJECT_ROOT) -> dict:
+    """The gate of a logged run: with --snapshot (or TEMPLATE_SNAPSHOT=1) a dirty tree is
+    snapshotted, without it refused."""
+    return snapshot_gate(root, max_file_mb) if snapshot_requested(snapshot) else gate(root)
+
+
+def resume_hint(saved_git: dict) -> str:
+    """What to add to a refused --resume of a snapshot run: how such a run continues."""
+    snapshot = saved_git.get("snapshot")
+    if not snapshot:
+        return ""
+    ref = snapshot.get("ref") or saved_git["commit"]
+    return (
+        f"\nThis run was logged from a snapshot of uncommitted work ({ref}). Resume it with --snapshot "
+        "while the working tree holds the same changes on the same commit, or from a checkout of the "
+        f"snapshot: git worktree add ../snapshot {ref} && cd ../snapshot && python run.py --resume RUN_DIR"
+    )
