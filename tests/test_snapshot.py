@@ -344,4 +344,11 @@ def test_a_sweep_from_a_dirty_tree_shares_one_snapshot(project):
     members = sorted(path for path in sweep.glob("*-lr=*") if (path / "config.yaml").exists())
     assert len(members) == 2
     for member in members:
-        assert yaml.safe_load((member / "config.yaml").read_text())["git"]["commit"] == recorded["commit"]
+        member_git = yaml.safe_load((member / "config.yaml").read_text())["git"]
+        assert member_git["commit"] == recorded["commit"] and member_git["snapshot"] == recorded["snapshot"]
+    assert project.git("for-each-ref", "--format=%(refname)", "refs/runs") == ref  # one snapshot for all
+
+    table = project.run("--runs")
+    assert table.returncode == 0
+    marked = [line for line in table.stdout.splitlines() if recorded["commit"][:10] + "+*" in line]
+    assert len(marked) == 2 and "+ a snapshot of uncommitted work" in table.stdout

@@ -16,7 +16,7 @@ from src.core.archive.store import archive_uri
 from src.core.commands.cli import CommandLine, recorded_flags
 from src.core.commands.planning import Plan, run_parent
 from src.core.commands.resume import branch_provenance, choose_start
-from src.core.commands.sweep import update_sweep_table
+from src.core.commands.sweep import sweep_snapshot, update_sweep_table
 from src.core.config.loader import split_provenance
 from src.core.config.schema import project_schema
 from src.core.config.validation import Config, config_hash
@@ -179,7 +179,7 @@ def create_run_directory(plan: Plan, command: CommandLine, world_size: int) -> P
         plan.config.run_name,
         plan.config.to_dict(),
         lambda directory: {
-            "git": pin_run_snapshot(plan.git, directory),
+            "git": sweep_snapshot(pin_run_snapshot(plan.git, directory), directory),
             "flags": recorded_flags(command),
             "command_line": shlex.join(["python", "run.py", *command.argv]),
             "environment": {**environment_provenance(), "world_size": world_size},

@@ -243,6 +243,18 @@ def update_sweep_table(run_directory: Path) -> None:
         print(f"warning: could not update {sweep_directory / 'sweep.csv'}: {error!r}", file=sys.stderr)
 
 
+def sweep_snapshot(git: dict, run_directory: Path) -> dict:
+    """A sweep member's `git` section: the sweep's snapshot (commit, base, ref, files) when the
+    sweep was started with --snapshot; the member itself runs in a clean worktree of it."""
+    sweep_file = run_directory.parent / "sweep.yaml"
+    if git.get("snapshot") or not sweep_file.is_file():
+        return git
+    recorded = (read_yaml(sweep_file) or {}).get("git") or {}
+    if recorded.get("snapshot") and recorded.get("commit") == git.get("commit"):
+        return {**git, "branch": recorded.get("branch"), "snapshot": recorded["snapshot"]}
+    return git
+
+
 def run_sweep(command: CommandLine, document: dict) -> int:
     """A sweep (or, with --slurm, any config): every combination, pinned to this commit."""
     members = expand(document, project_schema())
