@@ -3,6 +3,7 @@ and the user's repository (HEAD, branch, index, stash, working tree) is left exa
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,10 @@ def repository_view(root: Path) -> dict:
 
 
 def _has_commits(root: Path) -> bool:
-    return bool(git(root, "rev-list", "-n1", "--all"))
+    return subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=root, capture_output=True).returncode == 0
 
 
 def file_at(root: Path, commit: str, path: str) -> bytes:
-    import subprocess
-
     return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, check=True, capture_output=True).stdout
 
 
@@ -65,6 +64,17 @@ def modified(root):
 def deleted(root):
     (root / "b.txt").unlink()
     return {}, ["b.txt"]
+
+
+def deleted_and_staged(root):
+    git(root, "rm", "-q", "b.txt")
+    return {}, ["b.txt"]
+
+
+def staged_only(root):
+    (root / "a.txt").write_text("staged\n")
+    git(root, "add", "a.txt")
+    return {"a.txt": b"staged\n"}, ["a.txt"]
 
 
 def renamed(root):
@@ -118,6 +128,8 @@ def staged_then_edited(root):
 CHANGES = [
     modified,
     deleted,
+    deleted_and_staged,
+    staged_only,
     renamed,
     renamed_and_staged,
     untracked,
@@ -154,7 +166,7 @@ def test_a_snapshot_holds_the_change_and_leaves_the_repository_as_it_was(repo, c
         assert mode_at(repo, snapshot, "a.txt") == "100755"
     if change is symlink:
         assert mode_at(repo, snapshot, "link") == "120000"
-    if change in (deleted, renamed, renamed_and_staged):
+    if change in (deleted, deleted_and_staged, renamed, renamed_and_staged):
         assert "b.txt" not in tree
 
 
@@ -170,8 +182,9 @@ def test_an_unborn_branch_gives_a_root_commit(tmp_path):
     provenance = snapshot_gate(root, max_file_mb=10)
 
     assert repository_view(root) == before
-    assert git(root, "rev-list", "--all") == ""  # nothing points at it until a run pins it
     snapshot = provenance["commit"]
+    # Until a run pins it under its name, a pending ref keeps it (from gc --prune=now too).
+    assert git(root, "for-each-ref", "--format=%(refname) %(objectname)") == f"refs/runs-pending/{snapshot} {snapshot}"
     assert git(root, "rev-list", "--parents", "-n1", snapshot) == snapshot  # no parent
     assert provenance["snapshot"] == {"base": None, "ref": None, "files": ["staged.py", "train.py"]}
     assert file_at(root, snapshot, "train.py") == b"print('first')\n"
@@ -186,6 +199,7 @@ def test_the_same_tree_on_the_same_base_is_the_same_commit_and_a_ref_is_never_mo
     ref = snapshot_ref("project", "run 1")
     assert ref == "refs/runs/project/run_1"
     assert pin_snapshot(repo, first, ref) == ref
+    assert git(repo, "for-each-ref", "refs/runs-pending") == ""  # pinned: no longer pending
     assert pin_snapshot(repo, first, ref) == ref  # pinned again (a restart): the same ref
     (repo / "a.txt").write_text("edited again\n")
     second = snapshot_gate(repo, max_file_mb=10)["commit"]

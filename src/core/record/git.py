@@ -77,6 +77,8 @@ class RepositoryState:
     commit: str | None  # None: the repository has no commits yet
     branch: str | None  # None: detached HEAD
     changes: list[str] = field(default_factory=list)  # "modified: src/model.py", ...
+    # The paths whose working-tree file differs from the index (what `git add` would change).
+    paths: list[str] = field(default_factory=list)
 
 
 _CHANGE_NAMES = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed", "C": "copied", "T": "type changed"}
@@ -129,13 +131,20 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
         elif record.startswith(("1 ", "u ")):
             fields = record.split(" ", 8 if record[0] == "1" else 10)
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], None))
+            if fields[1][1] != ".":
+                state.paths.append(fields[-1])
         elif record.startswith("2 "):
             fields = record.split(" ", 9)
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], next(records)))
+            if fields[1][1] != ".":
+                state.paths.append(fields[-1])
         elif record.startswith("? "):
             state.changes.append(f"untracked: {record[2:]}")
+            state.paths.append(record[2:])
     if maybe_marked and state.commit is not None:
-        state.changes.extend(marked_file_changes(Path(root)))
+        marked = marked_file_changes(Path(root))
+        state.changes.extend(marked)
+        state.paths += [change.partition("): ")[2] for change in marked]
     return state
 
 

@@ -25,13 +25,17 @@ from src.core.record.git import (
     PROJECT_ROOT,
     NotARepository,
     RepositoryState,
+    check_clean,
+    finish_git,
     gate,
     git_provenance,
     repository_state,
     run_git,
+    start_git,
 )
 
 REF_PREFIX = "refs/runs"
+PENDING_PREFIX = "refs/runs-pending"  # a snapshot made, its run not yet named (see pin_snapshot)
 ENVIRONMENT_VARIABLE = "TEMPLATE_SNAPSHOT"
 # A root commit (a branch without commits yet) needs some date: a fixed one keeps it reproducible.
 ROOT_DATE = "946684800 +0000"  # 2000-01-01
@@ -57,7 +61,18 @@ def _list(paths: list[str]) -> str:
     return "\n  ".join(listed + ([f"... and {more} more"] if more else []))
 
 
-def check_snapshot_allowed(state: RepositoryState, max_file_mb: float) -> None:
+def untracked_files(state: RepositoryState) -> list[str]:
+    """The untracked files git status named, a new directory's files listed (as .gitignore leaves them)."""
+    untracked = [change[len("untracked: ") :] for change in state.changes if change.startswith("untracked: ")]
+    files = [path for path in untracked if not path.endswith("/")]
+    directories = [path for path in untracked if path.endswith("/")]  # git status names a new directory once
+    if directories:
+        arguments = ["--literal-pathspecs", "ls-files", "--others", "--exclude-standard", "-z", "--", *directories]
+        files += filter(None, run_git(arguments, cwd=state.root).stdout.split("\0"))
+    return files
+
+
+def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_file_mb: float) -> None:
     """Refuse (exit 3, one message) what a snapshot should not hold: a submodule with
     uncommitted content (its own commit would be needed), or untracked files over the
     size limit (data and checkpoints belong in .gitignore)."""
@@ -68,12 +83,9 @@ def check_snapshot_allowed(state: RepositoryState, max_file_mb: float) -> None:
             f"a submodule's commit only):\n  {_list(submodules)}\n"
             "Commit (or discard) the changes inside each submodule first, then run again."
         )
-    if not any(change.startswith("untracked: ") for change in state.changes):
-        return
     limit = max_file_mb * 1024 * 1024
-    listing = run_git(["ls-files", "--others", "--exclude-standard", "-z"], cwd=state.root).stdout
     large = []
-    for path in filter(None, listing.split("\0")):
+    for path in untracked:
         size = os.lstat(state.root / path).st_size
         if size > limit:
             large.append(f"{path} ({size / 1024 / 1024:.1f} MB)")
@@ -92,13 +104,18 @@ def _marked_paths(root: Path, index_env: dict) -> list[str]:
     return [record[2:] for record in filter(None, listing.split("\0")) if record[0].islower() or record[0] in "Ss"]
 
 
-def build_snapshot(state: RepositoryState) -> Snapshot:
-    """Commit the working tree of `state` (not referenced yet: see pin_snapshot) and return it."""
+def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
+    """Commit the working tree of `state` (not referenced yet: see pin_snapshot) and return it.
+    Only the paths git status named are read again (one `update-index` call), so the cost
+    hardly grows with the size of the repository."""
     root = state.root
     real_index = Path(run_git(["rev-parse", "--path-format=absolute", "--git-path", "index"], cwd=root).stdout.strip())
     handle, temporary = tempfile.mkstemp(prefix="snapshot-index-", dir=real_index.parent)
     os.close(handle)
     index_env = {"GIT_INDEX_FILE": temporary}
+    base = state.commit
+    # The base's date (the snapshot's own, so that it depends on nothing else), read meanwhile.
+    dating = start_git(["show", "-s", "--format=%ct +0000", base], cwd=root) if base else None
     try:
         if real_index.exists():
             Path(temporary).write_bytes(real_index.read_bytes())
@@ -108,17 +125,16 @@ def build_snapshot(state: RepositoryState) -> Snapshot:
             marked = "".join(f"{path}\0" for path in _marked_paths(root, index_env))
             for unmark in ("--no-assume-unchanged", "--no-skip-worktree"):  # one call each: git applies one mark a call
                 run_git(["update-index", unmark, "-z", "--stdin"], cwd=root, env=index_env, input=marked)
-        run_git(["-c", "gc.auto=0", "add", "-A", "--", ":/"], cwd=root, env=index_env)
+        tracked = [path for path in state.paths if not path.endswith("/")]  # new directories: in `untracked`
+        paths = "".join(f"{path}\0" for path in sorted({*tracked, *untracked}))
+        if paths:  # added, updated (content, mode, link) or removed, as `git add -A` would
+            run_git(["update-index", "--add", "--remove", "-z", "--stdin"], cwd=root, env=index_env, input=paths)
         tree = run_git(["write-tree"], cwd=root, env=index_env).stdout.strip()
     finally:
         Path(temporary).unlink(missing_ok=True)
-    base = state.commit
-    if base is None:
-        listing = run_git(["ls-tree", "-r", "-z", "--name-only", tree], cwd=root).stdout
-    else:
-        listing = run_git(["diff-tree", "-r", "-z", "--no-renames", "--name-only", base, tree], cwd=root).stdout
-    files = sorted(filter(None, listing.split("\0")))
-    date = ROOT_DATE if base is None else run_git(["show", "-s", "--format=%ct +0000", base], cwd=root).stdout.strip()
+    date = ROOT_DATE if dating is None else finish_git(dating, root).stdout.strip()
+    listing = ["ls-tree", "-r", "-z", "--name-only", tree] if base is None else ["diff-tree", "-r", "-z"]
+    listing = start_git(listing if base is None else [*listing, "--no-renames", "--name-only", base, tree], cwd=root)
     identity = {
         "GIT_AUTHOR_NAME": IDENTITY["name"],
         "GIT_AUTHOR_EMAIL": IDENTITY["email"],
@@ -127,9 +143,12 @@ def build_snapshot(state: RepositoryState) -> Snapshot:
         "GIT_COMMITTER_EMAIL": IDENTITY["email"],
         "GIT_COMMITTER_DATE": date,
     }
-    message = f"snapshot of the working tree on {base or 'an unborn branch'} ({len(files)} files)\n"
+    message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
     parents = ["-p", base] if base else []
     commit = run_git(["commit-tree", tree, *parents], cwd=root, env=identity, input=message).stdout.strip()
+    # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing.
+    run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
+    files = sorted(filter(None, finish_git(listing, root).stdout.split("\0")))
     return Snapshot(commit, base, files)
 
 
@@ -146,10 +165,9 @@ def pin_snapshot(root: Path, commit: str, ref: str) -> str:
     for attempt in range(1, 100):
         name = ref if attempt == 1 else f"{ref}-{attempt}"
         update = run_git(["update-ref", name, commit, zero], cwd=root, check=False)
-        if update.returncode == 0:
-            return name
         existing = run_git(["rev-parse", "--verify", "-q", name], cwd=root, check=False).stdout.strip()
         if existing == commit:
+            run_git(["update-ref", "-d", f"{PENDING_PREFIX}/{commit}"], cwd=root, check=False)
             return name
         if not existing:
             raise RuntimeError(f"'git update-ref {name}' failed in {root}: {update.stderr.strip()}")
@@ -176,9 +194,14 @@ def snapshot_gate(root: Path, max_file_mb: float) -> dict:
     except NotARepository:  # a container built from a commit ($PROVENANCE_GIT_COMMIT), or a refusal
         return gate(root)
     if not state.changes:
-        return gate(root)
-    check_snapshot_allowed(state, max_file_mb)
-    snapshot = build_snapshot(state)
+        check_clean(state)  # a repository without commits
+        return git_provenance(state)
+    top = Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip())
+    if top.resolve() != Path(root).resolve():  # git status names paths from where it runs: read it at the top
+        state = repository_state(top)
+    untracked = untracked_files(state)
+    check_snapshot_allowed(state, untracked, max_file_mb)
+    snapshot = build_snapshot(state, untracked)
     provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))
     provenance["snapshot"] = {"base": snapshot.base, "ref": None, "files": snapshot.files}
     return provenance
