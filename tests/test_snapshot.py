@@ -4,6 +4,7 @@ and the user's repository (HEAD, branch, index, stash, working tree) is left exa
 import os
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from helpers import QUICK_RUN, git
 
 from src.core.errors import Refusal
-from src.core.record.snapshot import pin_snapshot, snapshot_gate, snapshot_ref
+from src.core.record.snapshot import pin_run_snapshot, pin_snapshot, snapshot_gate, snapshot_ref
 
 RUN = (*QUICK_RUN, "--epochs=2")
 
@@ -208,6 +209,42 @@ def test_the_same_tree_on_the_same_base_is_the_same_commit_and_a_ref_is_never_mo
     assert git(repo, "rev-parse", ref) == first and git(repo, "rev-parse", f"{ref}-2") == second
     git(repo, "gc", "-q", "--prune=now")
     assert file_at(repo, first, "a.txt") == b"edited\n" and file_at(repo, second, "a.txt") == b"edited again\n"
+
+
+def test_snapshots_beside_each_other_and_the_users_commits_then_gc_lose_nothing(repo, tmp_path):
+    (repo / "a.txt").write_text("work in progress\n")
+    pinned, errors = [], []
+
+    def runs(name: str) -> None:
+        try:
+            for index in range(4):
+                provenance = snapshot_gate(repo, max_file_mb=10)
+                pinned.append(pin_run_snapshot(provenance, tmp_path / "logs" / "project" / f"{name}-{index}", repo))
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=runs, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for index in range(4):  # meanwhile, the user commits
+        (repo / f"user{index}.txt").write_text(f"{index}\n")
+        git(repo, "add", f"user{index}.txt")
+        git(repo, "commit", "-q", "-m", f"user {index}")
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+    assert git(repo, "log", "--format=%s", "main").splitlines() == ["user 3", "user 2", "user 1", "user 0", "initial"]
+    assert git(repo, "status", "--porcelain") == "M a.txt"
+    assert git(repo, "diff", "--cached") == ""
+    git(repo, "gc", "-q", "--prune=now")
+    subprocess.run(["git", "fsck", "--strict", "--no-progress"], cwd=repo, check=True, capture_output=True)
+    assert len(pinned) == 8
+    for provenance in pinned:
+        ref = provenance["snapshot"]["ref"]
+        assert git(repo, "rev-parse", ref) == provenance["commit"]
+        assert file_at(repo, ref, "a.txt") == b"work in progress\n"
+    assert git(repo, "for-each-ref", "refs/runs-pending") == ""
 
 
 def test_a_clean_tree_is_its_commit(repo):

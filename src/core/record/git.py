@@ -102,8 +102,18 @@ def _describe_change(xy: str, submodule: str, path: str, original: str | None) -
 
 def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
     """Read the commit, branch and uncommitted changes of the repository holding `root`."""
+    # --no-optional-locks: git status would otherwise write the index back (under index.lock), and
+    # a `git add` or `git commit` of the user's at that moment would fail.
     status = start_git(
-        ["status", "--porcelain=v2", "--branch", "-z", "--ignore-submodules=none", "--untracked-files=normal"],
+        [
+            "--no-optional-locks",
+            "status",
+            "--porcelain=v2",
+            "--branch",
+            "-z",
+            "--ignore-submodules=none",
+            "--untracked-files=normal",
+        ],
         cwd=root,
     )
     # Read the index while git status runs (on another core), so the check costs almost nothing.
