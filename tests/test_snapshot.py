@@ -2,6 +2,7 @@
 and the user's repository (HEAD, branch, index, stash, working tree) is left exactly as it was."""
 
 import os
+import shutil
 import stat
 import subprocess
 import threading
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import QUICK_RUN, git
+from helpers import QUICK_RUN, Project, git
 
 from src.core.errors import Refusal
 from src.core.record.snapshot import pin_run_snapshot, pin_snapshot, snapshot_gate, snapshot_ref
@@ -343,6 +344,30 @@ def test_a_snapshot_run_is_reproduced_bitwise_after_the_work_is_thrown_away(proj
     assert result.returncode == 0, result.stdout + result.stderr
     assert "up to step 26 of the original's 26: identical (bitwise)" in result.stdout
     assert "parameters at step 26: identical (bitwise)" in result.stdout
+
+
+def test_an_archived_snapshot_run_is_reproduced_in_a_fresh_clone_without_the_ref(project, tmp_path):
+    snapshot_work(project)
+    assert project.run(*RUN, "--run_name=wip", "--snapshot").returncode == 0
+    run = project.root / "logs" / "PendulumModel" / "wip"
+    assert (run / "snapshot.bundle").is_file()
+    archive = f"file://{tmp_path}/archive"
+    archived = project.run("--archive", str(run), archive)
+    assert archived.returncode == 0, archived.stderr
+    commit = project.git("rev-parse", "refs/runs/PendulumModel/wip")
+
+    clone = Project(tmp_path / "clone")
+    git(tmp_path, "clone", "-q", "--no-local", str(project.root), str(clone.root))  # reachable objects only
+    assert clone.git("for-each-ref", "refs/runs") == ""  # a clone does not fetch refs/runs
+    shutil.copytree(project.root / "data" / "pendulum", clone.root / "data" / "pendulum")
+    restored = clone.run("--restore", f"{archive}/PendulumModel/wip")
+    assert restored.returncode == 0, restored.stderr
+
+    result = clone.run("--reproduce", "logs/PendulumModel/wip")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fetched snapshot" in result.stdout
+    assert "up to step 26 of the original's 26: identical (bitwise)" in result.stdout
+    assert clone.git("rev-parse", "refs/runs/PendulumModel/wip") == commit
 
 
 def test_a_killed_snapshot_run_resumes_with_the_same_snapshot_and_ends_equal(project):

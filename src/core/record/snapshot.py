@@ -35,6 +35,7 @@ from src.core.record.git import (
 )
 
 REF_PREFIX = "refs/runs"
+BUNDLE_FILE = "snapshot.bundle"  # in a snapshot run's directory: the snapshot, as a git bundle
 PENDING_PREFIX = "refs/runs-pending"  # a snapshot made, its run not yet named (see pin_snapshot)
 ENVIRONMENT_VARIABLE = "TEMPLATE_SNAPSHOT"
 # A root commit (a branch without commits yet) needs some date: a fixed one keeps it reproducible.
@@ -182,7 +183,35 @@ def pin_run_snapshot(git: dict, directory: Path, root: Path = PROJECT_ROOT) -> d
         return git
     ref = pin_snapshot(root, git["commit"], snapshot_ref(directory.parent.name, directory.name))
     print(f"snapshot of the working tree: commit {git['commit'][:12]} ({len(snapshot['files'])} files), kept as {ref}")
+    write_bundle(root, ref, snapshot["base"], directory / BUNDLE_FILE)
     return {**git, "snapshot": {**snapshot, "ref": ref}}
+
+
+def write_bundle(root: Path, ref: str, base: str | None, path: Path) -> None:
+    """The snapshot as a `git bundle` in the run directory, so that it travels with the run
+    (archives, copies): only what the base lacks when a remote has the base, whole otherwise."""
+    on_remote = base and run_git(["for-each-ref", "--count=1", "--contains", base, "refs/remotes"], cwd=root).stdout
+    run_git(["bundle", "create", "-q", str(path), ref, *([f"^{base}"] if on_remote else [])], cwd=root)
+
+
+def fetch_from_bundle(run_directory: Path, git: dict, root: Path = PROJECT_ROOT) -> None:
+    """Before a snapshot run is re-made: a repository without its commit (a fresh clone, a
+    restored archive) fetches it, under its ref, from the bundle in the run directory."""
+    commit, snapshot = git.get("commit"), git.get("snapshot") or {}
+    bundle = run_directory / BUNDLE_FILE
+    if not snapshot or not bundle.is_file():
+        return
+    if run_git(["cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, check=False).returncode == 0:
+        return
+    refspec = f"+{snapshot['ref']}:{snapshot['ref']}"
+    fetched = run_git(["fetch", "-q", str(bundle.resolve()), refspec], cwd=root, check=False)
+    if fetched.returncode != 0:
+        raise Refusal(
+            f"{run_directory}: its snapshot {commit[:12]} is not in this repository, and its {BUNDLE_FILE} "
+            f"could not be fetched ({fetched.stderr.strip()}). The bundle holds only what its base "
+            f"{str(snapshot.get('base'))[:12]} lacks: fetch the base (git fetch --all), then try again."
+        )
+    print(f"fetched snapshot {commit[:12]} from {bundle} as {snapshot['ref']}")
 
 
 def snapshot_gate(root: Path, max_file_mb: float) -> dict:
