@@ -428,3 +428,22 @@ def test_a_sweep_from_a_dirty_tree_shares_one_snapshot(project):
     assert table.returncode == 0
     marked = [line for line in table.stdout.splitlines() if recorded["commit"][:10] + "+*" in line]
     assert len(marked) == 2 and "+ a snapshot of uncommitted work" in table.stdout
+
+
+def test_under_torchrun_rank_zero_snapshots_once_and_a_restart_finds_the_same_commit(project):
+    snapshot_work(project)
+    result = project.torchrun(
+        *RUN,
+        "--run_name=ddp",
+        "--snapshot",
+        launcher=("--standalone", "--max-restarts=1"),
+        env={"TEMPLATE_FAULT": "train_step:3@1"},  # rank 1 dies: torchrun restarts the group, which resumes
+    )
+    assert result.returncode == 0, result.stderr
+    run = project.root / "logs" / "PendulumModel" / "ddp"
+    git_section = yaml.safe_load((run / "config.yaml").read_text())["git"]
+    assert project.git("for-each-ref", "--format=%(refname)", "refs/runs") == "refs/runs/PendulumModel/ddp"
+    assert project.git("rev-parse", "refs/runs/PendulumModel/ddp") == git_section["commit"]
+    assert project.git("for-each-ref", "refs/runs-pending") == ""
+    metadata = yaml.safe_load((run / "metadata.yaml").read_text())
+    assert metadata["status"] == "finished" and len(metadata["resumes"]) == 1

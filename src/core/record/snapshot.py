@@ -147,8 +147,10 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
     parents = ["-p", base] if base else []
     commit = run_git(["commit-tree", tree, *parents], cwd=root, env=identity, input=message).stdout.strip()
-    # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing.
-    run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
+    # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing
+    # (unless a run holds it already: a resume, a torchrun restart).
+    if not run_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX], cwd=root).stdout:
+        run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
     files = sorted(filter(None, finish_git(listing, root).stdout.split("\0")))
     return Snapshot(commit, base, files)
 
