@@ -220,7 +220,9 @@ def test_snapshots_beside_each_other_and_the_users_commits_then_gc_lose_nothing(
         try:
             for index in range(4):
                 provenance = snapshot_gate(repo, max_file_mb=10)
-                pinned.append(pin_run_snapshot(provenance, tmp_path / "logs" / "project" / f"{name}-{index}", repo))
+                directory = tmp_path / "logs" / "project" / f"{name}-{index}"
+                directory.mkdir(parents=True)  # the run's directory, where its snapshot.bundle goes
+                pinned.append(pin_run_snapshot(provenance, directory, repo))
         except Exception as error:  # reported below, in the test's thread
             errors.append(error)
 
