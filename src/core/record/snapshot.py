@@ -1,9 +1,10 @@
 """`--snapshot`: log a run from a dirty working tree by committing the tree, as it is, to a
 hidden ref (`refs/runs/<project>/<run>`) instead of refusing.
 
-The commit is built with git's plumbing on a temporary copy of the index (GIT_INDEX_FILE,
-`git add -A`, `write-tree`, `commit-tree`), so HEAD, the branch, the real index, the stash
-and the working tree are left exactly as they were. It holds what the gate complains about:
+The commit is built with git's plumbing on a temporary copy of the index (GIT_INDEX_FILE;
+`update-index --add --remove` of the paths git status named, which is `git add -A` without
+a second walk of the tree; `write-tree`; `commit-tree`), so HEAD, the branch, the real
+index, the stash and the working tree are left exactly as they were. It holds what the gate complains about:
 tracked files modified, deleted or renamed, untracked files that .gitignore does not
 exclude, executable bits, symbolic links, and files marked assume-unchanged or
 skip-worktree (by content, as the gate reads them).
