@@ -124,3 +124,26 @@ def test_a_preempted_task_requeues_and_ends_like_an_uninterrupted_one(project, p
     assert_same_run(sweep / "0-seed=7", preempted)
     with open(sweep / "sweep.csv") as stream:
         assert [row["status"] for row in csv.DictReader(stream)] == ["finished", "finished"]
+
+
+def test_a_snapshot_sweep_runs_its_snapshot_although_the_work_is_thrown_away(project):
+    model = project.root / "src" / "model.py"
+    model.write_text(model.read_text().replace("0.1 * self.net(state)", "0.3 * self.net(state)"))
+    config = yaml.safe_load((project.root / "sample_runconfig.yaml").read_text())
+    config.update(epochs=1, batch_size=8, sweep={"optimizer.lr": [1.0e-3, 3.0e-4]}, slurm={"time": "00:20:00"})
+    (project.root / "wip.yaml").write_text(yaml.safe_dump(config, sort_keys=False))  # untracked: in the snapshot
+    result = project.run("wip.yaml", "--mini", "--cpu", "--slurm", "--submit", "--snapshot")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = result.stdout.split("submitted job ")[1].split()[0]
+    (sweep,) = (project.root / "logs" / "PendulumModel").glob("sweep-*")
+    project.git("checkout", "--", ".")  # the work in progress is thrown away at once
+    project.git("clean", "-fdq")
+
+    wait_for_job(job)
+    recorded = yaml.safe_load((sweep / "sweep.yaml").read_text())["git"]
+    assert recorded["snapshot"]["files"] == ["src/model.py", "wip.yaml"]
+    assert recorded["commit"] == project.git("rev-parse", f"refs/runs/PendulumModel/{sweep.name}")
+    for name in ("0-lr=1e-3", "1-lr=3e-4"):
+        assert yaml.safe_load((sweep / name / "metadata.yaml").read_text())["status"] == "finished"
+        member = yaml.safe_load((sweep / name / "config.yaml").read_text())["git"]
+        assert member["commit"] == recorded["commit"] and member["snapshot"] == recorded["snapshot"]

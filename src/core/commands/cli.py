@@ -32,6 +32,7 @@ class CommandLine:
     mini: bool = False
     no_logging: bool = False
     allow_dirty_repo: bool = False
+    snapshot: bool = False  # --snapshot, or TEMPLATE_SNAPSHOT=1 (record/snapshot.py)
     y: bool = False
     print_config: bool = False
     log_dir: str | None = None
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mini", action="store_true", help="datasets load a small subset (default: the first 100 items)")
     add("--no-logging", action="store_true", help="write nothing: no run directory, logs or checkpoints")
     add("--allow-dirty-repo", action="store_true", help="run with uncommitted changes (asks; logging off)")
+    add("--snapshot", action="store_true", help="log a dirty tree's run against a snapshot commit (docs/snapshot.md)")
     add("--y", action="store_true", help="answer yes to the --allow-dirty-repo question")
     # Given twice, these add up (argparse's default would keep only the last occurrence).
     add("--find-replace", nargs="+", action="append", metavar="OLD NEW", default=[], help="replace substrings")
@@ -213,6 +215,7 @@ FLAG_MODES = {
     "--mini": (NEW_RUN, "--resume"),
     "--no-logging": (NEW_RUN, "--evaluate"),
     "--allow-dirty-repo": (NEW_RUN,),
+    "--snapshot": (NEW_RUN, "--resume"),
     "--find-replace": (NEW_RUN, "--resume", "--evaluate"),
     "--delete": (NEW_RUN, "--resume", "--evaluate"),
     "--modify": (NEW_RUN, "--resume", "--evaluate"),
@@ -244,6 +247,7 @@ def _given(command: CommandLine) -> dict[str, bool]:
         "--mini": command.mini,
         "--no-logging": command.no_logging,
         "--allow-dirty-repo": command.allow_dirty_repo,
+        "--snapshot": command.snapshot,
         "--find-replace": bool(command.edits.find_replace),
         "--delete": bool(command.edits.delete),
         "--modify": bool(command.edits.modify),
@@ -299,6 +303,9 @@ def check_flags_apply(command: CommandLine) -> None:
         for path_flag, path in (("--log-dir", command.log_dir), ("--run-parent", command.run_parent)):
             if flag_given and path is not None:
                 raise UserError(f"{path_flag} does nothing with {flag}, which logs nothing; drop one of them")
+    if command.snapshot and (command.no_logging or command.allow_dirty_repo):
+        flag = "--no-logging" if command.no_logging else "--allow-dirty-repo"
+        raise UserError(f"--snapshot logs a dirty tree's run, and {flag} logs nothing; drop one of them")
     if command.auto_resume and (command.no_logging or command.allow_dirty_repo):
         raise UserError("--auto-resume continues a logged run; it cannot run with --no-logging or --allow-dirty-repo")
     if command.log_dir is not None and command.run_parent is not None:
@@ -335,6 +342,7 @@ def recorded_flags(command: CommandLine) -> dict:
         "mini": command.mini,
         "no_logging": command.no_logging,
         "allow_dirty_repo": command.allow_dirty_repo,
+        "snapshot": command.snapshot,
         "y": command.y,
         "log_dir": command.log_dir,
         "run_parent": command.run_parent,

@@ -23,8 +23,9 @@ from src.core.distributed import DistContext
 from src.core.errors import Refusal, UserError
 from src.core.record.bootstrap import bootstrap_record
 from src.core.record.environment import find_data_directory
-from src.core.record.git import MAX_LISTED_PATHS, gate, repository_state
+from src.core.record.git import MAX_LISTED_PATHS, repository_state
 from src.core.record.rundir import log_root
+from src.core.record.snapshot import logging_gate as snapshot_gate
 from src.core.tracking.trackers import check_trackers
 from src.core.training.build import check_config_names
 
@@ -129,7 +130,7 @@ def plan_of(command: CommandLine, request: Request) -> Plan:
     config = request.config
     if request.saved is None:  # a new run: its provenance is recorded when its directory is made
         data_directory = find_data_directory(config.data_directory)
-        git = logging_gate(command)
+        git = logging_gate(command, config)
         if git is not None:  # a tracker not installed, an archive URI with credentials: before anything runs
             check_trackers(config.loggers)
             check_archive(config.to_dict())
@@ -142,14 +143,15 @@ def plan_of(command: CommandLine, request: Request) -> Plan:
     return Plan(config, str(data_directory), git, mini, request.run_directory, request.branch, bootstrap)
 
 
-def logging_gate(command: CommandLine) -> dict | None:
-    """The run's git provenance when it logs; None when it does not (--no-logging, --allow-dirty-repo)."""
+def logging_gate(command: CommandLine, config: Config) -> dict | None:
+    """The run's git provenance when it logs; None when it does not (--no-logging, --allow-dirty-repo).
+    With --snapshot, a dirty tree's provenance is a snapshot commit (record/snapshot.py)."""
     if command.no_logging:
         return None
     if command.allow_dirty_repo:
         confirm_dirty_run(command.y)
         return None
-    return gate()
+    return snapshot_gate(command.snapshot, config.snapshot_max_file_mb)
 
 
 def confirm_dirty_run(yes: bool) -> None:

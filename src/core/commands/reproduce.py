@@ -27,6 +27,7 @@ from src.core.record.checkpoint import DamagedCheckpoint, read_checkpoint, step_
 from src.core.record.environment import data_fingerprint, environment_provenance, installed_packages
 from src.core.record.git import add_worktree, remove_worktree
 from src.core.record.rundir import CONFIG_FILE, METADATA_FILE, read_yaml, require_run_directory
+from src.core.record.snapshot import fetch_from_bundle
 from src.core.tracking.metrics import read_metrics
 
 DIFFERS_EXIT_CODE = 4  # reproduced, but the results are not identical
@@ -310,6 +311,7 @@ def reproduce(run_directory: Path, cpu: bool, overrides: list[tuple[str, str]]) 
     metadata = read_yaml(run_directory / METADATA_FILE) or {}
     original = read_metrics(run_directory)
     config, flags, extra, epochs = reproduction_settings(run_directory, saved, metadata, original, cpu, overrides)
+    fetch_from_bundle(run_directory, saved["git"])  # a snapshot run restored where its ref is not
     returncode, reproduction = run_at_commit(run_directory, saved["git"]["commit"], config, flags, extra, branch)
     if returncode != 0 or reproduction is None:
         print(f"the reproduction failed (exit code {returncode})", file=sys.stderr)

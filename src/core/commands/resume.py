@@ -37,6 +37,7 @@ from src.core.record.rundir import (
     remove_temporary_files,
     update_metadata,
 )
+from src.core.record.snapshot import logging_gate, resume_hint
 from src.core.tracking.trackers import check_trackers
 from src.core.training.build import check_config_names
 from src.core.training.start import Branch, Continue, Fresh, Start
@@ -103,12 +104,15 @@ def check_continuation(
     provenance and the data directory."""
     if run_directory is not None and (command.no_logging or command.allow_dirty_repo):
         raise UserError("--resume continues a logged run, so it cannot run with --no-logging or --allow-dirty-repo")
-    git = gate()
+    try:  # a snapshot run's commit is found again by snapshotting the same tree (--snapshot)
+        git = logging_gate(command.snapshot, config.snapshot_max_file_mb)
+        flag, run = ("--from-step", Path(branch["run"])) if branch is not None else ("--resume", run_directory)
+        check_same_commit(saved["git"]["commit"], git["commit"], flag, run)
+    except Refusal as refusal:
+        raise Refusal(f"{refusal}{resume_hint(saved['git'])}") from None
     check_trackers(config.loggers)
     if branch is not None:  # a branch runs its parent's code, or the checkpoint would meet other code
-        check_same_commit(saved["git"]["commit"], git["commit"], "--from-step", Path(branch["run"]))
         return git, find_data_directory(config.data_directory)
-    check_same_commit(saved["git"]["commit"], git["commit"], "--resume", run_directory)
     data_directory = find_data_directory(config.data_directory)
     check_same_data(saved.get("data_fingerprint"), data_directory, run_directory)
     check_bootstrap(saved.get("bootstrap"), "--resume", run_directory)

@@ -111,7 +111,7 @@ def make_row(run: str, config: dict, metadata: dict, status: str, on_remote: dic
     return {
         "run": run,
         "started": str(metadata.get("started", "")),
-        "commit": (git.get("commit") or "")[:10] + ("" if pushed else "*"),
+        "commit": (git.get("commit") or "")[:10] + ("+" if git.get("snapshot") else "") + ("" if pushed else "*"),
         "status": status + (f" (resumed {resumes}x)" if resumes else ""),
         "epochs": f"{metadata.get('epochs_done', 0)}/{config.get('epochs', '?')}",
         "best": f"{best['metric']}={best['value']:.4g}" if best.get("value") is not None else "",
@@ -166,6 +166,8 @@ def format_table(rows: list[dict], as_csv: bool = False) -> str:
     lines = ["  ".join(column.ljust(widths[column]) for column in columns)]
     lines += ["  ".join(row[column].ljust(widths[column]) for column in columns) for row in shown]
     note = "; * marks a commit that no remote-tracking branch contains" if "commit" in columns else ""
+    if any("+" in str(row.get("commit", "")) for row in rows):
+        note += "; + a snapshot of uncommitted work (--snapshot, kept under refs/runs/)"
     lines.append(f"{len(rows)} row(s){note}")
     return "\n".join(lines)
 

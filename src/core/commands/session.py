@@ -16,7 +16,7 @@ from src.core.archive.store import archive_uri
 from src.core.commands.cli import CommandLine, recorded_flags
 from src.core.commands.planning import Plan, run_parent
 from src.core.commands.resume import branch_provenance, choose_start
-from src.core.commands.sweep import update_sweep_table
+from src.core.commands.sweep import sweep_snapshot, update_sweep_table
 from src.core.config.loader import split_provenance
 from src.core.config.schema import project_schema
 from src.core.config.validation import Config, config_hash
@@ -34,6 +34,7 @@ from src.core.record.rundir import (
     start_run,
     update_metadata,
 )
+from src.core.record.snapshot import pin_run_snapshot
 from src.core.tracking.trackers import TRACKERS
 from src.core.training.console import Console
 from src.core.training.output import NullOutput, RunOutput
@@ -189,8 +190,8 @@ def create_run_directory(plan: Plan, command: CommandLine, world_size: int, gath
         Path(plan.branch["run"]).parent if plan.branch and not command.run_parent else run_parent(command, plan.config),
         plan.config.run_name,
         plan.config.to_dict(),
-        {
-            "git": plan.git,
+        lambda directory: {
+            "git": sweep_snapshot(pin_run_snapshot(plan.git, directory), directory),
             "flags": recorded_flags(command),
             "command_line": shlex.join(["python", "run.py", *command.argv]),
             "environment": {**environment_provenance(), "world_size": world_size},

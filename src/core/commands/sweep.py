@@ -35,7 +35,7 @@ from src.core.errors import UserError
 from src.core.phases import WALL_CLOCK_METRICS
 from src.core.record.bootstrap import bootstrap_path
 from src.core.record.environment import find_data_directory
-from src.core.record.git import add_worktree, gate, remove_worktree
+from src.core.record.git import add_worktree, remove_worktree
 from src.core.record.rundir import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -44,6 +44,7 @@ from src.core.record.rundir import (
     read_yaml,
     write_text_atomic,
 )
+from src.core.record.snapshot import logging_gate, pin_run_snapshot
 from src.core.tables import csv_text
 from src.core.tracking.metrics import read_metrics
 from src.core.tracking.tensorboard import write_hparams
@@ -135,6 +136,7 @@ class Sweep:
 def create(parent: Path, run_name: str | None, document: dict, members: list[SweepMember], git: dict) -> Sweep:
     """The sweep directory, its worktree at the gated commit, and one config file per member."""
     directory = create_run_directory(parent, run_name, prefix="sweep-")
+    git = pin_run_snapshot(git, directory)  # --snapshot: every member runs the one snapshot
     write_text_atomic(directory / "sweep.yaml", dump_yaml({**document, "git": git}))
     code = directory / "code"
     add_worktree(git["commit"], code, "sweep")
@@ -303,6 +305,18 @@ def update_sweep_table(run_directory: Path) -> None:
         print(f"warning: could not update {sweep_directory / 'sweep.csv'}: {error!r}", file=sys.stderr)
 
 
+def sweep_snapshot(git: dict, run_directory: Path) -> dict:
+    """A sweep member's `git` section: the sweep's snapshot (commit, base, ref, files) when the
+    sweep was started with --snapshot; the member itself runs in a clean worktree of it."""
+    sweep_file = run_directory.parent / "sweep.yaml"
+    if git.get("snapshot") or not sweep_file.is_file():
+        return git
+    recorded = (read_yaml(sweep_file) or {}).get("git") or {}
+    if recorded.get("snapshot") and recorded.get("commit") == git.get("commit"):
+        return {**git, "branch": recorded.get("branch"), "snapshot": recorded["snapshot"]}
+    return git
+
+
 def run_sweep(command: CommandLine, document: dict) -> int:
     """A sweep (or, with --slurm, any config): every combination, pinned to this commit."""
     members = expand(document, project_schema())
@@ -316,12 +330,13 @@ def run_sweep(command: CommandLine, document: dict) -> int:
         member.config["data_directory"] = str(find_data_directory(member.config["data_directory"]))
         if member.config.get("bootstrap_model_file"):  # nor logs/, where initial weights often are
             member.config["bootstrap_model_file"] = str(bootstrap_path(member.config["bootstrap_model_file"]))
-    git = gate()
     first = Config(members[0].config)
+    git = logging_gate(command.snapshot, first.snapshot_max_file_mb)
     sweep = create(
         log_root(command.log_dir) / (first.project_name or first.model_type), first.run_name, document, members, git
     )
-    print(f"sweep of {len(members)} run(s) at commit {git['commit'][:12]}: {sweep.directory}")
+    at = "snapshot" if git.get("snapshot") else "commit"
+    print(f"sweep of {len(members)} run(s) at {at} {git['commit'][:12]}: {sweep.directory}")
     flags = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
     if not (command.slurm or command.submit):
         return run_locally(sweep, flags)

@@ -105,6 +105,8 @@ TEMPLATE_SCHEMA = {
     "description": {"type": "string", "required": True, "empty": False, "meta": NEUTRAL},
     "project_name": {**NAME, "meta": NEUTRAL},  # logs/<project_name or model_type>/...
     "run_name": {**NAME, "meta": NEUTRAL},  # .../<run_name or a timestamp>/
+    # --snapshot refuses untracked files larger than this (MB): data and checkpoints belong in .gitignore.
+    "snapshot_max_file_mb": _float(min=0.0, default=10.0, meta=NEUTRAL),
     # The model, the loss and the data: names resolved in src/model.py and src/data_loader.py.
     "data_directory": {"type": "string", "required": True, "empty": False},
     "model_type": {"type": "string", "required": True},

@@ -30,15 +30,18 @@ COMMIT_ENV_VARIABLE = "PROVENANCE_GIT_COMMIT"
 MAX_LISTED_PATHS = 20
 
 
-def start_git(args: list[str], cwd: Path | str = PROJECT_ROOT, stdin: int | None = None) -> subprocess.Popen:
-    """Start a git command (output captured as text); a missing git binary is a refusal."""
+def start_git(
+    args: list[str], cwd: Path | str = PROJECT_ROOT, stdin: int | None = None, env: dict | None = None
+) -> subprocess.Popen:
+    """Start a git command (output captured as text; `env` added to the environment); a missing
+    git binary is a refusal."""
     if shutil.which("git") is None:
         raise Refusal(
             "git is not installed (no 'git' on PATH): the template records the commit of "
             "every logged run and needs git to do so. Install git, or run with --no-logging."
         )
     # Git's messages in English whatever the user's locale: the gate reads some of them.
-    environment = {**os.environ, "LC_ALL": "C", "LANGUAGE": "C"}
+    environment = {**os.environ, **(env or {}), "LC_ALL": "C", "LANGUAGE": "C"}
     return subprocess.Popen(
         ["git", *args], cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
     )
@@ -55,10 +58,14 @@ def finish_git(
 
 
 def run_git(
-    args: list[str], cwd: Path | str = PROJECT_ROOT, check: bool = True, input: str | None = None
+    args: list[str],
+    cwd: Path | str = PROJECT_ROOT,
+    check: bool = True,
+    input: str | None = None,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a git command; a missing git binary is a refusal with a clear message."""
-    process = start_git(args, cwd, stdin=None if input is None else subprocess.PIPE)
+    process = start_git(args, cwd, stdin=None if input is None else subprocess.PIPE, env=env)
     return finish_git(process, cwd, check, input)
 
 
@@ -70,6 +77,8 @@ class RepositoryState:
     commit: str | None  # None: the repository has no commits yet
     branch: str | None  # None: detached HEAD
     changes: list[str] = field(default_factory=list)  # "modified: src/model.py", ...
+    # The paths whose working-tree file differs from the index (what `git add` would change).
+    paths: list[str] = field(default_factory=list)
 
 
 _CHANGE_NAMES = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed", "C": "copied", "T": "type changed"}
@@ -93,8 +102,18 @@ def _describe_change(xy: str, submodule: str, path: str, original: str | None) -
 
 def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
     """Read the commit, branch and uncommitted changes of the repository holding `root`."""
+    # --no-optional-locks: git status would otherwise write the index back (under index.lock), and
+    # a `git add` or `git commit` of the user's at that moment would fail.
     status = start_git(
-        ["status", "--porcelain=v2", "--branch", "-z", "--ignore-submodules=none", "--untracked-files=normal"],
+        [
+            "--no-optional-locks",
+            "status",
+            "--porcelain=v2",
+            "--branch",
+            "-z",
+            "--ignore-submodules=none",
+            "--untracked-files=normal",
+        ],
         cwd=root,
     )
     # Read the index while git status runs (on another core), so the check costs almost nothing.
@@ -122,13 +141,20 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
         elif record.startswith(("1 ", "u ")):
             fields = record.split(" ", 8 if record[0] == "1" else 10)
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], None))
+            if fields[1][1] != ".":
+                state.paths.append(fields[-1])
         elif record.startswith("2 "):
             fields = record.split(" ", 9)
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], next(records)))
+            if fields[1][1] != ".":
+                state.paths.append(fields[-1])
         elif record.startswith("? "):
             state.changes.append(f"untracked: {record[2:]}")
+            state.paths.append(record[2:])
     if maybe_marked and state.commit is not None:
-        state.changes.extend(marked_file_changes(Path(root)))
+        marked = marked_file_changes(Path(root))
+        state.changes.extend(marked)
+        state.paths += [change.partition("): ")[2] for change in marked]
     return state
 
 

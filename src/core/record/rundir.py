@@ -7,6 +7,7 @@ import datetime
 import fcntl
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,9 +174,14 @@ def record_status(run_directory: Path, **changes: Any) -> bool:
         return False
 
 
-def start_run(parent: Path, run_name: str | None, config: dict, provenance: dict, packages: list[str]) -> Path:
-    """Create the run directory and write config.yaml, packages.txt and metadata.yaml."""
+def start_run(
+    parent: Path, run_name: str | None, config: dict, provenance: dict | Callable[[Path], dict], packages: list[str]
+) -> Path:
+    """Create the run directory and write config.yaml, packages.txt and metadata.yaml.
+    `provenance` may depend on the directory's name (a snapshot's ref): then it is a function of it."""
     run_directory = create_run_directory(parent, run_name)
+    if callable(provenance):
+        provenance = provenance(run_directory)
     (run_directory / "packages.txt").write_text("\n".join(packages) + "\n", encoding="utf-8")
     write_text_atomic(run_directory / CONFIG_FILE, dump_yaml({**config, **provenance}))
     update_metadata(

@@ -1,0 +1,258 @@
+"""`--snapshot`: log a run from a dirty working tree by committing the tree, as it is, to a
+hidden ref (`refs/runs/<project>/<run>`) instead of refusing.
+
+The commit is built with git's plumbing on a temporary copy of the index (GIT_INDEX_FILE;
+`update-index --add --remove` of the paths git status named, which is `git add -A` without
+a second walk of the tree; `write-tree`; `commit-tree`), so HEAD, the branch, the real
+index, the stash and the working tree are left exactly as they were. It holds what the gate complains about:
+tracked files modified, deleted or renamed, untracked files that .gitignore does not
+exclude, executable bits, symbolic links, and files marked assume-unchanged or
+skip-worktree (by content, as the gate reads them).
+
+The commit's author, dates and message depend only on the tree and its base, so the same
+tree on the same base is the same commit: sweep members, repeated runs, a torchrun restart
+and a `--resume --snapshot` of an unchanged tree all find the one snapshot.
+"""
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.core.errors import Refusal
+from src.core.record.git import (
+    MAX_LISTED_PATHS,
+    PROJECT_ROOT,
+    NotARepository,
+    RepositoryState,
+    check_clean,
+    finish_git,
+    gate,
+    git_provenance,
+    repository_state,
+    run_git,
+    start_git,
+)
+
+REF_PREFIX = "refs/runs"
+BUNDLE_FILE = "snapshot.bundle"  # in a snapshot run's directory: the snapshot, as a git bundle
+PENDING_PREFIX = "refs/runs-pending"  # a snapshot made, its run not yet named (see pin_snapshot)
+ENVIRONMENT_VARIABLE = "TEMPLATE_SNAPSHOT"
+# A root commit (a branch without commits yet) needs some date: a fixed one keeps it reproducible.
+ROOT_DATE = "946684800 +0000"  # 2000-01-01
+IDENTITY = {"name": "run.py --snapshot", "email": "snapshot@run.invalid"}
+UNSAFE_REF_CHARACTERS = re.compile(r"[^A-Za-z0-9._=,+-]")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    commit: str  # the snapshot commit
+    base: str | None  # HEAD when it was taken (None: a branch without commits)
+    files: list[str]  # the paths that differ from the base
+
+
+def snapshot_requested(flag: bool) -> bool:
+    """--snapshot, or TEMPLATE_SNAPSHOT=1 in the environment."""
+    return flag or os.environ.get(ENVIRONMENT_VARIABLE, "").strip() in ("1", "true", "yes")
+
+
+def _list(paths: list[str]) -> str:
+    listed = paths[:MAX_LISTED_PATHS]
+    more = len(paths) - len(listed)
+    return "\n  ".join(listed + ([f"... and {more} more"] if more else []))
+
+
+def untracked_files(state: RepositoryState) -> list[str]:
+    """The untracked files git status named, a new directory's files listed (as .gitignore leaves them)."""
+    untracked = [change[len("untracked: ") :] for change in state.changes if change.startswith("untracked: ")]
+    files = [path for path in untracked if not path.endswith("/")]
+    directories = [path for path in untracked if path.endswith("/")]  # git status names a new directory once
+    if directories:
+        arguments = ["--literal-pathspecs", "ls-files", "--others", "--exclude-standard", "-z", "--", *directories]
+        files += filter(None, run_git(arguments, cwd=state.root).stdout.split("\0"))
+    return files
+
+
+def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_file_mb: float) -> None:
+    """Refuse (exit 3, one message) what a snapshot should not hold: a submodule with
+    uncommitted content (its own commit would be needed), or untracked files over the
+    size limit (data and checkpoints belong in .gitignore)."""
+    submodules = [c for c in state.changes if c.startswith("submodule (") and "content" in c.split(":")[0]]
+    if submodules:
+        raise Refusal(
+            f"--snapshot: cannot snapshot submodules with uncommitted changes (a snapshot records "
+            f"a submodule's commit only):\n  {_list(submodules)}\n"
+            "Commit (or discard) the changes inside each submodule first, then run again."
+        )
+    limit = max_file_mb * 1024 * 1024
+    large = []
+    for path in untracked:
+        size = os.lstat(state.root / path).st_size
+        if size > limit:
+            large.append(f"{path} ({size / 1024 / 1024:.1f} MB)")
+    if large:
+        raise Refusal(
+            f"--snapshot: untracked files over snapshot_max_file_mb ({max_file_mb:g} MB) would go "
+            f"into the repository:\n  {_list(large)}\n"
+            "Add them to .gitignore (data, checkpoints and outputs belong outside git), or raise "
+            "snapshot_max_file_mb in the config."
+        )
+
+
+def _marked_paths(root: Path, index_env: dict) -> list[str]:
+    """The paths of the (temporary) index marked assume-unchanged or skip-worktree."""
+    listing = run_git(["ls-files", "-v", "-z"], cwd=root, env=index_env).stdout  # "h path", "S path"
+    return [record[2:] for record in filter(None, listing.split("\0")) if record[0].islower() or record[0] in "Ss"]
+
+
+def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
+    """Commit the working tree of `state` (not referenced yet: see pin_snapshot) and return it.
+    Only the paths git status named are read again (one `update-index` call), so the cost
+    hardly grows with the size of the repository."""
+    root = state.root
+    real_index = Path(run_git(["rev-parse", "--path-format=absolute", "--git-path", "index"], cwd=root).stdout.strip())
+    handle, temporary = tempfile.mkstemp(prefix="snapshot-index-", dir=real_index.parent)
+    os.close(handle)
+    index_env = {"GIT_INDEX_FILE": temporary}
+    base = state.commit
+    # The base's date (the snapshot's own, so that it depends on nothing else), read meanwhile.
+    dating = start_git(["show", "-s", "--format=%ct +0000", base], cwd=root) if base else None
+    try:
+        if real_index.exists():
+            Path(temporary).write_bytes(real_index.read_bytes())
+        else:
+            os.unlink(temporary)  # git starts an empty index where none exists
+        if any("(assume-unchanged" in c or "(skip-worktree" in c for c in state.changes):
+            marked = "".join(f"{path}\0" for path in _marked_paths(root, index_env))
+            for unmark in ("--no-assume-unchanged", "--no-skip-worktree"):  # one call each: git applies one mark a call
+                run_git(["update-index", unmark, "-z", "--stdin"], cwd=root, env=index_env, input=marked)
+        tracked = [path for path in state.paths if not path.endswith("/")]  # new directories: in `untracked`
+        paths = "".join(f"{path}\0" for path in sorted({*tracked, *untracked}))
+        if paths:  # added, updated (content, mode, link) or removed, as `git add -A` would
+            run_git(["update-index", "--add", "--remove", "-z", "--stdin"], cwd=root, env=index_env, input=paths)
+        tree = run_git(["write-tree"], cwd=root, env=index_env).stdout.strip()
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    date = ROOT_DATE if dating is None else finish_git(dating, root).stdout.strip()
+    listing = ["ls-tree", "-r", "-z", "--name-only", tree] if base is None else ["diff-tree", "-r", "-z"]
+    listing = start_git(listing if base is None else [*listing, "--no-renames", "--name-only", base, tree], cwd=root)
+    identity = {
+        "GIT_AUTHOR_NAME": IDENTITY["name"],
+        "GIT_AUTHOR_EMAIL": IDENTITY["email"],
+        "GIT_AUTHOR_DATE": date,
+        "GIT_COMMITTER_NAME": IDENTITY["name"],
+        "GIT_COMMITTER_EMAIL": IDENTITY["email"],
+        "GIT_COMMITTER_DATE": date,
+    }
+    message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
+    parents = ["-p", base] if base else []
+    commit = run_git(["commit-tree", tree, *parents], cwd=root, env=identity, input=message).stdout.strip()
+    # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing
+    # (unless a run holds it already: a resume, a torchrun restart).
+    if not run_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX], cwd=root).stdout:
+        run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
+    files = sorted(filter(None, finish_git(listing, root).stdout.split("\0")))
+    return Snapshot(commit, base, files)
+
+
+def snapshot_ref(project: str, run: str) -> str:
+    """`refs/runs/<project>/<run>`, with characters a ref cannot hold replaced."""
+    parts = [UNSAFE_REF_CHARACTERS.sub("_", part).lstrip(".").removesuffix(".lock") or "_" for part in (project, run)]
+    return "/".join([REF_PREFIX, *parts])
+
+
+def pin_snapshot(root: Path, commit: str, ref: str) -> str:
+    """Point `ref` at `commit` so that git keeps it (gc, prune). An existing ref is never moved:
+    a name another commit holds gets a `-2`, `-3`... suffix. Returns the ref used."""
+    zero = "0" * len(commit)  # update-ref's "this ref must not exist yet"
+    for attempt in range(1, 100):
+        name = ref if attempt == 1 else f"{ref}-{attempt}"
+        update = run_git(["update-ref", name, commit, zero], cwd=root, check=False)
+        existing = run_git(["rev-parse", "--verify", "-q", name], cwd=root, check=False).stdout.strip()
+        if existing == commit:
+            run_git(["update-ref", "-d", f"{PENDING_PREFIX}/{commit}"], cwd=root, check=False)
+            return name
+        if not existing:
+            raise RuntimeError(f"'git update-ref {name}' failed in {root}: {update.stderr.strip()}")
+    raise RuntimeError(f"could not find a free ref name for {ref} in {root}")
+
+
+def pin_run_snapshot(git: dict, directory: Path, root: Path = PROJECT_ROOT) -> dict:
+    """A snapshot run's `git` section, its snapshot now kept by `refs/runs/<project>/<run>`
+    (named after the run's, or sweep's, directory); any other run's as it is."""
+    snapshot = git.get("snapshot")
+    if not snapshot or snapshot.get("ref"):
+        return git
+    ref = pin_snapshot(root, git["commit"], snapshot_ref(directory.parent.name, directory.name))
+    print(f"snapshot of the working tree: commit {git['commit'][:12]} ({len(snapshot['files'])} files), kept as {ref}")
+    write_bundle(root, ref, snapshot["base"], directory / BUNDLE_FILE)
+    return {**git, "snapshot": {**snapshot, "ref": ref}}
+
+
+def write_bundle(root: Path, ref: str, base: str | None, path: Path) -> None:
+    """The snapshot as a `git bundle` in the run directory, so that it travels with the run
+    (archives, copies): only what the base lacks when a remote has the base, whole otherwise."""
+    on_remote = base and run_git(["for-each-ref", "--count=1", "--contains", base, "refs/remotes"], cwd=root).stdout
+    run_git(["bundle", "create", "-q", str(path), ref, *([f"^{base}"] if on_remote else [])], cwd=root)
+
+
+def fetch_from_bundle(run_directory: Path, git: dict, root: Path = PROJECT_ROOT) -> None:
+    """Before a snapshot run is re-made: a repository without its commit (a fresh clone, a
+    restored archive) fetches it, under its ref, from the bundle in the run directory."""
+    commit, snapshot = git.get("commit"), git.get("snapshot") or {}
+    bundle = run_directory / BUNDLE_FILE
+    if not snapshot or not bundle.is_file():
+        return
+    if run_git(["cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, check=False).returncode == 0:
+        return
+    refspec = f"+{snapshot['ref']}:{snapshot['ref']}"
+    fetched = run_git(["fetch", "-q", str(bundle.resolve()), refspec], cwd=root, check=False)
+    if fetched.returncode != 0:
+        raise Refusal(
+            f"{run_directory}: its snapshot {commit[:12]} is not in this repository, and its {BUNDLE_FILE} "
+            f"could not be fetched ({fetched.stderr.strip()}). The bundle holds only what its base "
+            f"{str(snapshot.get('base'))[:12]} lacks: fetch the base (git fetch --all), then try again."
+        )
+    print(f"fetched snapshot {commit[:12]} from {bundle} as {snapshot['ref']}")
+
+
+def snapshot_gate(root: Path, max_file_mb: float) -> dict:
+    """The `git` provenance of a run with --snapshot: a clean tree's as usual; a dirty tree's
+    snapshot commit, with `snapshot: {base, ref, files}` (`ref` is filled in when the run
+    directory, which names it, is made: see pin_snapshot)."""
+    try:
+        state = repository_state(root)
+    except NotARepository:  # a container built from a commit ($PROVENANCE_GIT_COMMIT), or a refusal
+        return gate(root)
+    if not state.changes:
+        check_clean(state)  # a repository without commits
+        return git_provenance(state)
+    top = Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip())
+    if top.resolve() != Path(root).resolve():  # git status names paths from where it runs: read it at the top
+        state = repository_state(top)
+    untracked = untracked_files(state)
+    check_snapshot_allowed(state, untracked, max_file_mb)
+    snapshot = build_snapshot(state, untracked)
+    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))
+    provenance["snapshot"] = {"base": snapshot.base, "ref": None, "files": snapshot.files}
+    return provenance
+
+
+def logging_gate(snapshot: bool, max_file_mb: float, root: Path = PROJECT_ROOT) -> dict:
+    """The gate of a logged run: with --snapshot (or TEMPLATE_SNAPSHOT=1) a dirty tree is
+    snapshotted, without it refused."""
+    return snapshot_gate(root, max_file_mb) if snapshot_requested(snapshot) else gate(root)
+
+
+def resume_hint(saved_git: dict) -> str:
+    """What to add to a refused --resume of a snapshot run: how such a run continues."""
+    snapshot = saved_git.get("snapshot")
+    if not snapshot:
+        return ""
+    ref = snapshot.get("ref") or saved_git["commit"]
+    return (
+        f"\nThis run was logged from a snapshot of uncommitted work ({ref}). Resume it with --snapshot "
+        "while the working tree holds the same changes on the same commit, or from a checkout of the "
+        f"snapshot: git worktree add ../snapshot {ref} && cd ../snapshot && python run.py --resume RUN_DIR"
+    )

@@ -1,0 +1,451 @@
+"""--snapshot: a dirty tree's run is logged against a commit of the tree on a hidden ref,
+and the user's repository (HEAD, branch, index, stash, working tree) is left exactly as it was."""
+
+import os
+import shutil
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import QUICK_RUN, Project, git
+
+from src.core.errors import Refusal
+from src.core.record.snapshot import pin_run_snapshot, pin_snapshot, snapshot_gate, snapshot_ref
+
+RUN = (*QUICK_RUN, "--epochs=2")
+
+
+def working_tree(root: Path) -> dict[str, tuple]:
+    """Every file and link outside .git: its mode bits and bytes (a link: its target)."""
+    files = {}
+    for directory, names, filenames in os.walk(root):
+        names[:] = [name for name in names if name != ".git"]
+        for name in filenames + [name for name in names if (Path(directory) / name).is_symlink()]:
+            path = Path(directory) / name
+            relative = str(path.relative_to(root))
+            if path.is_symlink():
+                files[relative] = ("link", os.readlink(path))
+            else:
+                files[relative] = (stat.S_IMODE(path.lstat().st_mode), path.read_bytes())
+    return files
+
+
+def repository_view(root: Path) -> dict:
+    """What the user sees of a repository: status, staged diff, HEAD, branch, marks, stash, files."""
+    return {
+        "status": git(root, "status", "--porcelain=v2", "--branch", "--untracked-files=all"),
+        "staged": git(root, "diff", "--cached", "--binary"),
+        "head": git(root, "rev-parse", "--verify", "-q", "HEAD") if _has_commits(root) else None,
+        "branch": git(root, "symbolic-ref", "HEAD"),
+        "index": git(root, "ls-files", "-s", "-v"),  # stages, blobs, assume-unchanged/skip-worktree tags
+        "stash": git(root, "stash", "list"),
+        "tree": working_tree(root),
+    }
+
+
+def _has_commits(root: Path) -> bool:
+    return subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=root, capture_output=True).returncode == 0
+
+
+def file_at(root: Path, commit: str, path: str) -> bytes:
+    return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, check=True, capture_output=True).stdout
+
+
+def mode_at(root: Path, commit: str, path: str) -> str:
+    return git(root, "ls-tree", commit, "--", path).split()[0]
+
+
+def modified(root):
+    (root / "a.txt").write_text("a, edited\n")
+    return {"a.txt": b"a, edited\n"}, ["a.txt"]
+
+
+def deleted(root):
+    (root / "b.txt").unlink()
+    return {}, ["b.txt"]
+
+
+def deleted_and_staged(root):
+    git(root, "rm", "-q", "b.txt")
+    return {}, ["b.txt"]
+
+
+def staged_only(root):
+    (root / "a.txt").write_text("staged\n")
+    git(root, "add", "a.txt")
+    return {"a.txt": b"staged\n"}, ["a.txt"]
+
+
+def renamed(root):
+    (root / "b.txt").rename(root / "c.txt")
+    return {"c.txt": b"b\n"}, ["b.txt", "c.txt"]
+
+
+def renamed_and_staged(root):
+    git(root, "mv", "b.txt", "d.txt")
+    return {"d.txt": b"b\n"}, ["b.txt", "d.txt"]
+
+
+def untracked(root):
+    (root / "new").mkdir()
+    (root / "new" / "module.py").write_text("X = 1\n")
+    (root / "ignored").mkdir()
+    (root / "ignored" / "data.bin").write_bytes(b"\0" * 100)  # .gitignore excludes it: not in the snapshot
+    (root / "run.log").write_text("ignored too\n")
+    return {"new/module.py": b"X = 1\n"}, ["new/module.py"]
+
+
+def executable(root):
+    (root / "a.txt").chmod(0o755)
+    return {"a.txt": b"a\n"}, ["a.txt"]
+
+
+def symlink(root):
+    (root / "link").symlink_to("a.txt")
+    return {"link": b"a.txt"}, ["link"]
+
+
+def assume_unchanged(root):
+    git(root, "update-index", "--assume-unchanged", "a.txt")
+    (root / "a.txt").write_text("hidden from git status\n")
+    return {"a.txt": b"hidden from git status\n"}, ["a.txt"]
+
+
+def skip_worktree(root):
+    git(root, "update-index", "--skip-worktree", "b.txt")
+    (root / "b.txt").write_text("skipped by git status\n")
+    return {"b.txt": b"skipped by git status\n"}, ["b.txt"]
+
+
+def staged_then_edited(root):
+    (root / "a.txt").write_text("staged\n")
+    git(root, "add", "a.txt")
+    (root / "a.txt").write_text("staged, then edited again\n")
+    return {"a.txt": b"staged, then edited again\n"}, ["a.txt"]
+
+
+CHANGES = [
+    modified,
+    deleted,
+    deleted_and_staged,
+    staged_only,
+    renamed,
+    renamed_and_staged,
+    untracked,
+    executable,
+    symlink,
+    assume_unchanged,
+    skip_worktree,
+    staged_then_edited,
+]
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=[change.__name__ for change in CHANGES])
+def test_a_snapshot_holds_the_change_and_leaves_the_repository_as_it_was(repo, change):
+    (repo / "kept.txt").write_text("stashed\n")  # a stash entry, which must survive too
+    git(repo, "add", "kept.txt")
+    git(repo, "stash")
+    base = git(repo, "rev-parse", "HEAD")
+    expected, changed_paths = change(repo)
+    before = repository_view(repo)
+
+    provenance = snapshot_gate(repo, max_file_mb=10)
+
+    assert repository_view(repo) == before
+    snapshot = provenance["commit"]
+    assert snapshot != base and provenance["snapshot"]["base"] == base
+    assert git(repo, "rev-parse", f"{snapshot}^") == base
+    assert provenance["snapshot"]["files"] == sorted(changed_paths)
+    assert provenance["branch"] == "main" and provenance["commit_on_remote"] is False
+    for path, content in expected.items():
+        assert file_at(repo, snapshot, path) == content
+    tree = git(repo, "ls-tree", "-r", "--name-only", snapshot).splitlines()
+    assert not any(path.startswith("ignored/") or path.endswith(".log") for path in tree)
+    if change is executable:
+        assert mode_at(repo, snapshot, "a.txt") == "100755"
+    if change is symlink:
+        assert mode_at(repo, snapshot, "link") == "120000"
+    if change in (deleted, deleted_and_staged, renamed, renamed_and_staged):
+        assert "b.txt" not in tree
+
+
+def test_an_unborn_branch_gives_a_root_commit(tmp_path):
+    root = tmp_path / "fresh"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    (root / "train.py").write_text("print('first')\n")
+    (root / "staged.py").write_text("staged = True\n")
+    git(root, "add", "staged.py")
+    before = repository_view(root)
+
+    provenance = snapshot_gate(root, max_file_mb=10)
+
+    assert repository_view(root) == before
+    snapshot = provenance["commit"]
+    # Until a run pins it under its name, a pending ref keeps it (from gc --prune=now too).
+    assert git(root, "for-each-ref", "--format=%(refname) %(objectname)") == f"refs/runs-pending/{snapshot} {snapshot}"
+    assert git(root, "rev-list", "--parents", "-n1", snapshot) == snapshot  # no parent
+    assert provenance["snapshot"] == {"base": None, "ref": None, "files": ["staged.py", "train.py"]}
+    assert file_at(root, snapshot, "train.py") == b"print('first')\n"
+    assert snapshot_gate(root, max_file_mb=10)["commit"] == snapshot
+
+
+def test_the_same_tree_on_the_same_base_is_the_same_commit_and_a_ref_is_never_moved(repo):
+    (repo / "a.txt").write_text("edited\n")
+    first = snapshot_gate(repo, max_file_mb=10)["commit"]
+    assert snapshot_gate(repo, max_file_mb=10)["commit"] == first
+
+    ref = snapshot_ref("project", "run 1")
+    assert ref == "refs/runs/project/run_1"
+    assert pin_snapshot(repo, first, ref) == ref
+    assert git(repo, "for-each-ref", "refs/runs-pending") == ""  # pinned: no longer pending
+    assert pin_snapshot(repo, first, ref) == ref  # pinned again (a restart): the same ref
+    (repo / "a.txt").write_text("edited again\n")
+    second = snapshot_gate(repo, max_file_mb=10)["commit"]
+    assert second != first
+    assert pin_snapshot(repo, second, ref) == f"{ref}-2"  # the name is taken by another snapshot
+    assert git(repo, "rev-parse", ref) == first and git(repo, "rev-parse", f"{ref}-2") == second
+    git(repo, "gc", "-q", "--prune=now")
+    assert file_at(repo, first, "a.txt") == b"edited\n" and file_at(repo, second, "a.txt") == b"edited again\n"
+
+
+def test_snapshots_beside_each_other_and_the_users_commits_then_gc_lose_nothing(repo, tmp_path):
+    (repo / "a.txt").write_text("work in progress\n")
+    pinned, errors = [], []
+
+    def runs(name: str) -> None:
+        try:
+            for index in range(4):
+                provenance = snapshot_gate(repo, max_file_mb=10)
+                directory = tmp_path / "logs" / "project" / f"{name}-{index}"
+                directory.mkdir(parents=True)  # the run's directory, where its snapshot.bundle goes
+                pinned.append(pin_run_snapshot(provenance, directory, repo))
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=runs, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for index in range(4):  # meanwhile, the user commits
+        (repo / f"user{index}.txt").write_text(f"{index}\n")
+        git(repo, "add", f"user{index}.txt")
+        git(repo, "commit", "-q", "-m", f"user {index}")
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+    assert git(repo, "log", "--format=%s", "main").splitlines() == ["user 3", "user 2", "user 1", "user 0", "initial"]
+    assert git(repo, "status", "--porcelain") == "M a.txt"
+    assert git(repo, "diff", "--cached") == ""
+    git(repo, "gc", "-q", "--prune=now")
+    subprocess.run(["git", "fsck", "--strict", "--no-progress"], cwd=repo, check=True, capture_output=True)
+    assert len(pinned) == 8
+    for provenance in pinned:
+        ref = provenance["snapshot"]["ref"]
+        assert git(repo, "rev-parse", ref) == provenance["commit"]
+        assert file_at(repo, ref, "a.txt") == b"work in progress\n"
+    assert git(repo, "for-each-ref", "refs/runs-pending") == ""
+
+
+def test_a_clean_tree_is_its_commit(repo):
+    provenance = snapshot_gate(repo, max_file_mb=10)
+    assert provenance["commit"] == git(repo, "rev-parse", "HEAD") and "snapshot" not in provenance
+
+
+def test_large_untracked_files_are_refused_listing_them(repo):
+    (repo / "model.ckpt").write_bytes(b"\0" * 3 * 1024 * 1024)
+    (repo / "outputs").mkdir()
+    (repo / "outputs" / "big.npy").write_bytes(b"\0" * 2 * 1024 * 1024)
+    (repo / "small.py").write_text("ok\n")
+    objects = git(repo, "count-objects", "-v")
+    with pytest.raises(Refusal) as refusal:
+        snapshot_gate(repo, max_file_mb=1)
+    message = str(refusal.value)
+    for fragment in ("model.ckpt (3.0 MB)", "outputs/big.npy (2.0 MB)", "snapshot_max_file_mb (1 MB)", ".gitignore"):
+        assert fragment in message
+    assert "small.py" not in message
+    assert git(repo, "count-objects", "-v") == objects  # refused before anything was written
+    assert snapshot_gate(repo, max_file_mb=4)["snapshot"]["files"] == ["model.ckpt", "outputs/big.npy", "small.py"]
+
+
+def test_a_dirty_submodule_is_refused(repo, tmp_path):
+    library = tmp_path / "library"
+    library.mkdir()
+    git(library, "init", "-q", "-b", "main")
+    (library / "lib.py").write_text("v = 1\n")
+    git(library, "add", "-A")
+    git(library, "commit", "-q", "-m", "lib")
+    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(library), "lib")
+    git(repo, "commit", "-q", "-m", "add lib")
+    (repo / "lib" / "lib.py").write_text("v = 2\n")
+    with pytest.raises(Refusal) as refusal:
+        snapshot_gate(repo, max_file_mb=10)
+    assert "submodule (modified content): lib" in str(refusal.value)
+    assert "Commit (or discard) the changes inside each submodule" in str(refusal.value)
+
+
+def source_view_of(view: dict) -> dict:
+    """A repository view without what running writes (logs/, __pycache__/: both ignored)."""
+    tree = {path: value for path, value in view["tree"].items() if not path.startswith("logs/")}
+    return {**view, "tree": {path: value for path, value in tree.items() if "__pycache__" not in path}}
+
+
+def source_view(root: Path) -> dict:
+    return source_view_of(repository_view(root))
+
+
+def snapshot_work(project) -> None:
+    """A modified src/model.py that imports a new, untracked module."""
+    (project.root / "src" / "residual.py").write_text("SCALE = 0.2\n")
+    model = project.root / "src" / "model.py"
+    text = model.read_text().replace("state + 0.1 * self.net(state)", "state + SCALE * self.net(state)")
+    imports = "from src.core.base import BaseModel\nfrom src.residual import SCALE"
+    model.write_text(text.replace("from src.core.base import BaseModel", imports))
+
+
+def test_a_dirty_tree_is_refused_without_the_flag_and_logged_with_it(project):
+    snapshot_work(project)
+    before = repository_view(project.root)
+    refused = project.run(*RUN, "--run_name=refused")
+    assert refused.returncode == 3 and "--snapshot" not in refused.stdout
+    assert not (project.root / "logs").exists()
+
+    result = project.run(*RUN, "--run_name=wip", "--snapshot")
+    assert result.returncode == 0, result.stderr
+    run = project.root / "logs" / "PendulumModel" / "wip"
+    git_section = yaml.safe_load((run / "config.yaml").read_text())["git"]
+    ref = "refs/runs/PendulumModel/wip"
+    assert git_section["snapshot"] == {
+        "base": project.git("rev-parse", "HEAD"),
+        "ref": ref,
+        "files": ["src/model.py", "src/residual.py"],
+    }
+    assert git_section["commit"] == project.git("rev-parse", ref)
+    assert yaml.safe_load((run / "metadata.yaml").read_text())["commit"] == git_section["commit"]
+    assert f"kept as {ref}" in result.stdout
+    assert source_view(project.root) == source_view_of(before)
+
+    env_run = project.run(*RUN, "--run_name=again", env={"TEMPLATE_SNAPSHOT": "1"})  # the same tree: the same commit
+    assert env_run.returncode == 0, env_run.stderr
+    again = yaml.safe_load((project.root / "logs" / "PendulumModel" / "again" / "config.yaml").read_text())["git"]
+    assert again["commit"] == git_section["commit"] and again["snapshot"]["ref"] == "refs/runs/PendulumModel/again"
+
+
+def test_a_snapshot_run_is_reproduced_bitwise_after_the_work_is_thrown_away(project):
+    snapshot_work(project)
+    assert project.run(*RUN, "--run_name=wip", "--snapshot").returncode == 0
+    project.git("checkout", "--", ".")
+    project.git("clean", "-fdq")
+    assert not (project.root / "src" / "residual.py").exists()
+    git(project.root, "gc", "-q", "--prune=now")
+
+    result = project.run("--reproduce", "logs/PendulumModel/wip")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "up to step 26 of the original's 26: identical (bitwise)" in result.stdout
+    assert "parameters at step 26: identical (bitwise)" in result.stdout
+
+
+def test_an_archived_snapshot_run_is_reproduced_in_a_fresh_clone_without_the_ref(project, tmp_path):
+    snapshot_work(project)
+    assert project.run(*RUN, "--run_name=wip", "--snapshot").returncode == 0
+    run = project.root / "logs" / "PendulumModel" / "wip"
+    assert (run / "snapshot.bundle").is_file()
+    archive = f"file://{tmp_path}/archive"
+    archived = project.run("--archive", str(run), archive)
+    assert archived.returncode == 0, archived.stderr
+    commit = project.git("rev-parse", "refs/runs/PendulumModel/wip")
+
+    clone = Project(tmp_path / "clone")
+    git(tmp_path, "clone", "-q", "--no-local", str(project.root), str(clone.root))  # reachable objects only
+    assert clone.git("for-each-ref", "refs/runs") == ""  # a clone does not fetch refs/runs
+    shutil.copytree(project.root / "data" / "pendulum", clone.root / "data" / "pendulum")
+    restored = clone.run("--restore", f"{archive}/PendulumModel/wip")
+    assert restored.returncode == 0, restored.stderr
+
+    result = clone.run("--reproduce", "logs/PendulumModel/wip")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fetched snapshot" in result.stdout
+    assert "up to step 26 of the original's 26: identical (bitwise)" in result.stdout
+    assert clone.git("rev-parse", "refs/runs/PendulumModel/wip") == commit
+
+
+def test_a_killed_snapshot_run_resumes_with_the_same_snapshot_and_ends_equal(project):
+    from helpers import assert_same_run
+
+    snapshot_work(project)
+    args = (*RUN, "--checkpoint.every_n_steps=5", "--snapshot")
+    assert project.run(*args, "--run_name=reference").returncode == 0
+    killed = project.run(*args, "--run_name=killed", env={"TEMPLATE_FAULT": "train_step:22"})
+    assert killed.returncode == -9
+    run = project.root / "logs" / "PendulumModel" / "killed"
+
+    refused = project.run("--resume", str(run))  # the tree is dirty: the gate refuses, and says how
+    assert refused.returncode == 3
+    assert "Resume it with --snapshot" in refused.stderr and "refs/runs/PendulumModel/killed" in refused.stderr
+
+    resumed = project.run("--resume", str(run), "--snapshot")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(project.root / "logs" / "PendulumModel" / "reference", run)
+
+    (project.root / "src" / "residual.py").write_text("SCALE = 0.3\n")  # other work: another snapshot
+    other = project.run("--resume", str(run), "--snapshot", "--epochs=3")
+    assert other.returncode == 3 and "was made at commit" in other.stderr
+
+
+def test_snapshot_flag_combinations_are_refused(project):
+    result = project.run(*RUN, "--snapshot", "--no-logging")
+    assert result.returncode == 2
+    assert "--snapshot logs a dirty tree's run, and --no-logging logs nothing" in result.stderr
+    result = project.run("--runs", "--snapshot")
+    assert result.returncode == 2 and "--snapshot does nothing with --runs" in result.stderr
+
+
+def test_a_large_untracked_file_refuses_the_run_and_writes_nothing(project):
+    (project.root / "weights.pt").write_bytes(b"\0" * 2 * 1024 * 1024)
+    result = project.run(*RUN, "--snapshot", "--snapshot_max_file_mb=1")
+    assert result.returncode == 3 and "weights.pt (2.0 MB)" in result.stderr
+    assert not (project.root / "logs").exists()
+    assert project.git("for-each-ref", "refs/runs") == ""
+
+
+def test_a_sweep_from_a_dirty_tree_shares_one_snapshot(project):
+    snapshot_work(project)
+    result = project.run(*RUN, "--epochs=1", "--snapshot", "--sweep={optimizer.lr: [0.001, 0.002]}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sweep,) = (project.root / "logs" / "PendulumModel").glob("sweep-*")
+    recorded = yaml.safe_load((sweep / "sweep.yaml").read_text())["git"]
+    ref = f"refs/runs/PendulumModel/{sweep.name}"
+    assert recorded["snapshot"]["ref"] == ref and recorded["commit"] == project.git("rev-parse", ref)
+    members = sorted(path for path in sweep.glob("*-lr=*") if (path / "config.yaml").exists())
+    assert len(members) == 2
+    for member in members:
+        member_git = yaml.safe_load((member / "config.yaml").read_text())["git"]
+        assert member_git["commit"] == recorded["commit"] and member_git["snapshot"] == recorded["snapshot"]
+    assert project.git("for-each-ref", "--format=%(refname)", "refs/runs") == ref  # one snapshot for all
+
+    table = project.run("--runs")
+    assert table.returncode == 0
+    marked = [line for line in table.stdout.splitlines() if recorded["commit"][:10] + "+*" in line]
+    assert len(marked) == 2 and "+ a snapshot of uncommitted work" in table.stdout
+
+
+def test_under_torchrun_rank_zero_snapshots_once_and_a_restart_finds_the_same_commit(project):
+    snapshot_work(project)
+    result = project.torchrun(
+        *RUN,
+        "--run_name=ddp",
+        "--snapshot",
+        launcher=("--standalone", "--max-restarts=1"),
+        env={"TEMPLATE_FAULT": "train_step:3@1"},  # rank 1 dies: torchrun restarts the group, which resumes
+    )
+    assert result.returncode == 0, result.stderr
+    run = project.root / "logs" / "PendulumModel" / "ddp"
+    git_section = yaml.safe_load((run / "config.yaml").read_text())["git"]
+    assert project.git("for-each-ref", "--format=%(refname)", "refs/runs") == "refs/runs/PendulumModel/ddp"
+    assert project.git("rev-parse", "refs/runs/PendulumModel/ddp") == git_section["commit"]
+    assert project.git("for-each-ref", "refs/runs-pending") == ""
+    metadata = yaml.safe_load((run / "metadata.yaml").read_text())
+    assert metadata["status"] == "finished" and len(metadata["resumes"]) == 1
