@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import QUICK_RUN, run_directory
 
+from src.core.archive.store import probe_local_archive
+
 QUICK = (*QUICK_RUN, "--epochs=1")
 
 
@@ -42,3 +44,19 @@ def test_relative_file_uri_is_refused_by_archive_and_restore(project, tmp_path):
         assert "absolute path" in message
     assert sorted(path.name for path in tmp_path.iterdir()) == before  # nothing written above the project
     assert not (project.root / "elsewhere").exists()
+
+
+# 2. An archive that can never be written is refused at start-up
+
+
+@pytest.mark.parametrize("target", ["/dev/null/x", "/proc/self/x", "/tmp/" + "a" * 5000])
+def test_unwritable_file_archive_is_refused_before_the_run_starts(project, target):
+    message = one_message(project.run(*QUICK, f"--archive.uri=file://{target}"), 2)
+    assert "cannot be written" in message and len(message) < 600
+    assert project.run_directories() == [] and project.written_files() == []
+
+
+def test_a_writable_file_archive_probe_leaves_nothing(tmp_path):
+    target = tmp_path / "shared" / "deeper" / "archive"
+    probe_local_archive(target)
+    assert not (tmp_path / "shared").exists()
