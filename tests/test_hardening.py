@@ -2,12 +2,17 @@
 archives that can never be written, corrupt archives and manifests, repositories mid-merge...).
 Each gets one message and an exit code, no traceback, and nothing written outside the run."""
 
+import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import QUICK_RUN, run_directory
 
 from src.core.archive.store import probe_local_archive
+from src.core.record.checkpoint import step_file_name
 
 QUICK = (*QUICK_RUN, "--epochs=1")
 
@@ -60,3 +65,125 @@ def test_a_writable_file_archive_probe_leaves_nothing(tmp_path):
     target = tmp_path / "shared" / "deeper" / "archive"
     probe_local_archive(target)
     assert not (tmp_path / "shared").exists()
+
+
+# 3. Tracebacks become one message
+
+BRANCHABLE = ("--checkpoint.every_n_steps=2", "--checkpoint.keep_every_n_steps=2")  # step-2, 4, 6... kept
+
+
+def resign(checkpoint: Path) -> None:
+    """Write the manifest that fits `checkpoint` as it is now (an attacker's re-signing)."""
+    from src.core.archive.store import sha256_of_file
+
+    manifest = checkpoint.with_suffix(".json")
+    document = json.loads(manifest.read_text())
+    document.update(bytes=checkpoint.stat().st_size, sha256=sha256_of_file(checkpoint))
+    manifest.write_text(json.dumps(document))
+
+
+def test_branch_refusals_write_nothing(project):
+    """Items 3, 7, 8 and 9: a damaged parent checkpoint (a manifest that is not JSON, a truncated
+    file, an unsafe pickle, another step's file re-signed) is one message, and no RUN-from-N."""
+    parent = finished_run(project, "parent", *BRANCHABLE)
+    checkpoints = parent / "checkpoints"
+    step6, step8, step10 = (checkpoints / step_file_name(n) for n in (6, 8, 10))
+
+    step6.with_suffix(".json").write_text("{not json")
+    assert "manifest" in one_message(project.run("--resume", str(parent), "--from-step", "6"))
+
+    step8.write_bytes(step10.read_bytes())  # step 10's weights, with a manifest re-signed to fit
+    resign(step8)
+    assert "holds the state of step 10, not 8" in one_message(project.run("--resume", str(parent), "--from-step", "8"))
+
+    step10.write_bytes(step10.read_bytes()[:1000])  # truncated
+    assert "truncated" in one_message(project.run("--resume", str(parent), "--from-step", "10"))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    import torch
+
+    step4 = checkpoints / step_file_name(4)
+    torch.save({"format": 1, "evil": Evil()}, step4)
+    resign(step4)
+    message = one_message(project.run("--resume", str(parent), "--from-step", "4"))
+    assert "weights_only" not in message and "False" not in message and "code" in message
+    assert not (project.root / "pwned").exists()
+    assert [path.name for path in project.run_directories()] == ["parent"]  # no parent-from-N left behind
+
+
+def test_restore_of_a_damaged_archive_is_one_message(project, tmp_path):
+    run = finished_run(project)
+    archive = tmp_path / "archive"
+    assert project.run("--archive", str(run), f"file://{archive}").returncode == 0
+    stored = archive / "PendulumModel" / "run1"
+    manifests = sorted((stored / "checkpoints").glob("step-*.json"))
+    manifests[0].write_text("{not json")
+    manifests[-1].write_text("[1, 2]")
+    log_dir = tmp_path / "restored"
+    result = project.run("--restore", f"file://{stored}", "--log-dir", str(log_dir))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "not a JSON object" in result.stderr
+    restored = log_dir / "PendulumModel" / "run1"
+    assert not (restored / ".restoring").exists()
+
+    # Into a --log-dir that cannot be written (as a read-only disk: /proc refuses even root).
+    assert "cannot create" in one_message(project.run("--restore", f"file://{stored}", "--log-dir", "/proc/logs"))
+
+    # An archived metadata.yaml holding a python tag: refused before anything is written.
+    (stored / "metadata.yaml").write_text("status: !!python/object/apply:os.system ['touch pwned']\n")
+    elsewhere = tmp_path / "elsewhere"
+    message = one_message(project.run("--restore", f"file://{stored}", "--log-dir", str(elsewhere)))
+    assert "metadata.yaml" in message
+    assert not elsewhere.exists() and not (project.root / "pwned").exists()
+
+
+def test_bad_data_directory_and_optimizer_values_are_one_message(project):
+    for flag in ("--data_directory=/etc", "--data_directory=/" + "d" * 100_000):
+        message = one_message(project.run(*QUICK, flag))
+        assert "data_directory" in message and len(message) < 1000
+    message = one_message(project.run(*QUICK, "--optimizer.parameters={betas: 5}"))
+    assert "optimizer.parameters" in message and "betas" in message
+    assert project.run_directories() == []
+
+
+def test_evaluate_with_a_missing_data_file_is_one_message(project):
+    run = finished_run(project)
+    message = one_message(project.run("--evaluate", str(run), "--data_directory=/etc", "--no-logging"))
+    assert "data_directory" in message and "trajectories.npy" in message
+
+
+@pytest.mark.parametrize("target", ["loop", "/proc/self/mem"])
+def test_unreadable_bootstrap_file_is_one_message(project, target):
+    if target == "loop":
+        os.symlink("loop", project.root / "loop")
+    message = one_message(project.run(*QUICK, f"--bootstrap_model_file={target}", "--no-logging"))
+    assert "bootstrap_model_file" in message
+
+
+def mounted(kind: str, where: Path) -> bool:
+    """A small tmpfs at `where`: full after a few kilobytes ("full") or read-only ("ro"); False
+    when this machine may not mount (the test is then skipped)."""
+    where.mkdir(parents=True, exist_ok=True)
+    options = "size=8k" if kind == "full" else "ro,size=64k"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["full", "ro"])
+def test_evaluate_save_outputs_on_a_full_or_read_only_disk(project, kind):
+    run = finished_run(project)
+    assert project.run("--evaluate", str(run)).returncode == 0
+    table = (run / "evaluation.csv").read_bytes()
+    target = run / "evaluation" / "again"
+    if shutil.which("mount") is None or not mounted(kind, target):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = project.run("--evaluate", str(run), "--save-outputs", "--name=again")
+        message = one_message(result)
+        assert "evaluation.csv is as it was" in message
+        assert (run / "evaluation.csv").read_bytes() == table
+    finally:
+        subprocess.run(["umount", str(target)], check=True)

@@ -92,6 +92,7 @@ def read_branch(parent: Path, step: int, edits: ConfigEdits) -> tuple[Config, di
             f"steps kept: {', '.join(map(str, kept)) or 'none'} (keep more with checkpoint.keep_every_n_steps "
             "or keep_every_n_epochs)"
         )
+    read_branch_checkpoint(checkpoint)  # verified before the branch's directory exists: a refusal writes nothing
     return config, saved, {"run": str(parent.resolve()), "step": step, "checkpoint": str(checkpoint.resolve())}
 
 
@@ -234,7 +235,7 @@ def read_branch_checkpoint(path: Path) -> dict:
     try:
         return read_checkpoint(path)
     except DamagedCheckpoint as error:
-        raise UserError(f"--from-step: cannot branch from {error}") from None
+        raise UserError(f"--from-step: cannot branch from {error}; nothing was written") from None
 
 
 def branch_provenance(branch: dict) -> dict:
