@@ -187,3 +187,13 @@ def test_evaluate_save_outputs_on_a_full_or_read_only_disk(project, kind):
         assert (run / "evaluation.csv").read_bytes() == table
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+# 4. A process count the machine cannot run
+
+
+def test_a_million_processes_are_refused_before_torchrun_starts(project):
+    before = set(Path("/tmp").glob("torchelastic_*"))
+    message = one_message(project.run(*QUICK, "--distributed.nproc_per_node=1000000", timeout=120))
+    assert "distributed.nproc_per_node" in message and "at most" in message
+    assert set(Path("/tmp").glob("torchelastic_*")) == before and project.run_directories() == []
