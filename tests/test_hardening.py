@@ -9,10 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import QUICK_RUN, run_directory
+from helpers import QUICK_RUN, git, run_directory
 
 from src.core.archive.store import probe_local_archive
+from src.core.errors import Refusal
 from src.core.record.checkpoint import step_file_name
+from src.core.record.git import gate
 
 QUICK = (*QUICK_RUN, "--epochs=1")
 
@@ -197,3 +199,52 @@ def test_a_million_processes_are_refused_before_torchrun_starts(project):
     message = one_message(project.run(*QUICK, "--distributed.nproc_per_node=1000000", timeout=120))
     assert "distributed.nproc_per_node" in message and "at most" in message
     assert set(Path("/tmp").glob("torchelastic_*")) == before and project.run_directories() == []
+
+
+# 5. The gate refuses a repository in the middle of a merge, rebase, cherry-pick or revert
+
+
+def conflicting_branch(repo: Path) -> None:
+    """`other` changes a.txt one way, main another: any operation bringing `other` in conflicts."""
+    (repo / "a.txt").write_text("base\n")
+    git(repo, "add", "a.txt")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "base")
+    git(repo, "checkout", "-q", "-b", "other")
+    (repo / "a.txt").write_text("theirs\n")
+    git(repo, "commit", "-q", "-am", "theirs")
+    git(repo, "checkout", "-q", "main")
+    (repo / "a.txt").write_text("ours\n")
+    git(repo, "commit", "-q", "-am", "ours")
+
+
+@pytest.mark.parametrize(
+    "operation, expected",
+    [
+        (("merge", "other"), "a merge"),
+        (("rebase", "other"), "a rebase"),
+        (("cherry-pick", "other"), "a cherry-pick"),
+        (("revert", "--no-edit", "HEAD"), "a revert"),
+    ],
+)
+def test_gate_refuses_an_unconcluded_operation(repo, operation, expected):
+    conflicting_branch(repo)
+    if operation[0] == "revert":  # reverting "ours" on top of a later change to the same line conflicts
+        (repo / "a.txt").write_text("later\n")
+        git(repo, "commit", "-q", "-am", "later")
+        operation = ("revert", "--no-edit", "HEAD~1")
+    environment = {**os.environ, "GIT_EDITOR": "true"}
+    failed = subprocess.run(["git", *operation], cwd=repo, capture_output=True, env=environment)
+    assert failed.returncode != 0  # stopped on the conflict
+    git(repo, "checkout", "-q", "HEAD", "--", "a.txt")  # resolved to HEAD: the files equal the commit
+    assert git(repo, "status", "--porcelain") == ""
+    with pytest.raises(Refusal) as caught:
+        gate(repo)
+    assert caught.value.exit_code == 3 and expected in str(caught.value)
+
+
+def test_a_logged_run_is_refused_mid_merge(project):
+    conflicting_branch(project.root)
+    subprocess.run(["git", "merge", "other"], cwd=project.root, capture_output=True)
+    project.git("checkout", "-q", "HEAD", "--", "a.txt")
+    message = one_message(project.run(*QUICK), 3)
+    assert "in the middle of a merge" in message and project.run_directories() == []
