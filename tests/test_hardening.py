@@ -9,7 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import QUICK_RUN, git, run_directory
+import yaml
+from helpers import QUICK_RUN, free_port, git, run_directory
 
 from src.core.archive.store import probe_local_archive
 from src.core.errors import Refusal
@@ -248,3 +249,41 @@ def test_a_logged_run_is_refused_mid_merge(project):
     project.git("checkout", "-q", "HEAD", "--", "a.txt")
     message = one_message(project.run(*QUICK), 3)
     assert "in the middle of a merge" in message and project.run_directories() == []
+
+
+# 6. --export: an unreachable server, config overrides, W&B's files
+
+
+def test_export_to_an_unreachable_mlflow_is_one_message(project, tmp_path):
+    run = finished_run(project)
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    environment = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    override = f"--mlflow.tracking_uri={unreachable}"
+    result = project.run("--export", str(run), "--to", "mlflow", override, env=environment)
+    message = one_message(result)
+    assert "nothing was exported" in message and "training goes on" not in result.stderr
+    assert unreachable in message  # the override was used, not the environment's or the default store
+
+
+def test_export_honours_a_tracking_uri_override(project, tmp_path):
+    run = finished_run(project)
+    store = tmp_path / "elsewhere" / "mlruns"
+    result = project.run("--export", str(run), "--to", "mlflow", f"--mlflow.tracking_uri={store.as_uri()}")
+    assert result.returncode == 0, result.stderr
+    assert store.is_dir()
+    metadata = yaml.safe_load((run / "metadata.yaml").read_text())
+    assert metadata["trackers"]["mlflow"]["tracking_uri"] == store.as_uri()
+    refused = one_message(project.run("--export", str(run), "--to", "mlflow", "--epochs=3"))
+    assert "may change only the mlflow section" in refused
+
+
+def test_export_to_wandb_keeps_its_files_under_the_run(project, tmp_path):
+    run = finished_run(project)
+    home = tmp_path / "home"
+    home.mkdir()
+    environment = {"HOME": str(home), "XDG_CACHE_HOME": "", "WANDB_MODE": "offline"}
+    environment = {key: value for key, value in environment.items() if value}
+    result = project.run("--export", str(run), "--to", "wandb", "--wandb.mode=offline", env=environment)
+    assert result.returncode == 0, result.stderr
+    assert not (home / ".cache" / "wandb").exists(), sorted(str(p) for p in home.rglob("*"))[:10]
+    assert (run / "wandb").is_dir()
