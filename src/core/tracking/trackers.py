@@ -189,9 +189,9 @@ class Trackers:
                     if self.exporting
                     else _going_on(tracker.name, self.run_directory)
                 )
-                warn(
-                    f"{tracker.name} failed ({type(error).__name__}: {error}); nothing more goes to it{'' if self.exporting else ' in this run'}; {then}"
-                )
+                in_this_run = "" if self.exporting else " in this run"
+                problem = f"{type(error).__name__}: {error}"
+                warn(f"{tracker.name} failed ({problem}); nothing more goes to it{in_this_run}; {then}")
 
     def _log_metrics(self, tracker, step: int, values: dict[str, float]) -> None:
         new = {key: value for key, value in values.items() if not tracker.holds(step, key)}
