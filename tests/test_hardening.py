@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,16 @@ def test_export_to_wandb_keeps_its_files_under_the_run(project, tmp_path):
     assert result.returncode == 0, result.stderr
     assert not (home / ".cache" / "wandb").exists(), sorted(str(p) for p in home.rglob("*"))[:10]
     assert (run / "wandb").is_dir()
+
+
+# 8. Messages that told the wrong story
+
+
+def test_auto_resume_of_a_run_being_created_says_so(project):
+    directory = run_directory(project, "racing")
+    directory.mkdir(parents=True)  # what the winner of two simultaneous --auto-resume has made so far
+    message = one_message(project.run(*QUICK, "--run_name=racing", "--auto-resume"), 3)
+    assert "being created by another process" in message and "killed" not in message
+    old = time.time() - 3600
+    os.utime(directory, (old, old))  # an hour later, nobody is creating it: a run killed while it was
+    assert "killed" in one_message(project.run(*QUICK, "--run_name=racing", "--auto-resume"), 3)

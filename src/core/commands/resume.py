@@ -6,6 +6,7 @@ follow.
 """
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from src.core.record.rundir import (
 from src.core.tracking.trackers import check_trackers
 from src.core.training.build import check_config_names
 from src.core.training.start import Branch, Continue, Fresh, Start
+
+# A run directory without config.yaml younger than this is taken as one another process is creating.
+CREATION_SECONDS = 60
 
 # --resume may change these and keys that leave results unchanged (epochs, max_steps, description...).
 RESUME_MAY_CHANGE = frozenset()
@@ -138,6 +142,12 @@ def auto_resume(config: Config, directory: Path, mini: bool) -> tuple[str, dict 
     if not directory.exists():
         return "start", None
     if not (directory / CONFIG_FILE).exists():
+        if time.time() - directory.stat().st_mtime < CREATION_SECONDS:
+            raise Refusal(
+                f"--auto-resume: {directory} is being created by another process right now (two --auto-resume "
+                "of the same run started together?); it runs that run. Run this command again once it has "
+                "started, to continue it (or wait for it to finish)"
+            )
         raise Refusal(
             f"--auto-resume: {directory} exists but holds no {CONFIG_FILE} (a run killed while it was "
             "being created, or not a run directory); move it away, or choose another run_name"
