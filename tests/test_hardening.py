@@ -301,3 +301,22 @@ def test_auto_resume_of_a_run_being_created_says_so(project):
     old = time.time() - 3600
     os.utime(directory, (old, old))  # an hour later, nobody is creating it: a run killed while it was
     assert "killed" in one_message(project.run(*QUICK, "--run_name=racing", "--auto-resume"), 3)
+
+
+def test_a_dev_zero_symlink_in_an_archive_is_skipped_with_a_warning(project, tmp_path):
+    run = finished_run(project)
+    archive = tmp_path / "archive"
+    assert project.run("--archive", str(run), f"file://{archive}").returncode == 0
+    stored = archive / "PendulumModel" / "run1"
+    (stored / "metrics.jsonl").unlink()
+    os.symlink("/dev/zero", stored / "metrics.jsonl")
+    log_dir = tmp_path / "restored"
+    result = project.run("--restore", f"file://{stored}", "--log-dir", str(log_dir), timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "metrics.jsonl: not a plain file" in result.stderr and "create the bucket" not in result.stderr
+    assert not (log_dir / "PendulumModel" / "run1" / "metrics.jsonl").exists()
+
+    (stored / "metadata.yaml").unlink()
+    os.symlink("/dev/zero", stored / "metadata.yaml")  # never read: it would never end
+    message = one_message(project.run("--restore", f"file://{stored}", "--log-dir", str(tmp_path / "b"), timeout=120))
+    assert "metadata.yaml" in message

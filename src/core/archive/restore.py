@@ -99,6 +99,9 @@ def _restore_files(store: Store, listing: dict[str, int], directory: Path, repor
         if Path(name).is_absolute() or ".." in Path(name).parts:  # a key crafted to write elsewhere
             report.damaged.append(f"{name}: not a path inside the run; not restored")
             continue
+        if not store.is_plain_file(name):
+            report.damaged.append(f"{name}: not a plain file in the archive (a symlink or a device); not restored")
+            continue
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.part")
@@ -120,6 +123,9 @@ def _restore_files(store: Store, listing: dict[str, int], directory: Path, repor
         target = checkpoints / file_name
         if _verified_locally(target, manifest_text):
             report.skipped.append(file_name)
+            continue
+        if not store.is_plain_file(f"checkpoints/{file_name}"):
+            report.damaged.append(f"{file_name}: not a plain file in the archive (a symlink or a device)")
             continue
         temporary = checkpoints / f".{file_name}.part"
         store.download(f"checkpoints/{file_name}", temporary)

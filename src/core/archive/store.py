@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -202,6 +203,9 @@ class Store:
             return None
 
     def read(self, relative: str) -> bytes | None:
+        """The object's bytes; None when it does not exist (or, in a local store, is no plain file)."""
+        if self.local and not self.is_plain_file(relative):
+            return None
         try:
             return self.fs.cat_file(self.path(relative))
         except FileNotFoundError:
@@ -228,6 +232,16 @@ class Store:
             os.replace(temporary, target)
         else:
             self.fs.put_file(str(local), self.path(relative), callback=_FaultCallback("archive_upload"))
+
+    def is_plain_file(self, relative: str) -> bool:
+        """Whether `relative` is an ordinary file (an object store holds nothing else); in a local
+        store a symlink (to /dev/zero, say) or a device is not, and is never read."""
+        if not self.local:
+            return True
+        try:
+            return stat.S_ISREG(os.lstat(self.path(relative)).st_mode)
+        except OSError:
+            return False
 
     def download(self, relative: str, local: Path) -> None:
         """Into `local`, a temporary name the caller renames once the file is verified."""
