@@ -113,7 +113,7 @@ def test_branch_refusals_write_nothing(project):
     torch.save({"format": 1, "evil": Evil()}, step4)
     resign(step4)
     message = one_message(project.run("--resume", str(parent), "--from-step", "4"))
-    assert "weights_only" not in message and "False" not in message and "code" in message
+    assert "weights_only=False" not in message and "set to `False`" not in message and "code" in message
     assert not (project.root / "pwned").exists()
     assert [path.name for path in project.run_directories()] == ["parent"]  # no parent-from-N left behind
 

@@ -170,7 +170,8 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if digest.result() != manifest.get("sha256"):
             raise DamagedCheckpoint(f"{path.name}: its SHA-256 does not match the manifest (the file was altered)")
     if load_error is not None:
-        raise DamagedCheckpoint(f"{path.name}: refused by the safe loader: {load_refusal(load_error)}") from None
+        reason = load_refusal(load_error)
+        raise DamagedCheckpoint(f"{path.name}: refused by torch.load(weights_only=True): {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise DamagedCheckpoint(f"{path.name}: not a checkpoint of this template (format {FORMAT_VERSION})")
     named = STEP_FILE.fullmatch(path.name)
