@@ -320,3 +320,34 @@ def test_a_dev_zero_symlink_in_an_archive_is_skipped_with_a_warning(project, tmp
     os.symlink("/dev/zero", stored / "metadata.yaml")  # never read: it would never end
     message = one_message(project.run("--restore", f"file://{stored}", "--log-dir", str(tmp_path / "b"), timeout=120))
     assert "metadata.yaml" in message
+
+
+# 10. Restore verifies every run file against the archive's run-files.json
+
+
+def test_restore_verifies_run_files_and_refuses_tampered_ones(project, tmp_path):
+    run = finished_run(project)
+    archive = tmp_path / "archive"
+    assert project.run("--archive", str(run), f"file://{archive}").returncode == 0
+    stored = archive / "PendulumModel" / "run1"
+    digests = json.loads((stored / "run-files.json").read_text())
+    assert {"config.yaml", "metadata.yaml", "metrics.jsonl", "packages.txt"} <= set(digests)
+    assert any(name.startswith("figures/") for name in digests) and any("tfevents" in name for name in digests)
+
+    clean = project.run("--restore", f"file://{stored}", "--log-dir", str(tmp_path / "clean"))
+    assert clean.returncode == 0 and "warning" not in clean.stderr, clean.stderr
+    restored = tmp_path / "clean" / "PendulumModel" / "run1"
+    assert (restored / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
+
+    with open(stored / "metrics.jsonl", "a") as stream:  # a forged line
+        stream.write('{"step": 999, "phase": "rollout", "name": "loss", "value": 0.0}\n')
+    tampered = project.run("--restore", f"file://{stored}", "--log-dir", str(tmp_path / "tampered"))
+    assert tampered.returncode == 0, tampered.stderr
+    assert "metrics.jsonl: its SHA-256 is not the one run-files.json records" in tampered.stderr
+    assert not (tmp_path / "tampered" / "PendulumModel" / "run1" / "metrics.jsonl").exists()
+
+    config = stored / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 1", "epochs: 2"))
+    message = one_message(project.run("--restore", f"file://{stored}", "--log-dir", str(tmp_path / "forged")))
+    assert "config.yaml is not the file that was archived" in message
+    assert not (tmp_path / "forged").exists()

@@ -1,6 +1,7 @@
 """Restore: an archived run downloaded into a local run directory, every checkpoint verified
 against its manifest; and the archived runs under a URI, for `--runs URI`."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from src.core.archive.store import Store, check_uri, sha256_of_file, store_call
-from src.core.archive.upload import POINTERS
+from src.core.archive.upload import POINTERS, RUN_FILES_MANIFEST, read_run_files_manifest
 from src.core.config.loader import parse_yaml
 from src.core.errors import UserError
 from src.core.record.checkpoint import STEP_FILE, manifest_path
@@ -26,6 +27,7 @@ class RestoreReport:
     restored: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already restored and verified
     damaged: list[str] = field(default_factory=list)  # "name: why"
+    unverified: bool = False  # the archive holds no manifest of its run files (archived by an older version)
 
 
 def restore_run(uri: str, log_dir: Path) -> RestoreReport:
@@ -43,8 +45,15 @@ def restore_run(uri: str, log_dir: Path) -> RestoreReport:
             "list the archived runs with --runs ARCHIVE_URI"
         )
     with store_call("--restore", location):
+        digests = read_run_files_manifest(store)
         for name in (CONFIG_FILE, METADATA_FILE):  # before anything is written here
-            _check_run_document(location, name, store.read(name))
+            data = store.read(name)
+            _check_run_document(location, name, data)
+            if digests is not None and hashlib.sha256(data).hexdigest() not in digests.get(name, []):
+                raise UserError(
+                    f"--restore {location}: the archived {name} is not the file that was archived (its SHA-256 "
+                    f"is not the one {RUN_FILES_MANIFEST} records: altered since?); nothing was restored"
+                )
     project, run = location.rsplit("/", 2)[1:]
     directory = Path(log_dir) / project / run
     marker = directory / RESTORING_MARKER
@@ -61,9 +70,9 @@ def restore_run(uri: str, log_dir: Path) -> RestoreReport:
             f"--restore {location}: cannot create {directory} ({error.strerror or type(error).__name__}); "
             "give a --log-dir this user may write"
         ) from None
-    report = RestoreReport(directory)
+    report = RestoreReport(directory, unverified=digests is None)
     with store_call("--restore", location, then=f"; run the same --restore again to complete {directory}"):
-        _restore_files(store, listing, directory, report)
+        _restore_files(store, listing, directory, report, digests)
     update_metadata(directory, restored={"from": location, "at": now()})
     marker.unlink()
     fsync_directory(directory)
@@ -91,10 +100,12 @@ def _manifest_of(text: bytes | None) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _restore_files(store: Store, listing: dict[str, int], directory: Path, report: RestoreReport) -> None:
+def _restore_files(
+    store: Store, listing: dict[str, int], directory: Path, report: RestoreReport, digests: dict | None
+) -> None:
     checkpoints = directory / "checkpoints"
     for name in sorted(listing):
-        if name.startswith("checkpoints/") or Path(name).name.startswith("."):
+        if name.startswith("checkpoints/") or Path(name).name.startswith(".") or name == RUN_FILES_MANIFEST:
             continue
         if Path(name).is_absolute() or ".." in Path(name).parts:  # a key crafted to write elsewhere
             report.damaged.append(f"{name}: not a path inside the run; not restored")
@@ -106,6 +117,10 @@ def _restore_files(store: Store, listing: dict[str, int], directory: Path, repor
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.part")
         store.download(name, temporary)
+        if digests is not None and sha256_of_file(temporary) not in digests.get(name, []):
+            temporary.unlink()
+            report.damaged.append(f"{name}: its SHA-256 is not the one {RUN_FILES_MANIFEST} records (altered?)")
+            continue
         os.replace(temporary, target)
     for name in sorted(listing):
         match = STEP_FILE.fullmatch(name.removeprefix("checkpoints/"))
@@ -194,6 +209,12 @@ def print_restore_report(report: RestoreReport) -> None:
     )
     for line in report.damaged:
         print(f"warning: skipped {line}", file=sys.stderr)
+    if report.unverified:
+        print(
+            f"warning: the archive holds no {RUN_FILES_MANIFEST} (archived by an earlier version): its run files "
+            "were restored unverified; the checkpoints were verified. --archive the run again to add it",
+            file=sys.stderr,
+        )
 
 
 def archived_runs(uri: str) -> dict[str, tuple[dict, dict]]:
