@@ -351,3 +351,14 @@ def test_restore_verifies_run_files_and_refuses_tampered_ones(project, tmp_path)
     message = one_message(project.run("--restore", f"file://{stored}", "--log-dir", str(tmp_path / "forged")))
     assert "config.yaml is not the file that was archived" in message
     assert not (tmp_path / "forged").exists()
+
+
+def test_archive_of_a_run_with_a_damaged_local_manifest_skips_that_checkpoint(project, tmp_path):
+    run = finished_run(project, "run1", *BRANCHABLE)
+    manifest = run / "checkpoints" / step_file_name(6)
+    manifest.with_suffix(".json").write_text("{not json")
+    result = project.run("--archive", str(run), f"file://{tmp_path / 'archive'}")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "step-000000006.json is not a JSON object" in result.stderr
+    stored = tmp_path / "archive" / "PendulumModel" / "run1" / "checkpoints"
+    assert (stored / step_file_name(8)).exists() and not (stored / step_file_name(6)).exists()

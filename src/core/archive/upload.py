@@ -143,7 +143,18 @@ class RunUploader:
         return self.report
 
     def upload_checkpoint(self, path: Path, manifest_text: str) -> None:
-        manifest = json.loads(manifest_text)
+        try:
+            manifest = json.loads(manifest_text)
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict):  # a damaged local manifest: the checkpoint cannot be verified
+            self.refused.add(path.name)
+            self.report.damaged.append(path.name)
+            print(
+                f"warning: archive: {manifest_path(path)} is not a JSON object; {path.name} not archived",
+                file=sys.stderr,
+            )
+            return
         manifest_name = f"checkpoints/{manifest_path(path).name}"
         if path.name in self.archived or path.name in self.unverified:
             self.store.remove(manifest_name)  # another checkpoint of that step (a resumed run): unverified now
