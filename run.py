@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if command.evaluate:
             return evaluate_run(command)
         if command.export:
-            return export_run(Path(command.export), command.to)
+            return export_run(Path(command.export), command.to, command.edits)
         # The config, read and validated once (a torchrun worker leaves it to rank 0).
         request = None if launched_by_torchrun() else read_request(command)
         if request is not None and request.sweep is not None:  # a grid, or a search (commands/search.py)

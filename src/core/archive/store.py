@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -80,11 +81,38 @@ def require_backend(uri: str) -> str | None:
 
 def check_archive(config: dict) -> str | None:
     """Before a run writes anything: its archive URI (or None), refused with one UserError when
-    it holds credentials, has an unknown scheme, or its back end is not installed. No network."""
+    it holds credentials, has an unknown scheme, or its back end is not installed; a file://
+    archive is probed too, so that a directory that can never be written (under /dev/null or
+    /proc, a name too long, a read-only disk) is refused now rather than after training. No network."""
     uri = archive_uri(config)
     if uri is not None:
         require_backend(uri)
+        if urlsplit(uri).scheme.lower() == "file":
+            probe_local_archive(Path(urlsplit(uri).path))
     return uri
+
+
+def probe_local_archive(root: Path) -> None:
+    """Create `root` (and its missing parents), write and delete a file in it, then remove the
+    directories the probe made: UserError naming the reason when any step fails. Nothing is
+    created outside `root`, and nothing is left behind."""
+    made: list[Path] = []
+    probe = root / f".probe-{os.getpid()}"
+    try:
+        made = [directory for directory in (root, *root.parents) if not directory.exists()]
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(
+            f"archive file://{str(root)[:200]}{'…' if len(str(root)) > 200 else ''} cannot be written ({reason}); "
+            "give a directory this machine may create and write, as file:///absolute/path"
+        ) from None
+    finally:
+        for directory in made:  # deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def run_location(uri: str, run_directory: Path) -> str:
@@ -175,6 +203,9 @@ class Store:
             return None
 
     def read(self, relative: str) -> bytes | None:
+        """The object's bytes; None when it does not exist (or, in a local store, is no plain file)."""
+        if self.local and not self.is_plain_file(relative):
+            return None
         try:
             return self.fs.cat_file(self.path(relative))
         except FileNotFoundError:
@@ -201,6 +232,16 @@ class Store:
             os.replace(temporary, target)
         else:
             self.fs.put_file(str(local), self.path(relative), callback=_FaultCallback("archive_upload"))
+
+    def is_plain_file(self, relative: str) -> bool:
+        """Whether `relative` is an ordinary file (an object store holds nothing else); in a local
+        store a symlink (to /dev/zero, say) or a device is not, and is never read."""
+        if not self.local:
+            return True
+        try:
+            return stat.S_ISREG(os.lstat(self.path(relative)).st_mode)
+        except OSError:
+            return False
 
     def download(self, relative: str, local: Path) -> None:
         """Into `local`, a temporary name the caller renames once the file is verified."""

@@ -1,6 +1,8 @@
 """Upload: one pass that brings the archive up to date with a run directory, idempotently."""
 
 import json
+import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +16,11 @@ from src.core.record.rundir import CONFIG_FILE, METADATA_FILE, update_metadata
 RUN_FILE_DIRECTORIES = ("figures", "evaluation")
 IDENTITY_FILES = (CONFIG_FILE, METADATA_FILE, "packages.txt")
 POINTERS = ("last", "best")
+# The SHA-256 of every run file the archive holds ({name: [accepted digests]}), which a restore
+# checks each download against. Two digests while a file is replaced: the one before and the
+# one being sent, so that a pass killed between the upload and the manifest's update leaves
+# a file that still verifies.
+RUN_FILES_MANIFEST = "run-files.json"
 
 
 def run_files(run_directory: Path) -> list[str]:
@@ -53,6 +60,8 @@ class RunUploader:
         self.present: set[str] = set()  # step files the archive may hold: listed, or their upload began
         self.sent_files: dict[str, tuple[int, int]] = {}  # run file -> (size, mtime_ns) when sent
         self.sent_pointers: dict[str, str] = {}
+        self.run_file_digests: dict[str, list[str]] = {}  # RUN_FILES_MANIFEST's content
+        self.digests_written: dict[str, list[str]] | None = None  # what the archive's copy says
         self.scanned = False
         self.recorded: tuple[str, int | None] | None = None  # the archive status metadata.yaml holds
         self.report = UploadReport()
@@ -84,6 +93,8 @@ class RunUploader:
                 "a bucket lifecycle rule AbortIncompleteMultipartUpload removes them instead",
                 file=sys.stderr,
             )
+        self.run_file_digests = read_run_files_manifest(self.store) or {}  # extended, never started afresh
+        self.digests_written = {name: list(digests) for name, digests in self.run_file_digests.items()}
         remote = self.store.listing("checkpoints")
         local_steps = [info.step for info in step_checkpoints(self.checkpoints)]
         newest_local = max(local_steps, default=-1)
@@ -128,10 +139,22 @@ class RunUploader:
                     self.upload_run_file(name)
             self.record_status("synced")
             self.upload_run_file(METADATA_FILE)  # last, so that the archived copy says synced
+        self.write_run_files_manifest()
         return self.report
 
     def upload_checkpoint(self, path: Path, manifest_text: str) -> None:
-        manifest = json.loads(manifest_text)
+        try:
+            manifest = json.loads(manifest_text)
+        except ValueError:
+            manifest = None
+        if not isinstance(manifest, dict):  # a damaged local manifest: the checkpoint cannot be verified
+            self.refused.add(path.name)
+            self.report.damaged.append(path.name)
+            print(
+                f"warning: archive: {manifest_path(path)} is not a JSON object; {path.name} not archived",
+                file=sys.stderr,
+            )
+            return
         manifest_name = f"checkpoints/{manifest_path(path).name}"
         if path.name in self.archived or path.name in self.unverified:
             self.store.remove(manifest_name)  # another checkpoint of that step (a resumed run): unverified now
@@ -186,8 +209,26 @@ class RunUploader:
         stamp = (status.st_size, status.st_mtime_ns)
         if self.sent_files.get(name) == stamp:
             return
-        self.store.upload(path, name)
+        # A snapshot, hashed and sent: the run may append to the file (metrics.jsonl) meanwhile.
+        snapshot = self.run_directory / f".archive-snapshot.tmp-{os.getpid()}"
+        try:
+            shutil.copyfile(path, snapshot)
+            digest = sha256_of_file(snapshot)
+            accepted = self.run_file_digests.get(name, [])
+            if digest not in accepted:
+                self.run_file_digests[name] = [*accepted[-1:], digest]  # before it is replaced: either verifies
+                self.write_run_files_manifest()
+            self.store.upload(snapshot, name)
+        finally:
+            snapshot.unlink(missing_ok=True)
+        self.run_file_digests[name] = [digest]  # written at the end of the pass
         self.sent_files[name] = stamp
+
+    def write_run_files_manifest(self) -> None:
+        if self.run_file_digests != self.digests_written:
+            text = json.dumps(self.run_file_digests, indent=1, sort_keys=True)
+            self.store.write(RUN_FILES_MANIFEST, text.encode())
+            self.digests_written = {name: list(digests) for name, digests in self.run_file_digests.items()}
 
     def remove_checkpoint(self, name: str) -> None:
         """Manifest first: from that moment on the archive no longer offers it as a checkpoint."""
@@ -208,6 +249,23 @@ class RunUploader:
             update_metadata(
                 self.run_directory, archive={"uri": self.location, "status": status, "last_synced_step": state[1]}
             )
+
+
+def read_run_files_manifest(store: Store) -> dict[str, list[str]] | None:
+    """The archive's RUN_FILES_MANIFEST; None when it holds none (archived by an older version),
+    or one that is not {name: [SHA-256, ...]}."""
+    text = store.read(RUN_FILES_MANIFEST)
+    try:
+        document = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    return {
+        name: [digest for digest in digests if isinstance(digest, str)]
+        for name, digests in document.items()
+        if isinstance(digests, list)
+    }
 
 
 def _manifest_bytes(text: bytes) -> int | None:

@@ -94,7 +94,14 @@ def evaluate_run(command: CommandLine) -> int:
     paths = checkpoints_to_evaluate(run_directory / "checkpoints", command.checkpoints)
     results = evaluate_checkpoints(evaluator, paths, save_outputs=command.save_outputs)
     if record is not None:
-        print(f"wrote {write_evaluation(run_directory, name, results, record)}")
+        try:
+            print(f"wrote {write_evaluation(run_directory, name, results, record)}")
+        except OSError as error:  # a read-only run directory, a full disk: every file is written atomically
+            raise UserError(
+                f"--evaluate {run_directory}: cannot write the results into evaluation/{name}/ "
+                f"({error.strerror or type(error).__name__}: {error.filename or ''}); evaluation.csv is as it was. "
+                "Free space or make the run directory writable, then run the same command again"
+            ) from None
     return 0
 
 

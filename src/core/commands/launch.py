@@ -41,8 +41,28 @@ def torchrun_arguments(settings: dict) -> list[str]:
     ]
 
 
+PROCESSES_PER_DEVICE = 4  # more processes than this per CPU (or per GPU) on one node is a typo
+
+
+def check_process_count(settings: dict) -> None:
+    """Refuse a process count this machine cannot run before torchrun starts them: a million
+    processes would hang it and leave a folder per rank under /tmp/torchelastic_*."""
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    limit = PROCESSES_PER_DEVICE * max(cpus, gpus)
+    if settings["nproc_per_node"] > limit:
+        devices = f"{cpus} CPUs" + (f" and {gpus} GPUs" if gpus else "")
+        raise UserError(
+            f"config key 'distributed.nproc_per_node': {settings['nproc_per_node']} processes on this node, which has "
+            f"{devices}; expected at most {limit} (usually one per GPU, or a few on CPUs)"
+        )
+
+
 def launch_with_torchrun(settings: dict, script: str, argv: list[str]) -> int:
     """Run `script argv` in torchrun's elastic agent; return rank 0's exit code."""
+    check_process_count(settings)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 

@@ -6,6 +6,7 @@ follow.
 """
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +42,9 @@ from src.core.record.snapshot import logging_gate, resume_hint
 from src.core.tracking.trackers import check_trackers
 from src.core.training.build import check_config_names
 from src.core.training.start import Branch, Continue, Fresh, Start
+
+# A run directory without config.yaml younger than this is taken as one another process is creating.
+CREATION_SECONDS = 60
 
 # --resume may change these and keys that leave results unchanged (epochs, max_steps, description...).
 RESUME_MAY_CHANGE = frozenset()
@@ -93,6 +97,7 @@ def read_branch(parent: Path, step: int, edits: ConfigEdits) -> tuple[Config, di
             f"steps kept: {', '.join(map(str, kept)) or 'none'} (keep more with checkpoint.keep_every_n_steps "
             "or keep_every_n_epochs)"
         )
+    read_branch_checkpoint(checkpoint)  # verified before the branch's directory exists: a refusal writes nothing
     return config, saved, {"run": str(parent.resolve()), "step": step, "checkpoint": str(checkpoint.resolve())}
 
 
@@ -141,6 +146,12 @@ def auto_resume(config: Config, directory: Path, mini: bool) -> tuple[str, dict 
     if not directory.exists():
         return "start", None
     if not (directory / CONFIG_FILE).exists():
+        if time.time() - directory.stat().st_mtime < CREATION_SECONDS:
+            raise Refusal(
+                f"--auto-resume: {directory} is being created by another process right now (two --auto-resume "
+                "of the same run started together?); it runs that run. Run this command again once it has "
+                "started, to continue it (or wait for it to finish)"
+            )
         raise Refusal(
             f"--auto-resume: {directory} exists but holds no {CONFIG_FILE} (a run killed while it was "
             "being created, or not a run directory); move it away, or choose another run_name"
@@ -238,7 +249,7 @@ def read_branch_checkpoint(path: Path) -> dict:
     try:
         return read_checkpoint(path)
     except DamagedCheckpoint as error:
-        raise UserError(f"--from-step: cannot branch from {error}") from None
+        raise UserError(f"--from-step: cannot branch from {error}; nothing was written") from None
 
 
 def branch_provenance(branch: dict) -> dict:

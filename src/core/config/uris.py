@@ -39,4 +39,10 @@ def check_uri(uri: str) -> str:
         raise UserError(
             f"archive URI {uri!r}: expected s3://bucket/prefix, gs://bucket/prefix or file:///absolute/path"
         )
+    if scheme == "file" and (urlsplit(uri).netloc or not urlsplit(uri).path.startswith("/")):
+        # file://relative/dir reads as the host "relative": fsspec makes it a path relative to the
+        # working directory, so the archive would land inside the repository (or above it).
+        raise UserError(
+            f"archive URI {uri!r}: a file:// archive needs an absolute path, three slashes: file:///absolute/path"
+        )
     return uri.rstrip("/")

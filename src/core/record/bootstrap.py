@@ -14,7 +14,7 @@ import torch
 
 from src.core.config.validation import Config
 from src.core.errors import UserError
-from src.core.record.checkpoint import DamagedCheckpoint, manifest_path, read_checkpoint
+from src.core.record.checkpoint import DamagedCheckpoint, load_refusal, manifest_path, read_checkpoint
 from src.core.record.git import PROJECT_ROOT
 
 KEY = "bootstrap_model_file"
@@ -35,7 +35,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _require_file(path: Path, where: str) -> None:
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a symlink loop, a name too long
+        is_file = False
+    if not is_file:
         raise UserError(
             f"{where}: {str(path)!r} is not a file; expected a checkpoint of this template or a saved state dict "
             "(relative paths start at the project root)"
@@ -46,9 +50,21 @@ def bootstrap_record(config: Config) -> dict | None:
     """The provenance entry of a new run's initial weights, `{path, sha256}`; None without them."""
     if not config.bootstrap_model_file:
         return None
-    path = bootstrap_path(config.bootstrap_model_file).resolve()
+    path = bootstrap_path(config.bootstrap_model_file)
     _require_file(path, f"config key {KEY!r}")
-    return {"path": str(path), "sha256": file_sha256(path)}
+    path = path.resolve()
+    return {"path": str(path), "sha256": _readable_sha256(path, f"config key {KEY!r}")}
+
+
+def _readable_sha256(path: Path, where: str) -> str:
+    """`file_sha256`, with a file that cannot be read (permissions, /proc/self/mem) as one UserError."""
+    try:
+        return file_sha256(path)
+    except OSError as error:
+        raise UserError(
+            f"{where}: {str(path)!r} cannot be read ({error.strerror or type(error).__name__}); expected a "
+            "readable checkpoint of this template or a saved state dict"
+        ) from None
 
 
 def check_bootstrap(recorded: dict | None, flag: str, run_directory: Path) -> Path | None:
@@ -58,7 +74,7 @@ def check_bootstrap(recorded: dict | None, flag: str, run_directory: Path) -> Pa
         return None
     path = Path(recorded["path"])
     _require_file(path, f"{flag} {run_directory}: the run's {KEY}")
-    if file_sha256(path) != recorded["sha256"]:
+    if _readable_sha256(path, f"{flag} {run_directory}: the run's {KEY}") != recorded["sha256"]:
         raise UserError(
             f"{flag} {run_directory}: the run started from the weights in {path} (bootstrap_model_file), but that "
             f"file changed since (its SHA-256 is no longer {recorded['sha256'][:12]}...), so the run could not be "
@@ -122,10 +138,9 @@ def load_bootstrap_weights(config: Config) -> dict:
         try:
             whole = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # an unsafe pickle lands here, unexecuted
-            detail = (str(error).strip().splitlines() or [""])[0][:300]
-            raise UserError(
-                f"config key {KEY!r}: {path} cannot be loaded safely (weights_only=True): {detail}"
-            ) from None
+            reason = load_refusal(error)
+            message = f"config key {KEY!r}: {path} cannot be loaded safely (weights_only=True): {reason}"
+            raise UserError(message) from None
     return _strip_prefix(_select(whole, config.bootstrap_model_key, path), config.bootstrap_model_prefix, path)
 
 

@@ -170,10 +170,29 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if digest.result() != manifest.get("sha256"):
             raise DamagedCheckpoint(f"{path.name}: its SHA-256 does not match the manifest (the file was altered)")
     if load_error is not None:
-        raise DamagedCheckpoint(f"{path.name}: refused by torch.load(weights_only=True): {load_error}") from None
+        reason = load_refusal(load_error)
+        raise DamagedCheckpoint(f"{path.name}: refused by torch.load(weights_only=True): {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise DamagedCheckpoint(f"{path.name}: not a checkpoint of this template (format {FORMAT_VERSION})")
+    named = STEP_FILE.fullmatch(path.name)
+    held = (state.get("progress") or {}).get("global_step") if isinstance(state.get("progress"), dict) else None
+    if named and held != int(named.group(1)):  # another step's file, with a manifest made to fit it
+        raise DamagedCheckpoint(
+            f"{path.name}: holds the state of step {held}, not {int(named.group(1))} (a file renamed, "
+            "and its manifest re-signed?)"
+        )
     return state
+
+
+def load_refusal(error: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, without PyTorch's advice to retry with
+    weights_only=False (which would run whatever the file holds): the line naming the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if type(error).__name__ == "UnpicklingError" and lines:
+        causes = [line for line in lines if "weights_only" not in line and "torch.load" not in line]
+        return f"it holds code or objects other than tensors ({(causes or ['unsupported content'])[0][:300]})"
+    detail = (lines or [type(error).__name__])[0][:300]
+    return f"it is not a file torch.save wrote, or it is damaged ({type(error).__name__}: {detail})"
 
 
 def _sha256_of_descriptor(descriptor: int, size: int, chunk: int = 2**22) -> str:

@@ -139,9 +139,14 @@ def find_data_directory(value: str) -> Path:
     data_directory = Path(value)
     if not data_directory.is_absolute():
         data_directory = PROJECT_ROOT / data_directory
-    if not data_directory.is_dir():
+    try:
+        is_directory = data_directory.is_dir()
+    except OSError:  # a name too long for the filesystem, say
+        is_directory = False
+    if not is_directory:
+        shown = str(data_directory) if len(str(data_directory)) <= 300 else f"{str(data_directory)[:300]}…"
         raise UserError(
-            f"config key 'data_directory': {str(data_directory)!r} is not a directory "
+            f"config key 'data_directory': {shown!r} is not a directory "
             "(relative paths start at the project root; for the example data run: make data)"
         )
     return data_directory

@@ -79,6 +79,30 @@ class RepositoryState:
     changes: list[str] = field(default_factory=list)  # "modified: src/model.py", ...
     # The paths whose working-tree file differs from the index (what `git add` would change).
     paths: list[str] = field(default_factory=list)
+    in_progress: str | None = None  # "a merge", "a rebase"...: an operation git has not concluded
+
+
+# What git leaves in its directory while an operation waits for the user: (what, how to conclude it).
+OPERATIONS = {
+    "MERGE_HEAD": ("a merge", "git commit (or git merge --abort)"),
+    "rebase-merge": ("a rebase", "git rebase --continue (or --abort)"),
+    "rebase-apply": ("a rebase (or git am)", "git rebase --continue (or git rebase --abort, git am --abort)"),
+    "CHERRY_PICK_HEAD": ("a cherry-pick", "git cherry-pick --continue (or --abort)"),
+    "REVERT_HEAD": ("a revert", "git revert --continue (or --abort)"),
+}
+
+
+def operation_in_progress(root: Path, index: Path | None) -> str | None:
+    """Which of OPERATIONS git is in the middle of for `root` (its files in the git directory,
+    next to the index), or None."""
+    if index is not None:
+        git_directory = index.parent
+    else:
+        found = run_git(["rev-parse", "--absolute-git-dir"], cwd=root, check=False)
+        if found.returncode != 0:
+            return None
+        git_directory = Path(found.stdout.strip())
+    return next((name for name in OPERATIONS if (git_directory / name).exists()), None)
 
 
 _CHANGE_NAMES = {"M": "modified", "A": "added", "D": "deleted", "R": "renamed", "C": "copied", "T": "type changed"}
@@ -130,6 +154,7 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
             )
         raise RuntimeError(f"'git status' failed in {root}: {result.stderr.strip()}")
     state = RepositoryState(root=Path(root), commit=None, branch=None)
+    state.in_progress = operation_in_progress(Path(root), index)
     records = iter(result.stdout.split("\0"))
     for record in records:
         if record.startswith("# branch.oid "):
@@ -267,6 +292,13 @@ def check_clean(state: RepositoryState) -> None:
         raise Refusal(
             f"the git repository at {state.root} has no commits yet, so a logged run could not "
             "record its commit. Commit your code first (git add -A && git commit), or run with --no-logging."
+        )
+    if state.in_progress:
+        what, conclude = OPERATIONS[state.in_progress]
+        raise Refusal(
+            f"the git repository at {state.root} is in the middle of {what} ({state.in_progress} in its git "
+            f"directory), so HEAD is not yet the commit its files belong to. Conclude it first: {conclude}; "
+            "or run with --no-logging."
         )
     if state.changes:
         listed = state.changes[:MAX_LISTED_PATHS]

@@ -71,7 +71,8 @@ def open_tracker(name: str, run_directory: Path, config: dict, provenance: dict,
 class Trackers:
     """The configured trackers of one run (see the module docstring for how to call it)."""
 
-    def __init__(self, trackers: list, run_directory: Path, ids: dict):
+    def __init__(self, trackers: list, run_directory: Path, ids: dict, exporting: bool = False):
+        self.exporting = exporting  # --export: there is no training to go on, and a failure is told so
         self.live = list(trackers)
         self.run_directory = Path(run_directory)
         self._ids = ids
@@ -84,9 +85,18 @@ class Trackers:
             self._thread.start()
 
     @classmethod
-    def open(cls, names, run_directory: Path, config: dict, provenance: dict, resume: dict | None = None) -> "Trackers":
+    def open(
+        cls,
+        names,
+        run_directory: Path,
+        config: dict,
+        provenance: dict,
+        resume: dict | None = None,
+        exporting: bool = False,
+    ) -> "Trackers":
         """Start (or, with the `resume` ids that `ids()` returned, continue) each named tracker's
-        run, then queue what of metrics.jsonl and figures/ the tracker does not hold yet."""
+        run, then queue what of metrics.jsonl and figures/ the tracker does not hold yet.
+        `exporting` (--export): a tracker that cannot start is a UserError, not a warning."""
         resume = dict(resume or {})
         opened, ids = [], {name: value for name, value in resume.items() if value}  # kept, even if not opened
         for name in names:
@@ -95,12 +105,17 @@ class Trackers:
             try:
                 tracker = open_tracker(name, Path(run_directory), dict(config), dict(provenance), resume.get(name))
             except Exception as error:  # unreachable, unwritable, or a run the store does not hold
-                problem = f"{type(error).__name__}: {error}"
+                problem = f"{type(error).__name__}: {str(error)[:500]}"
+                if exporting:
+                    raise UserError(
+                        f"--export {run_directory} --to {name}: could not start its run ({problem}); nothing was "
+                        "exported. Check the tracker's address and credentials, then run the same command again"
+                    ) from None
                 warn(f"{name}: could not start its run ({problem}); {_going_on(name, run_directory)}")
                 continue
             opened.append(tracker)
             ids[name] = tracker.ids()
-        trackers = cls(opened, run_directory, ids)
+        trackers = cls(opened, run_directory, ids, exporting)
         if opened:
             for item in replay_items(Path(run_directory)):
                 trackers._queue.put(item)
@@ -168,10 +183,15 @@ class Trackers:
                 self.failed.append(tracker.name)
                 if hasattr(tracker, "abandon"):
                     tracker.abandon()
-                warn(
-                    f"{tracker.name} failed ({type(error).__name__}: {error}); nothing more goes to it in "
-                    f"this run; {_going_on(tracker.name, self.run_directory)}"
+                then = (
+                    f"run the same --export again to send the rest: python run.py --export {self.run_directory} "
+                    f"--to {tracker.name}"
+                    if self.exporting
+                    else _going_on(tracker.name, self.run_directory)
                 )
+                in_this_run = "" if self.exporting else " in this run"
+                problem = f"{type(error).__name__}: {error}"
+                warn(f"{tracker.name} failed ({problem}); nothing more goes to it{in_this_run}; {then}")
 
     def _log_metrics(self, tracker, step: int, values: dict[str, float]) -> None:
         new = {key: value for key, value in values.items() if not tracker.holds(step, key)}

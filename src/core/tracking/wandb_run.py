@@ -27,6 +27,10 @@ class WandbTracker:
         project, run_name = run_names(config, run_directory)
         resume = resume or {}
         self.directory = resume.get("dir") or os.environ.get("WANDB_DIR") or str(Path(run_directory).resolve())
+        for variable, folder in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
+            # W&B's service keeps its logs and staging files in ~/.cache/wandb otherwise; it reads
+            # these when it starts (once a process), so the first run of a process names them.
+            os.environ.setdefault(variable, str(Path(self.directory) / "wandb" / folder))
         run_id = resume.get("id") or uuid.uuid4().hex[:16]
         self.last_step = max(local_history_steps(self.directory, run_id), default=-1)
         git = provenance.get("git") or {}

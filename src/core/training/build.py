@@ -326,6 +326,15 @@ def check_optimizer(optimizer: Config) -> None:
     check_arguments(
         "optimizer.parameters", optimizer_class, optimizer.parameters, given_elsewhere=("params", "lr", "weight_decay")
     )
+    # The names bind; the values are checked by building it once over a single parameter
+    # (betas: 5 is a TypeError deep inside torch.optim, a negative lr a ValueError).
+    construct(
+        "optimizer.parameters",
+        optimizer_class,
+        {"lr": optimizer.lr, "weight_decay": optimizer.weight_decay, **optimizer.parameters.to_dict()},
+        (TypeError, ValueError, OverflowError),
+        [torch.nn.Parameter(torch.zeros(1))],
+    )
 
 
 def logged_metrics(config: Config) -> list[str]:
@@ -372,6 +381,8 @@ def construct(key: str, cls: type, arguments: Mapping, errors: tuple[type[BaseEx
         detail = (str(error).strip().splitlines() or [""])[0][:300]
         out_of_memory = isinstance(error, MemoryError) or "allocate" in detail
         hint = " (is a size in it too large for memory?)" if out_of_memory else ""
+        if isinstance(error, OSError):  # a file the constructor reads: missing, unreadable
+            hint = f" (is data_directory {str(positional[0])[:200]!r} the right directory?)" if positional else ""
         raise UserError(
             f"config key {key!r}: {_call_text(cls, arguments)} failed{hint}: {type(error).__name__}: {detail} "
             f"(raised at {Path(where.filename).name}:{where.lineno}); check the values under {key!r}"
@@ -400,7 +411,7 @@ def build_datasets(config: Config, data_directory: str, mini: bool) -> dict[str,
             f"data_loader_parameters.{phase.split}",
             dataset_class,
             {**dataset_arguments(config, phase), **({"mini": mini} if takes_mini(dataset_class) else {})},
-            (TypeError, ValueError, OverflowError, MemoryError),
+            (TypeError, ValueError, OverflowError, MemoryError, OSError),
             data_directory,
             phase.split,
         )
