@@ -42,6 +42,7 @@ def test_end_to_end_run_directory(project):
         "mini": True,
         "no_logging": False,
         "allow_dirty_repo": False,
+        "snapshot": False,
         "y": False,
         "log_dir": None,
         "run_parent": None,
