@@ -142,18 +142,19 @@ class RunUploader:
         self.write_run_files_manifest()
         return self.report
 
+    def refuse(self, path: Path, why: str) -> None:
+        """A local checkpoint that cannot be verified: never sent again, reported once."""
+        self.refused.add(path.name)
+        self.report.damaged.append(path.name)
+        print(f"warning: archive: {why}", file=sys.stderr)
+
     def upload_checkpoint(self, path: Path, manifest_text: str) -> None:
         try:
             manifest = json.loads(manifest_text)
         except ValueError:
             manifest = None
         if not isinstance(manifest, dict):  # a damaged local manifest: the checkpoint cannot be verified
-            self.refused.add(path.name)
-            self.report.damaged.append(path.name)
-            print(
-                f"warning: archive: {manifest_path(path)} is not a JSON object; {path.name} not archived",
-                file=sys.stderr,
-            )
+            self.refuse(path, f"{manifest_path(path)} is not a JSON object; {path.name} not archived")
             return
         manifest_name = f"checkpoints/{manifest_path(path).name}"
         if path.name in self.archived or path.name in self.unverified:
@@ -172,12 +173,7 @@ class RunUploader:
             return  # pruned locally meanwhile (keep_recent): the next pass removes it from the archive too
         if sha256 != manifest.get("sha256"):
             self.store.remove(f"checkpoints/{path.name}")
-            self.refused.add(path.name)
-            self.report.damaged.append(path.name)
-            print(
-                f"warning: archive: {path} does not match its manifest (SHA-256); not archived",
-                file=sys.stderr,
-            )
+            self.refuse(path, f"{path} does not match its manifest (SHA-256); not archived")
             return
         stored = self.store.size(f"checkpoints/{path.name}")
         if stored != manifest.get("bytes"):
