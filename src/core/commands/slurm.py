@@ -4,6 +4,7 @@
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,9 @@ def requeue_this_job() -> str:
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if not job:
         return "not a Slurm job: continue it with --resume"
+    # The requeue has Slurm end this attempt at once (SIGTERM, SIGKILL after KillWait). The
+    # checkpoint is written: let the run close its files and say what happened first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if result.returncode != 0:
         return f"scontrol requeue {job} failed ({result.stderr.strip()}): continue it with --resume"
