@@ -111,6 +111,14 @@ def test_two_bitwise_identical_runs_print_only_identical(project):
     assert project.run(*RUN, "--run_name=b").returncode == 0
     result = diff(project, run_directory(project, "a"), run_directory(project, "b"))
     assert (result.returncode, result.stdout, result.stderr) == (0, "identical\n", "")
+    by_name = diff(project, "a", "b")  # runs named as under logs/
+    assert (by_name.returncode, by_name.stdout) == (0, "identical\n"), by_name.stderr
+    member = run_directory(project, "a").parent / "sweep-x" / "a"  # a sweep member of the same name
+    shutil.copytree(run_directory(project, "a"), member)
+    assert diff(project, "sweep-x/a", "b").returncode == 0
+    ambiguous = diff(project, "a", "b")
+    assert ambiguous.returncode == 2 and "2 runs have this name; give one by its path" in ambiguous.stderr
+    assert str(member) in ambiguous.stderr
 
 
 def test_a_run_and_its_kill_and_resume_twin_are_identical(project):

@@ -23,7 +23,7 @@ from src.core.config.validation import changed_keys, result_affecting_keys
 from src.core.errors import UserError
 from src.core.phases import WALL_CLOCK_METRICS
 from src.core.record.git import PROJECT_ROOT, run_git
-from src.core.record.rundir import CONFIG_FILE, METADATA_FILE, read_run_files
+from src.core.record.rundir import CONFIG_FILE, METADATA_FILE, log_root, read_run_files
 from src.core.tracking.metrics import METRICS_FILE
 
 DIFFERS_EXIT_CODE = 4  # as --reproduce's
@@ -90,16 +90,38 @@ def _packages(text: str | None) -> list[str] | None:
     return None if text is None else text.split()
 
 
+def find_run(argument: str) -> Path:
+    """A run directory given by its path, or by its name under logs/: a run's (`logs/<project>/NAME`)
+    or a sweep member's (`logs/<project>/<sweep>/NAME`, or `<sweep>/NAME`). A name several
+    runs share is refused, listing them."""
+    path = Path(argument)
+    if path.exists() or path.is_absolute():
+        return path
+    logs = log_root(None)
+    found = sorted(
+        candidate
+        for pattern in (f"*/{argument}", f"*/*/{argument}")
+        for candidate in logs.glob(pattern)
+        if (candidate / CONFIG_FILE).is_file()
+    )
+    if len(found) > 1:
+        listed = "\n  ".join(str(candidate) for candidate in found[:10])
+        raise UserError(f"--diff {argument}: {len(found)} runs have this name; give one by its path:\n  {listed}")
+    return found[0] if found else path  # none: read_run_files says what is missing
+
+
 def read_recorded_run(argument: str) -> RecordedRun:
-    """A run directory or an archive URI (read in place: config, metadata, metrics, packages)."""
+    """A run directory (a path, or a name under logs/) or an archive URI (read in place: config,
+    metadata, metrics, packages)."""
     if is_archive_uri(argument):
         return _read_archived_run(argument)
-    path = Path(argument)
+    path = find_run(argument)
     saved, metadata = read_run_files(path, "--diff")
     metrics_file, packages_file = path / METRICS_FILE, path / PACKAGES_FILE
     metrics_text = metrics_file.read_text(encoding="utf-8") if metrics_file.exists() else ""
     packages = packages_file.read_text(encoding="utf-8") if packages_file.exists() else None
-    return RecordedRun(argument, saved, metadata, _parse_metrics(metrics_text, str(metrics_file)), _packages(packages))
+    shown = argument if path == Path(argument) else str(path)  # a name: where it was found
+    return RecordedRun(shown, saved, metadata, _parse_metrics(metrics_text, str(metrics_file)), _packages(packages))
 
 
 def _read_archived_run(uri: str) -> RecordedRun:
