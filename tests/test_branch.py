@@ -89,7 +89,7 @@ def test_max_steps_limits_and_extends_a_run(project):
     assert yaml.safe_load((run / "metadata.yaml").read_text())["global_step"] == 20
 
 
-def test_a_branch_is_reproduced_from_its_parents_verified_checkpoint(project):
+def test_a_branch_is_reproduced_from_its_parents_verified_checkpoint(project, tmp_path):
     run = (*QUICK_RUN, "--epochs=2", *NOISY)  # checkpoints at steps 13 and 26
     assert project.run(*run, "--run_name=parent").returncode == 0
     parent = run_directory(project, "parent")
@@ -106,7 +106,15 @@ def test_a_branch_is_reproduced_from_its_parents_verified_checkpoint(project):
     assert yaml.safe_load((reproduction / "config.yaml").read_text())["parent"]["step"] == 13
     assert files(parent) == before  # the parent is read, never written
 
+    # The parent archived, its step files deleted: the branch's checkpoint comes back from the archive.
     checkpoint = parent / "checkpoints" / "step-000000013.pt"
+    archived = project.run("--archive", str(parent), f"file://{tmp_path / 'archive'}", "--delete-local-checkpoints")
+    assert archived.returncode == 0 and not checkpoint.exists(), archived.stdout + archived.stderr
+    again = project.run("--reproduce", str(child))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"fetched {checkpoint.name} from file://" in again.stdout and "(SHA-256 verified)" in again.stdout
+    assert "parameters at step 39: identical (bitwise)" in again.stdout
+
     data = bytearray(checkpoint.read_bytes())
     data[-100] ^= 0xFF  # not the checkpoint the branch started from
     checkpoint.write_bytes(bytes(data))

@@ -235,3 +235,36 @@ def archived_runs(uri: str) -> dict[str, tuple[dict, dict]]:
         metadata = yaml.safe_load(store.read(f"{prefix}{METADATA_FILE}") or b"") or {}
         documents[run or Path(store.root).name] = (config, metadata)
     return documents
+
+
+def restore_checkpoint(run_directory: Path, file_name: str, sha256: str, flag: str) -> Path | None:
+    """One checkpoint of a run, fetched back from the run's archive (metadata.yaml `archive.uri`)
+    into its checkpoints/ (where --archive --delete-local-checkpoints removed it, say), verified
+    by `sha256`. None when the run has no archive, or its archive lacks the file."""
+    metadata_file = run_directory / METADATA_FILE
+    metadata = (yaml.safe_load(metadata_file.read_text(encoding="utf-8")) or {}) if metadata_file.is_file() else {}
+    location = (metadata.get("archive") or {}).get("uri") if isinstance(metadata, dict) else None
+    if not isinstance(location, str) or not location:
+        return None
+    store = Store(check_uri(location))
+    relative = f"checkpoints/{file_name}"
+    target = run_directory / "checkpoints" / file_name
+    temporary = target.with_name(f".{target.name}.part")
+    with store_call(flag, location):
+        store.refresh()
+        if store.size(relative) is None:
+            return None
+        target.parent.mkdir(exist_ok=True)
+        store.download(relative, temporary)
+        manifest = store.read(f"checkpoints/{manifest_path(Path(file_name)).name}")
+    if sha256_of_file(temporary) != sha256:
+        temporary.unlink()
+        raise UserError(
+            f"{flag}: {location}/{relative} is not the checkpoint recorded (its SHA-256 differs); nothing was written"
+        )
+    if manifest is not None:
+        write_text_atomic(manifest_path(target), manifest.decode("utf-8"))
+    os.replace(temporary, target)
+    fsync_directory(target.parent)
+    print(f"fetched {file_name} from {location} (SHA-256 verified) into {target.parent}")
+    return target

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.core.archive.restore import restore_checkpoint
 from src.core.archive.store import sha256_of_file
 from src.core.commands.diff import ABSENT, IDENTITY_KEYS, flatten, read_recorded_run, results_section
 from src.core.config.loader import dump_yaml, split_provenance
@@ -234,10 +235,12 @@ def branch_arguments(run_directory: Path, saved: dict) -> list[str]:
     parent_run = Path(parent["run"])
     checkpoint = parent_run / "checkpoints" / parent["checkpoint"]
     where = f"--reproduce {run_directory}: a branch of {parent_run} at step {parent['step']}"
+    if (parent_run / CONFIG_FILE).is_file() and not checkpoint.is_file() and parent.get("checkpoint_sha256"):
+        restore_checkpoint(parent_run, parent["checkpoint"], parent["checkpoint_sha256"], "--reproduce")
     if not checkpoint.is_file() or not (parent_run / CONFIG_FILE).is_file():
         raise UserError(
-            f"{where}, but {checkpoint} is not there; restore the parent run (--restore ARCHIVE_URI) "
-            "to that place, then reproduce the branch again"
+            f"{where}, but {checkpoint} is not there, nor in the parent's archive; restore the parent run "
+            "(--restore ARCHIVE_URI) to that place, then reproduce the branch again"
         )
     if parent.get("checkpoint_sha256") and sha256_of_file(checkpoint) != parent["checkpoint_sha256"]:
         raise UserError(
