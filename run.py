@@ -28,7 +28,7 @@ from src.core.commands.launch import launch_with_torchrun
 from src.core.commands.planning import Request, make_plan, read_request
 from src.core.commands.reproduce import reproduce
 from src.core.commands.runs import set_note, show_runs
-from src.core.commands.search import run_search, search_pruning
+from src.core.commands.search import continue_search, is_search_directory, run_search, search_pruning
 from src.core.commands.search_spec import is_search
 from src.core.commands.session import gather_provenance, open_run
 from src.core.commands.slurm import requeue_this_job
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate_run(command)
         if command.export:
             return export_run(Path(command.export), command.to, command.edits)
+        if command.resume and is_search_directory(command.resume):  # continue a search (a Slurm worker)
+            return continue_search(command)
         # The config, read and validated once (a torchrun worker leaves it to rank 0).
         request = None if launched_by_torchrun() else read_request(command)
         if request is not None and request.sweep is not None:  # a grid, or a search (commands/search.py)

@@ -147,3 +147,52 @@ def test_a_snapshot_sweep_runs_its_snapshot_although_the_work_is_thrown_away(pro
         assert yaml.safe_load((sweep / name / "metadata.yaml").read_text())["status"] == "finished"
         member = yaml.safe_load((sweep / name / "config.yaml").read_text())["git"]
         assert member["commit"] == recorded["commit"] and member["snapshot"] == recorded["snapshot"]
+
+
+def test_a_search_runs_in_workers_sharing_its_study_and_a_killed_workers_trial_is_taken_over(project):
+    """A 6-trial search as an array of 2 workers (each `run.py --resume SEARCH_DIR`); worker 1 is
+    cancelled while its trial is in flight, and worker 0 resumes that trial from its checkpoint."""
+    pytest.importorskip("optuna")
+    config = yaml.safe_load((project.root / "sample_runconfig.yaml").read_text())
+    config.update(epochs=3, batch_size=32, run_name="on-slurm", slurm={"time": "00:20:00", "cpus_per_task": 1})
+    config["sweep"] = {
+        "search": {"trials": 6, "parallel": 2, "seed": 0, "pruner": {"type": "median", "n_startup_trials": 2}},
+        "parameters": {
+            "optimizer.lr": {"log_uniform": [1.0e-4, 1.0e-2]},
+            "model_parameters.hidden_size": {"choice": [16, 32]},
+        },
+    }
+    (project.root / "search.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    commit = project.commit("a search")
+    result = project.run("search.yaml", "--mini", "--cpu", "--slurm", "--submit")
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = result.stdout.split("submitted job ")[1].split()[0]
+    search = project.root / "logs" / "PendulumModel" / "search-on-slurm"
+    assert "#SBATCH --array=0-1\n" in (search / "search.sbatch").read_text()  # both workers at once
+
+    deadline, orphan = time.monotonic() + 300, None
+    while orphan is None and time.monotonic() < deadline:  # worker 1's first trial, once it has a checkpoint
+        output = search / "slurm" / f"{job}_1.out"
+        lines = output.read_text().splitlines() if output.exists() else []
+        started = [line.split()[1][:-1] for line in lines if line.endswith(": started")]
+        if started and (search / started[0] / "checkpoints" / "last.pt").exists():
+            orphan = started[0]
+        time.sleep(0.2)
+    assert orphan is not None, "worker 1 started no trial"
+    cancelled = subprocess.run(["scancel", f"{job}_1"], capture_output=True, text=True)
+    assert cancelled.returncode == 0, cancelled.stderr
+    wait_for_job(job)
+
+    with open(search / "sweep.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 6 and {row["state"] for row in rows} <= {"complete", "pruned"}, rows
+    assert len({(row["optimizer.lr"], row["model_parameters.hidden_size"]) for row in rows}) == 6  # none repeated
+    worker_0 = (search / "slurm" / f"{job}_0.out").read_text()
+    assert f"resuming trial {orphan}" in worker_0 and f"trial {orphan}: resumed" in worker_0, worker_0
+    metadata = yaml.safe_load((search / orphan / "metadata.yaml").read_text())
+    assert metadata["status"] == "finished" and metadata["resumes"][0]["from_step"] > 0
+    for row in rows:
+        run_config = yaml.safe_load((search / row["member"] / "config.yaml").read_text())
+        assert run_config["git"]["commit"] == commit and run_config["flags"]["mini"]
+    again = project.run("--resume", str(search))  # continuing a finished search: nothing to run
+    assert again.returncode == 0 and "started" not in again.stdout, again.stdout + again.stderr

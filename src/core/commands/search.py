@@ -7,18 +7,26 @@ started again continues it (docs/search.md):
     logs/<project>/search-<run_name or config file name>/
         sweep.yaml, code/, configs/, sweep.csv   as for a grid sweep (commands/sweep.py)
         study.journal         Optuna's study (journal file storage): trials, parameters, reports
-        output/<trial>.log    each trial's console
+        output/<trial>.log    each trial's console (and .lock, held by the driver running it)
         <trial>/              each trial's run directory
+        search.sbatch, slurm/ with --slurm: the workers' array script and their output
 
 The driver asks the study for parameters, writes the trial's config with concrete values,
 and runs `python run.py` on it in the sweep's worktree, `parallel` at a time. The trial
 reports its objective at each evaluation and stops when the pruner says so (Trainer, Stops);
 the driver tells the study how each trial ended, from the run's metadata.yaml. A trial still
 running when the driver died is resumed from its checkpoint (`run.py --resume`).
+
+Several drivers can share one study: the workers of a Slurm array (`--slurm`), or `python run.py
+--resume SEARCH_DIR` started twice. They take turns to ask for a trial (search.lock), so that
+the search has `trials` trials in all, and each holds a lock on every trial it runs, so that a
+trial whose lock is free has lost its driver and is resumed by the next driver that looks.
 """
 
 import contextlib
 import ctypes
+import fcntl
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +36,7 @@ from pathlib import Path
 from src.core import faults
 from src.core.commands.cli import CommandLine
 from src.core.commands.search_spec import SearchSpec, check_search, read_search, trial_document
+from src.core.commands.slurm import submit, write_search_script
 from src.core.commands.sweep import Sweep, member_name, trial_objective, write_table
 from src.core.config.loader import dump_yaml
 from src.core.config.schema import project_schema
@@ -40,6 +49,7 @@ from src.core.record.git import add_worktree, gate, remove_worktree
 from src.core.record.rundir import CONFIG_FILE, METADATA_FILE, log_root, read_yaml, write_text_atomic
 
 STUDY_FILE = "study.journal"
+LOCK_FILE = "search.lock"  # held while a driver asks for a trial or takes one over
 STUDY_NAME = "search"
 INSTALL = "pip install -r requirements-search.txt"
 
@@ -83,8 +93,8 @@ def make_pruner(spec: SearchSpec):
 
 def open_study(directory: Path, spec: SearchSpec, mode: str, storage=None):
     """The study in `directory`'s journal file, created on first use; every process that opens
-    it (the driver, each trial) gets the same sampler and pruner. A continued search draws on
-    from `seed` + the trials it has already (the same seed again would repeat their values)."""
+    it (the drivers, each trial) gets the same sampler and pruner. The sampler is seeded again
+    before each trial is asked for (SearchDriver.ask), from `seed` and the trials so far."""
     optuna = import_optuna()
     storage = storage or journal_storage(directory)
     study = optuna.create_study(
@@ -95,9 +105,6 @@ def open_study(directory: Path, spec: SearchSpec, mode: str, storage=None):
         direction="maximize" if mode == "max" else "minimize",
         load_if_exists=True,
     )
-    existing = len(study.get_trials(deepcopy=False))
-    if existing:
-        study.sampler = make_sampler(spec, spec.seed + existing)
     return study
 
 
@@ -168,20 +175,26 @@ def search_directory(command: CommandLine, document: dict, config: Config) -> Pa
     return log_root(command.log_dir) / (config.project_name or config.model_type) / f"search-{name}"
 
 
-def open_search(command: CommandLine, document: dict, config: Config) -> tuple[Path, str, bool]:
+def is_search_directory(path: str | Path) -> bool:
+    """Whether `--resume PATH` names a search directory (continue the search) rather than a run."""
+    return (Path(path) / STUDY_FILE).is_file() and (Path(path) / "sweep.yaml").is_file()
+
+
+def open_search(command: CommandLine, document: dict, config: Config, flags: list[str]) -> tuple[Path, str, bool]:
     """The search directory (new, gated at HEAD; or the one this command made before, at its
-    own commit) and its commit. A directory of another config is refused."""
+    own commit) and its commit. A directory of another config, or other flags, is refused."""
     directory = search_directory(command, document, config)
     saved_file = directory / "sweep.yaml"
     if saved_file.exists():
         saved = read_yaml(saved_file) or {}
-        if {key: value for key, value in saved.items() if key != "git"} != document or not (
+        if {key: value for key, value in saved.items() if key not in ("git", "flags")} != document or not (
             directory / STUDY_FILE
         ).exists():
             raise UserError(
                 f"{directory} holds another search (another config or command line); set another "
                 "run_name to start a new search, or run the same config to continue that one"
             )
+        check_same_flags(directory, saved, flags)
         return directory, saved["git"]["commit"], True
     if directory.exists():
         raise UserError(f"{directory} exists and is not a search; set another run_name")
@@ -189,12 +202,24 @@ def open_search(command: CommandLine, document: dict, config: Config) -> tuple[P
     directory.mkdir(parents=True)
     (directory / "configs").mkdir()
     (directory / "output").mkdir()
-    write_text_atomic(saved_file, dump_yaml({**document, "git": git}))
+    write_text_atomic(saved_file, dump_yaml({**document, "git": git, "flags": flags}))
     return directory, git["commit"], False
 
 
+def check_same_flags(directory: Path, saved: dict, flags: list[str]) -> None:
+    """Every trial of a search runs with the same --cpu and --mini (a search saved before
+    they were recorded takes the flags it is continued with)."""
+    if saved.get("flags") is not None and sorted(saved["flags"]) != sorted(flags):
+        before = " ".join(saved["flags"]) or "neither --cpu nor --mini"
+        raise UserError(
+            f"{directory} was started with {before}, but is continued with {' '.join(flags) or 'neither'}; "
+            "its trials must run alike: give the same flags"
+        )
+
+
 def run_search(command: CommandLine, document: dict) -> int:
-    """Check the search, open (or continue) its directory and study, and run its trials."""
+    """Check the search, open (or continue) its directory and study, and run its trials here,
+    or (--slurm) write and submit the array of workers that run them."""
     schema = project_schema()
     spec = check_search(document, schema)
     config = finalize(trial_document(document, {}, schema), schema)
@@ -203,23 +228,102 @@ def run_search(command: CommandLine, document: dict) -> int:
         return 0
     if command.no_logging or command.allow_dirty_repo:
         raise UserError("a search logs every trial it runs, so it cannot run with --no-logging or --allow-dirty-repo")
-    if command.slurm or command.submit:
-        raise UserError("a search runs locally for now (docs/search.md); drop --slurm/--submit")
+    if command.snapshot or command.auto_resume or command.requeue:
+        flag = "--snapshot" if command.snapshot else "--auto-resume" if command.auto_resume else "--requeue"
+        raise UserError(
+            f"{flag} does nothing for a search: it runs at a commit, and continues when the same command "
+            "(or --resume SEARCH_DIR) runs again; drop it"
+        )
+    if (command.slurm or command.submit) and config.slurm.nodes > 1:
+        raise UserError("slurm.nodes: a search's workers each run their trials on one node; set slurm.nodes: 1")
     import_optuna()  # before anything is written
-    directory, commit, continued = open_search(command, document, config)
-    code = directory / "code"
-    if not (code / ".git").exists():
-        remove_worktree(code)  # a registration left by a killed driver
-        add_worktree(commit, code, "search")
+    flags = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
+    directory, commit, continued = open_search(command, document, config, flags)
     verb = "continuing" if continued else "starting"
     print(f"{verb} a search of {spec.trials} trial(s) at commit {commit[:12]}: {directory}", flush=True)
-    flags = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
-    mode = spec.mode or config.checkpoint.mode  # the objective's direction: checkpoint.mode by default
-    driver = SearchDriver(Sweep(directory, code, [], commit), spec, document, flags, mode)
-    try:
-        return driver.run()
-    finally:
+    if command.slurm or command.submit:
+        return submit_workers(directory, commit, spec, config.slurm.to_dict(), command.submit)
+    return drive(directory, commit, spec, document, flags, spec.parallel)
+
+
+def continue_search(command: CommandLine) -> int:
+    """`--resume SEARCH_DIR`: run the search's remaining trials at its own commit, with its own
+    flags. Under Slurm, each worker of the array (search.sbatch) is one of these."""
+    directory = Path(command.resume)
+    edits = command.edits
+    if command.from_step is not None or command.snapshot or command.requeue or edits != type(edits)():
+        raise UserError(
+            f"--resume {directory} continues a search as it was asked (its commit, config and flags); "
+            "drop --from-step, --snapshot, --requeue and config edits"
+        )
+    saved = read_yaml(directory / "sweep.yaml") or {}
+    document = {key: value for key, value in saved.items() if key not in ("git", "flags")}
+    spec = check_search(document, project_schema())
+    import_optuna()
+    given = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
+    if given:  # none: the search's own
+        check_same_flags(directory, saved, given)
+    flags = given if saved.get("flags") is None else saved["flags"]
+    worker = os.environ.get("SLURM_ARRAY_TASK_ID") is not None and (directory / "search.sbatch").exists()
+    print(f"continuing a search of {spec.trials} trial(s) at commit {saved['git']['commit'][:12]}: {directory}")
+    return drive(directory, saved["git"]["commit"], spec, document, flags, 1 if worker else spec.parallel)
+
+
+def drive(directory: Path, commit: str, spec: SearchSpec, document: dict, flags: list[str], parallel: int) -> int:
+    """Run the search's trials from a worktree of its commit, `parallel` at a time. The last
+    driver to stop removes the worktree (others may still run trials from it)."""
+    code = directory / "code"
+    mode = spec.mode or finalize(trial_document(document, {}, project_schema()), project_schema()).checkpoint.mode
+    with open(directory / ".drivers.lock", "a") as drivers:
+        fcntl.flock(drivers, fcntl.LOCK_SH)  # one per driver: the last one out can take it alone
+        with search_lock(directory):
+            if not (code / ".git").exists():
+                remove_worktree(code)  # a registration left by a killed driver
+                add_worktree(commit, code, "search")
+        driver = SearchDriver(Sweep(directory, code, [], commit), spec, document, flags, mode, parallel)
+        try:
+            return driver.run()
+        finally:
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(drivers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not (directory / "search.sbatch").exists():  # Slurm workers may start later
+                    remove_worktree(code)
+
+
+def submit_workers(directory: Path, commit: str, spec: SearchSpec, settings: dict, submitting: bool) -> int:
+    """--slurm: an array of `parallel` workers, each `run.py --resume SEARCH_DIR` (one trial at a
+    time), sharing the study; the worktree stays for them."""
+    code = directory / "code"
+    if not (code / ".git").exists():
         remove_worktree(code)
+        add_worktree(commit, code, "search")
+    script = write_search_script(directory, code, settings, spec.parallel)
+    if submitting:
+        print(f"submitted job {submit(script)} ({script}): {spec.parallel} worker(s)")
+    else:
+        print(f"wrote {script}\nsubmit it with: sbatch {script}")
+    print(f"follow it with: python run.py --runs {directory}")
+    return 0
+
+
+@contextlib.contextmanager
+def search_lock(directory: Path):
+    """One driver at a time asks the study for a trial or takes an orphaned one over."""
+    with open(directory / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def hold_trial(directory: Path, name: str):
+    """The lock a driver holds while its trial runs (released when the driver dies, however it
+    dies). None: another driver holds it."""
+    handle = open(directory / "output" / f"{name}.lock", "a")  # noqa: SIM115 (held while the trial runs)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def die_with_parent() -> None:
@@ -230,24 +334,26 @@ def die_with_parent() -> None:
 
 
 class SearchDriver:
-    """Asks the study for trials, runs `parallel` at a time, and tells the study how each ended."""
+    """Asks the study for trials, runs `parallel` at a time, and tells the study how each ended;
+    takes over the trials of drivers that died."""
 
-    def __init__(self, sweep: Sweep, spec: SearchSpec, document: dict, flags: list[str], mode: str):
+    def __init__(self, sweep: Sweep, spec: SearchSpec, document: dict, flags: list[str], mode: str, parallel: int):
         self.sweep, self.spec, self.document, self.flags = sweep, spec, document, flags
+        self.parallel = parallel
         self.study = open_study(sweep.directory, spec, mode)
-        self.running: dict[int, tuple[subprocess.Popen, str]] = {}
-        self.to_resume: list[tuple[int, str]] = []
+        self.running: dict[int, tuple[subprocess.Popen, str, object]] = {}
+        self.to_resume: list[tuple[int, str, object]] = []
         self.checkpointed: set[str] = set()
 
     def run(self) -> int:
-        self.reconcile()
+        self.adopt()
         while True:
             self.reap()
-            while self.to_resume and len(self.running) < self.spec.parallel:
+            while self.to_resume and len(self.running) < self.parallel:
                 self.start(*self.to_resume.pop(0))
-            while len(self.running) < self.spec.parallel and self.asked() < self.spec.trials:
-                self.ask()
-            if not self.running:
+            while len(self.running) < self.parallel and self.ask():
+                pass
+            if not self.running and not self.adopt():  # nothing left, not even another driver's orphan
                 break
             self.watch_checkpoints()
             time.sleep(0.2)
@@ -257,39 +363,59 @@ class SearchDriver:
     def asked(self) -> int:
         return sum(1 for trial in self.study.get_trials(deepcopy=False) if "run" in trial.user_attrs)
 
-    def reconcile(self) -> None:
-        """After a killed driver: a trial the study still counts as running either ended (its
-        metadata says so) or is resumed; one that never got its config is dropped."""
-        for trial in self.study.get_trials(deepcopy=False, states=[self.trial_state("RUNNING")]):
-            name = trial.user_attrs.get("run")
-            if name is None:
-                self.study.tell(trial.number, state=self.trial_state("FAIL"))
-                continue
-            status = self.status(name)
-            if status in ("finished", "failed"):
-                self.tell(trial.number, name, 0 if status == "finished" else 1)
-            else:
-                print(f"resuming trial {name} (it was running when the search stopped)", flush=True)
-                self.to_resume.append((trial.number, name))
+    def adopt(self) -> int:
+        """The trials the study counts as running whose driver is gone (their lock is free):
+        ended ones are told, unfinished ones resumed here, as many as there is room for; one
+        that never got its config is dropped. Returns how many are queued to resume."""
+        mine = {name for _, name, _ in [*self.running.values(), *self.to_resume]}
+        with search_lock(self.sweep.directory):
+            for trial in self.study.get_trials(deepcopy=False, states=[self.trial_state("RUNNING")]):
+                name = trial.user_attrs.get("run")
+                if name is None:  # its driver died between asking and naming it (asking holds the lock)
+                    self.study.tell(trial.number, state=self.trial_state("FAIL"))
+                    continue
+                if name in mine or len(self.running) + len(self.to_resume) >= self.parallel:
+                    continue
+                held = hold_trial(self.sweep.directory, name)
+                if held is None:  # another driver runs it
+                    continue
+                status = self.status(name)
+                if status in ("finished", "failed"):
+                    self.tell(trial.number, name, 0 if status == "finished" else 1)
+                    held.close()
+                else:
+                    print(f"resuming trial {name} (it was running when its driver stopped)", flush=True)
+                    self.to_resume.append((trial.number, name, held))
+        return len(self.to_resume)
 
     def trial_state(self, name: str):
         import optuna
 
         return getattr(optuna.trial.TrialState, name)
 
-    def ask(self) -> None:
-        trial = self.study.ask()
-        values = suggest(trial, self.spec)
-        name = member_name(trial.number, max(self.spec.trials, trial.number + 1), values)
-        config = finalize(trial_document(self.document, values, project_schema()), project_schema()).to_dict()
-        config["data_directory"] = str(find_data_directory(config["data_directory"]))  # the worktree has no data
-        if config.get("bootstrap_model_file"):
-            config["bootstrap_model_file"] = str(bootstrap_path(config["bootstrap_model_file"]))
-        write_text_atomic(self.sweep.directory / "configs" / f"{name}.yaml", dump_yaml({**config, "run_name": name}))
-        trial.set_user_attr("run", name)  # from here on the trial counts, and a new driver resumes it
-        self.start(trial.number, name)
+    def ask(self) -> bool:
+        """A new trial from the study, if the search has fewer than `trials`; its config written
+        and its run started. The sampler is seeded from `seed` and the trials so far, so that a
+        continued search, or one of several drivers, does not draw the same values again."""
+        with search_lock(self.sweep.directory):
+            if self.asked() >= self.spec.trials:
+                return False
+            self.study.sampler = make_sampler(self.spec, self.spec.seed + len(self.study.get_trials(deepcopy=False)))
+            trial = self.study.ask()
+            values = suggest(trial, self.spec)
+            name = member_name(trial.number, max(self.spec.trials, trial.number + 1), values)
+            config = finalize(trial_document(self.document, values, project_schema()), project_schema()).to_dict()
+            config["data_directory"] = str(find_data_directory(config["data_directory"]))  # the worktree has no data
+            if config.get("bootstrap_model_file"):
+                config["bootstrap_model_file"] = str(bootstrap_path(config["bootstrap_model_file"]))
+            configs = self.sweep.directory / "configs"
+            write_text_atomic(configs / f"{name}.yaml", dump_yaml({**config, "run_name": name}))
+            held = hold_trial(self.sweep.directory, name)
+            trial.set_user_attr("run", name)  # from here on the trial counts, and a new driver resumes it
+        self.start(trial.number, name, held)
+        return True
 
-    def start(self, number: int, name: str) -> None:
+    def start(self, number: int, name: str, held) -> None:
         directory = self.sweep.directory
         if (directory / name / CONFIG_FILE).exists():
             command = ["run.py", "--resume", str(directory / name), *[f for f in self.flags if f == "--cpu"]]
@@ -305,21 +431,22 @@ class SearchDriver:
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
             )
-        self.running[number] = (process, name)
+        self.running[number] = (process, name, held)
         faults.maybe_fail("search_trial_started")
 
     def watch_checkpoints(self) -> None:
         """The crash tests' kill point: a trial in flight has written its first checkpoint."""
-        for _, name in list(self.running.values()):
+        for _, name, _ in list(self.running.values()):
             if name not in self.checkpointed and (self.sweep.directory / name / "checkpoints" / "last.pt").exists():
                 self.checkpointed.add(name)
                 faults.maybe_fail("search_trial_checkpointed")
 
     def reap(self) -> None:
-        for number, (process, name) in list(self.running.items()):
+        for number, (process, name, held) in list(self.running.items()):
             if process.poll() is not None:
                 del self.running[number]
                 self.tell(number, name, process.returncode)
+                held.close()  # after the study knows: no other driver takes it over
                 write_table(self.sweep.directory)
 
     def status(self, name: str) -> str | None:

@@ -32,18 +32,19 @@ def slurm_script(sweep: SweepFiles, settings: dict, flags: list[str], requeue: b
     do not collide). On several nodes srun starts it on every node, with a c10d rendezvous at
     the first node on a port derived from the job id, and Slurm signals those steps.
     """
-    lines = [*sbatch_header(sweep, settings, requeue), *task_body(sweep, settings, flags, requeue)]
+    header = sbatch_header(sweep.directory, len(sweep.names), settings, requeue)
+    lines = [*header, *task_body(sweep, settings, flags, requeue)]
     return "\n".join(lines) + "\n"
 
 
-def sbatch_header(sweep: SweepFiles, settings: dict, requeue: bool) -> list[str]:
+def sbatch_header(directory: Path, tasks: int, settings: dict, requeue: bool) -> list[str]:
     """The #SBATCH lines: the array, its output, resources, and the warning before the time limit."""
     nodes = settings["nodes"]
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={sweep.directory.parent.name}-{sweep.directory.name}"[:64],
-        f"#SBATCH --array=0-{len(sweep.names) - 1}" + (f"%{settings['parallel']}" if settings["parallel"] else ""),
-        f"#SBATCH --output={sweep.directory}/slurm/%A_%a.out",
+        f"#SBATCH --job-name={directory.parent.name}-{directory.name}"[:64],
+        f"#SBATCH --array=0-{tasks - 1}" + (f"%{settings['parallel']}" if settings["parallel"] else ""),
+        f"#SBATCH --output={directory}/slurm/%A_%a.out",
         f"#SBATCH --time={settings['time']}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
@@ -108,6 +109,29 @@ def task_body(sweep: SweepFiles, settings: dict, flags: list[str], requeue: bool
             '    --distributed.nnodes="$SLURM_NNODES" --distributed.rdzv_endpoint="$HEAD_NODE:$PORT"',
         ]
     return lines
+
+
+def write_search_script(directory: Path, code: Path, settings: dict, workers: int) -> Path:
+    """A search's workers (commands/search.py): an array of `workers` tasks, all at once, each
+    `run.py --resume SEARCH_DIR` in the search's worktree, running one trial at a time and
+    sharing the study with the others. Submitted again, the array continues the search."""
+    lines = [
+        *sbatch_header(directory, workers, {**settings, "parallel": None}, requeue=False),
+        "",
+        "# A worker of the search: its trials run the commit the search started at, whatever",
+        "# happens to the working tree, and share the study (study.journal) with the other workers.",
+        "set -eo pipefail",
+        f"export TEMPLATE_PROJECT={shlex.quote(str(PROJECT_ROOT))}",
+        f"cd {shlex.quote(str(code))}",
+        *settings["setup"],
+        "set -u",
+        f"PYTHON=${{PYTHON:-{shlex.quote(sys.executable)}}}",
+        f'exec "$PYTHON" run.py --resume {shlex.quote(str(directory))}',
+    ]
+    (directory / "slurm").mkdir(exist_ok=True)
+    path = directory / "search.sbatch"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def write_slurm_script(sweep: SweepFiles, settings: dict, flags: list[str], requeue: bool) -> Path:

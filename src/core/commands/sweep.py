@@ -257,8 +257,9 @@ def member_rows(sweep_directory: Path, slurm: bool = True) -> list[dict]:
     """A row per member: its swept values, status, and the metrics its run logged last; with
     `slurm`, the Slurm state of a submitted sweep's tasks (commands/runs.py filters them)."""
     rows = []
-    states = slurm_states(sweep_directory) if slurm else {}
     search = "search" in sweep_section(sweep_directory)
+    slurm = slurm and not search  # a search's Slurm tasks are its workers, not its trials
+    states = slurm_states(sweep_directory) if slurm else {}
     for config_file in sorted((sweep_directory / "configs").glob("*.yaml")):
         run_directory = sweep_directory / config_file.stem
         metadata = read_yaml(run_directory / METADATA_FILE) if (run_directory / METADATA_FILE).exists() else {}
