@@ -177,6 +177,8 @@ def test_a_search_runs_in_workers_sharing_its_study_and_a_killed_workers_trial_i
         started = [line.split()[1][:-1] for line in lines if line.endswith(": started")]
         if started and (search / started[0] / "checkpoints" / "last.pt").exists():
             orphan = started[0]
+        queued = subprocess.run(["squeue", "-h", "-r", "-j", f"{job}_1"], capture_output=True, text=True).stdout
+        assert orphan or queued.strip() or not lines, "".join(p.read_text() for p in (search / "slurm").glob("*.out"))
         time.sleep(0.2)
     assert orphan is not None, "worker 1 started no trial"
     cancelled = subprocess.run(["scancel", f"{job}_1"], capture_output=True, text=True)

@@ -43,13 +43,13 @@ from src.core.config.schema import project_schema
 from src.core.config.validation import Config, finalize
 from src.core.distributed import DistContext, broadcast_object
 from src.core.errors import UserError
-from src.core.record.bootstrap import bootstrap_path
 from src.core.record.environment import find_data_directory
-from src.core.record.git import add_worktree, gate, remove_worktree
+from src.core.record.git import PROJECT_ROOT, add_worktree, gate, remove_worktree
 from src.core.record.rundir import CONFIG_FILE, METADATA_FILE, log_root, read_yaml, write_text_atomic
 
 STUDY_FILE = "study.journal"
 LOCK_FILE = "search.lock"  # held while a driver asks for a trial or takes one over
+SAVED_KEYS = ("git", "flags", "project")  # what sweep.yaml holds beside the config's document
 STUDY_NAME = "search"
 INSTALL = "pip install -r requirements-search.txt"
 
@@ -187,7 +187,7 @@ def open_search(command: CommandLine, document: dict, config: Config, flags: lis
     saved_file = directory / "sweep.yaml"
     if saved_file.exists():
         saved = read_yaml(saved_file) or {}
-        if {key: value for key, value in saved.items() if key not in ("git", "flags")} != document or not (
+        if {key: value for key, value in saved.items() if key not in SAVED_KEYS} != document or not (
             directory / STUDY_FILE
         ).exists():
             raise UserError(
@@ -202,7 +202,8 @@ def open_search(command: CommandLine, document: dict, config: Config, flags: lis
     directory.mkdir(parents=True)
     (directory / "configs").mkdir()
     (directory / "output").mkdir()
-    write_text_atomic(saved_file, dump_yaml({**document, "git": git, "flags": flags}))
+    saved = {**document, "git": git, "flags": flags, "project": str(PROJECT_ROOT)}  # relative paths start there
+    write_text_atomic(saved_file, dump_yaml(saved))
     return directory, git["commit"], False
 
 
@@ -242,6 +243,7 @@ def run_search(command: CommandLine, document: dict) -> int:
     verb = "continuing" if continued else "starting"
     print(f"{verb} a search of {spec.trials} trial(s) at commit {commit[:12]}: {directory}", flush=True)
     if command.slurm or command.submit:
+        open_study(directory, spec, spec.mode or config.checkpoint.mode)  # the workers find it there
         return submit_workers(directory, commit, spec, config.slurm.to_dict(), command.submit)
     return drive(directory, commit, spec, document, flags, spec.parallel)
 
@@ -257,7 +259,7 @@ def continue_search(command: CommandLine) -> int:
             "drop --from-step, --snapshot, --requeue and config edits"
         )
     saved = read_yaml(directory / "sweep.yaml") or {}
-    document = {key: value for key, value in saved.items() if key not in ("git", "flags")}
+    document = {key: value for key, value in saved.items() if key not in SAVED_KEYS}
     spec = check_search(document, project_schema())
     import_optuna()
     given = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
@@ -340,6 +342,7 @@ class SearchDriver:
     def __init__(self, sweep: Sweep, spec: SearchSpec, document: dict, flags: list[str], mode: str, parallel: int):
         self.sweep, self.spec, self.document, self.flags = sweep, spec, document, flags
         self.parallel = parallel
+        self.root = Path((read_yaml(sweep.directory / "sweep.yaml") or {}).get("project") or PROJECT_ROOT)
         self.study = open_study(sweep.directory, spec, mode)
         self.running: dict[int, tuple[subprocess.Popen, str, object]] = {}
         self.to_resume: list[tuple[int, str, object]] = []
@@ -405,9 +408,10 @@ class SearchDriver:
             values = suggest(trial, self.spec)
             name = member_name(trial.number, max(self.spec.trials, trial.number + 1), values)
             config = finalize(trial_document(self.document, values, project_schema()), project_schema()).to_dict()
-            config["data_directory"] = str(find_data_directory(config["data_directory"]))  # the worktree has no data
+            # Relative paths start at the project the search was started in (a worker runs in the worktree).
+            config["data_directory"] = str(find_data_directory(str(self.root / config["data_directory"])))
             if config.get("bootstrap_model_file"):
-                config["bootstrap_model_file"] = str(bootstrap_path(config["bootstrap_model_file"]))
+                config["bootstrap_model_file"] = str(self.root / Path(config["bootstrap_model_file"]).expanduser())
             configs = self.sweep.directory / "configs"
             write_text_atomic(configs / f"{name}.yaml", dump_yaml({**config, "run_name": name}))
             held = hold_trial(self.sweep.directory, name)
