@@ -172,6 +172,64 @@ def test_a_snapshot_holds_the_change_and_leaves_the_repository_as_it_was(repo, c
         assert "b.txt" not in tree
 
 
+NESTED = {
+    "src/pkg/a.py": "a\n",
+    "src/pkg/b.py": "b\n",
+    "src/other/c.py": "c\n",
+    "docs/x.md": "x\n",
+    "top.txt": "t\n",
+    "tool": "a file\n",
+    "gone/one.txt": "1\n",
+    "gone/deeper/two.txt": "2\n",
+}
+
+
+def nested_changes(root: Path) -> None:
+    """Changes across directories, and paths that change between file and directory."""
+    (root / "src" / "pkg" / "a.py").write_text("a, edited\n")
+    (root / "src" / "pkg" / "new").mkdir()
+    (root / "src" / "pkg" / "new" / "d.py").write_text("d\n")  # a new directory in an existing one
+    shutil.rmtree(root / "gone")  # a whole directory removed
+    (root / "tool").unlink()  # a file becomes a directory
+    (root / "tool").mkdir()
+    (root / "tool" / "main.py").write_text("m\n")
+    shutil.rmtree(root / "docs")  # a directory becomes a file
+    (root / "docs").write_text("the docs are a file now\n")
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
+    (root / "src" / "other" / "c.py").chmod(0o755)
+    git(root, "mv", "top.txt", "src/top.txt")  # a staged rename across directories
+    git(root, "rm", "-q", "--cached", "src/pkg/b.py")  # unstaged from the index, still in the tree
+    git(root, "rm", "-q", "--cached", "kept.log")  # unstaged, and ignored: gone, as git add -A has it
+    (root / "ignored").mkdir()
+    (root / "ignored" / "data.bin").write_bytes(b"\0" * 10)
+
+
+def test_a_snapshot_of_changes_across_directories_is_the_tree_git_add_all_makes(tmp_path):
+    root = tmp_path / "nested"
+    root.mkdir()
+    git(root, "init", "-q", "-b", "main")
+    for path, text in NESTED.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    (root / ".gitignore").write_text("ignored/\n*.log\n")
+    (root / "kept.log").write_text("tracked although ignored\n")
+    git(root, "add", "-A")
+    git(root, "add", "-f", "kept.log")
+    git(root, "commit", "-q", "-m", "initial")
+    nested_changes(root)
+    before = repository_view(root)
+
+    provenance = snapshot_gate(root, max_file_mb=10)
+
+    assert repository_view(root) == before
+    reference = tmp_path / "reference"  # what `git add -A` and `git write-tree` make of the same tree
+    shutil.copytree(root, reference, symlinks=True)
+    git(reference, "add", "-A")
+    assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+    assert "kept.log" in provenance["snapshot"]["files"] and "src/top.txt" in provenance["snapshot"]["files"]
+
+
 def test_an_unborn_branch_gives_a_root_commit(tmp_path):
     root = tmp_path / "fresh"
     root.mkdir()

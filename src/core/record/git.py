@@ -79,6 +79,9 @@ class RepositoryState:
     changes: list[str] = field(default_factory=list)  # "modified: src/model.py", ...
     # The paths whose working-tree file differs from the index (what `git add` would change).
     paths: list[str] = field(default_factory=list)
+    # The paths whose index entry differs from HEAD: path -> git status's letter (M, A, D, R,
+    # C, T; a rename's old path: D), for a snapshot (record/snapshot.py), which starts at HEAD.
+    staged: dict[str, str] = field(default_factory=dict)
     in_progress: str | None = None  # "a merge", "a rebase"...: an operation git has not concluded
 
 
@@ -168,11 +171,18 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], None))
             if fields[1][1] != ".":
                 state.paths.append(fields[-1])
+            if fields[1][0] != ".":
+                state.staged[fields[-1]] = fields[1][0]
         elif record.startswith("2 "):
             fields = record.split(" ", 9)
-            state.changes.append(_describe_change(fields[1], fields[2], fields[-1], next(records)))
+            origin = next(records)
+            state.changes.append(_describe_change(fields[1], fields[2], fields[-1], origin))
             if fields[1][1] != ".":
                 state.paths.append(fields[-1])
+            if fields[1][0] != ".":
+                state.staged[fields[-1]] = fields[1][0]
+                if fields[1][0] == "R":  # the old path left the index (a copy keeps it)
+                    state.staged.setdefault(origin, "D")
         elif record.startswith("? "):
             state.changes.append(f"untracked: {record[2:]}")
             state.paths.append(record[2:])

@@ -16,6 +16,7 @@ and a `--resume --snapshot` of an unchanged tree all find the one snapshot.
 
 import os
 import re
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,40 +101,28 @@ def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_fil
         )
 
 
-def _marked_paths(root: Path, index_env: dict) -> list[str]:
-    """The paths of the (temporary) index marked assume-unchanged or skip-worktree."""
-    listing = run_git(["ls-files", "-v", "-z"], cwd=root, env=index_env).stdout  # "h path", "S path"
-    return [record[2:] for record in filter(None, listing.split("\0")) if record[0].islower() or record[0] in "Ss"]
-
-
 def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     """Commit the working tree of `state` (not referenced yet: see pin_snapshot) and return it.
-    Only the paths git status named are read again (one `update-index` call), so the cost
-    hardly grows with the size of the repository."""
-    root = state.root
-    real_index = Path(run_git(["rev-parse", "--path-format=absolute", "--git-path", "index"], cwd=root).stdout.strip())
-    handle, temporary = tempfile.mkstemp(prefix="snapshot-index-", dir=real_index.parent)
-    os.close(handle)
-    index_env = {"GIT_INDEX_FILE": temporary}
-    base = state.commit
+
+    Only what git status named is read again: git hashes those files into a temporary index of
+    them alone (content, executable bit, symbolic link, submodule commit, as `git add` reads
+    them), and the trees of their directories are made again from the base's (`ls-tree`,
+    `mktree`). The index and the rest of the tree are not read, so the cost follows the number
+    of changed paths, not the size of the repository."""
+    root, base = state.root, state.commit
     # The base's date (the snapshot's own, so that it depends on nothing else), read meanwhile.
     dating = start_git(["show", "-s", "--format=%ct +0000", base], cwd=root) if base else None
-    try:
-        if real_index.exists():
-            Path(temporary).write_bytes(real_index.read_bytes())
-        else:
-            os.unlink(temporary)  # git starts an empty index where none exists
-        if any("(assume-unchanged" in c or "(skip-worktree" in c for c in state.changes):
-            marked = "".join(f"{path}\0" for path in _marked_paths(root, index_env))
-            for unmark in ("--no-assume-unchanged", "--no-skip-worktree"):  # one call each: git applies one mark a call
-                run_git(["update-index", unmark, "-z", "--stdin"], cwd=root, env=index_env, input=marked)
-        tracked = [path for path in state.paths if not path.endswith("/")]  # new directories: in `untracked`
-        paths = "".join(f"{path}\0" for path in sorted({*tracked, *untracked}))
-        if paths:  # added, updated (content, mode, link) or removed, as `git add -A` would
-            run_git(["update-index", "--add", "--remove", "-z", "--stdin"], cwd=root, env=index_env, input=paths)
-        tree = run_git(["write-tree"], cwd=root, env=index_env).stdout.strip()
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    read = {*state.paths, *(path for path, letter in state.staged.items() if letter != "D"), *untracked}
+    read = {path for path in read if not path.endswith("/")}  # a new directory: its files are in `untracked`
+    directories = {path for path in read if _is_plain_directory(os.path.join(root, path))}  # a file that became one
+    if directories:  # git status names the old file only: the directory's files, as `git add -A` finds them
+        listing = ["--literal-pathspecs", "ls-files", "--others", "--exclude-standard", "-z", "--"]
+        read |= set(filter(None, run_git([*listing, *sorted(directories)], cwd=root).stdout.split("\0")))
+    hashed = _hash_files(root, sorted(read - directories))
+    changes = {path: hashed.get(path) for path in read - directories}  # None: gone from the working tree
+    changes |= {path: None for path, letter in state.staged.items() if letter == "D" and path not in read}
+    changes |= {path: None for path in directories}
+    tree = _make_tree(root, base, changes)
     date = ROOT_DATE if dating is None else finish_git(dating, root).stdout.strip()
     listing = ["ls-tree", "-r", "-z", "--name-only", tree] if base is None else ["diff-tree", "-r", "-z"]
     listing = start_git(listing if base is None else [*listing, "--no-renames", "--name-only", base, tree], cwd=root)
@@ -154,6 +143,97 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
         run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
     files = sorted(filter(None, finish_git(listing, root).stdout.split("\0")))
     return Snapshot(commit, base, files)
+
+
+def _is_plain_directory(path: str) -> bool:
+    """A directory that is not a submodule (whose path git records as its commit)."""
+    return os.path.isdir(path) and not os.path.islink(path) and not os.path.exists(os.path.join(path, ".git"))
+
+
+def _hash_files(root: Path, paths: list[str]) -> dict[str, tuple[str, str]]:
+    """path -> (mode, object id) of each path that exists, written to the object store by git
+    itself (`update-index --add` on a temporary index that holds only these paths)."""
+    handle, temporary = tempfile.mkstemp(prefix="snapshot-index-")
+    os.close(handle)
+    os.unlink(temporary)  # git starts an empty index where none exists
+    index_env = {"GIT_INDEX_FILE": temporary}
+    try:
+        if paths:  # --remove: a path gone from the working tree is simply not added
+            run_git(
+                ["update-index", "--add", "--remove", "-z", "--stdin"],
+                cwd=root,
+                env=index_env,
+                input="".join(f"{path}\0" for path in paths),
+            )
+        listing = run_git(["ls-files", "-s", "-z"], cwd=root, env=index_env).stdout  # "mode id stage\tpath"
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    entries = {}
+    for record in filter(None, listing.split("\0")):
+        info, _, path = record.partition("\t")
+        mode, object_id, _ = info.split(" ")
+        entries[path] = (mode, object_id)
+    return entries
+
+
+def _make_tree(root: Path, base: str | None, changes: dict[str, tuple[str, str] | None]) -> str:
+    """The base's tree with `changes` (path -> (mode, object id), or None to remove it): the
+    directories holding a change are listed from the base and written again, deepest first
+    (one `mktree --batch` process); every other tree is the base's own."""
+    directories = {""}
+    for path in changes:
+        parts = path.split("/")[:-1]
+        directories.update("/".join(parts[: depth + 1]) for depth in range(len(parts)))
+    # directory -> {name: "mode type id"}, as ls-tree and mktree write an entry
+    trees: dict[str, dict[str, str]] = {directory: {} for directory in directories}
+    if base is not None:
+        subdirectories = sorted(f"{directory}/" for directory in directories if directory)
+        listings = [start_git(["ls-tree", "-z", base], cwd=root)]
+        for start in range(0, len(subdirectories), 1000):  # a bounded command line
+            chunk = subdirectories[start : start + 1000]
+            listings.append(start_git(["--literal-pathspecs", "ls-tree", "-z", base, "--", *chunk], cwd=root))
+        for listing in listings:
+            for record in finish_git(listing, root).stdout.split("\0"):
+                entry, _, path = record.partition("\t")
+                parent, _, name = path.rpartition("/")
+                tree = trees.get(parent)
+                if tree is not None and name:
+                    tree[name] = entry
+    for path, change in changes.items():
+        parent, _, name = path.rpartition("/")
+        if change is None:
+            trees[parent].pop(name, None)
+        else:
+            trees[parent][name] = f"{change[0]} {'commit' if change[0] == '160000' else 'blob'} {change[1]}"
+    by_depth: dict[int, list[str]] = {}
+    for directory in directories:
+        by_depth.setdefault(directory.count("/") + bool(directory), []).append(directory)
+    mktree = start_git(["mktree", "-z", "--missing", "--batch"], cwd=root, stdin=subprocess.PIPE)
+    written = ""
+    try:
+        for depth in sorted(by_depth, reverse=True):  # deepest first: a tree's subtrees are written before it
+            kept = []
+            for directory in by_depth[depth]:
+                parent, _, name = directory.rpartition("/")
+                if trees[directory]:
+                    kept.append(directory)
+                elif directory and trees[parent].get(name, "").startswith("040000 "):
+                    del trees[parent][name]  # git keeps no empty directory
+            for start in range(0, len(kept), 1000):  # a level at a time, its ids read back in bounded batches
+                batch = kept[start : start + 1000]
+                for directory in batch:
+                    mktree.stdin.write("".join(f"{entry}\t{n}\0" for n, entry in trees[directory].items()) + "\0")
+                mktree.stdin.flush()
+                for directory in batch:
+                    written = mktree.stdout.readline().strip()
+                    parent, _, name = directory.rpartition("/")
+                    if directory:
+                        trees[parent][name] = f"040000 tree {written}"
+    except BaseException:
+        mktree.kill()
+        raise
+    finish_git(mktree, root)  # the last tree is the root's; a failure raises with git's message
+    return written
 
 
 def snapshot_ref(project: str, run: str) -> str:
