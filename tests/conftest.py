@@ -6,6 +6,7 @@ the example data beside it; tests run `run.py` there exactly as a user would.
 The helpers the tests share are in tests/helpers.py.
 """
 
+import compileall
 import os
 import shutil
 import signal
@@ -65,6 +66,9 @@ def project_snapshot(tmp_path_factory) -> Path:
     shutil.copytree(DATA, snapshot / "data" / "pendulum")
     for directory in checked_data_directories():  # the checked config's own data (ignored by git)
         shutil.copytree(REPO / directory, snapshot / directory, dirs_exist_ok=True)
+    # Compiled once here, not by the first run.py of every test (a source a test edits is
+    # compiled again: its time stamp no longer matches).
+    compileall.compile_dir(snapshot / "src", quiet=1)
     return snapshot
 
 
@@ -72,7 +76,7 @@ def project_snapshot(tmp_path_factory) -> Path:
 def project(project_snapshot, tmp_path) -> Project:
     """A fresh git repository holding the project, committed and clean."""
     root = tmp_path / "project"
-    shutil.copytree(project_snapshot, root, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(project_snapshot, root)
     git(root, "init", "-q", "-b", "main")
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "initial")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import warm_start
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -56,16 +57,21 @@ class Project:
         return self.python("run.py", *args, env=env, timeout=timeout, stdin=stdin)
 
     def python(self, *args: str, env: dict | None = None, timeout: float = 300, stdin=subprocess.DEVNULL) -> Result:
-        """`python ARGS` in the project."""
-        completed = subprocess.run(
-            [sys.executable, *args],
-            cwd=self.root,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=stdin,
-            env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
-        )
+        """`python ARGS` in the project; `python run.py ...` warm where it can (tests/warm_start.py)."""
+        environment = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+        completed = None
+        if args and args[0] == "run.py" and warm_start.available(env or {}, stdin):
+            completed = warm_start.run(list(args), str(self.root), environment, timeout)
+        if completed is None:
+            completed = subprocess.run(
+                [sys.executable, *args],
+                cwd=self.root,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=stdin,
+                env=environment,
+            )
         return Result(completed.returncode, completed.stdout, completed.stderr)
 
     def torchrun(
