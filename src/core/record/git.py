@@ -158,7 +158,17 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
         raise RuntimeError(f"'git status' failed in {root}: {result.stderr.strip()}")
     state = RepositoryState(root=Path(root), commit=None, branch=None)
     state.in_progress = operation_in_progress(Path(root), index)
-    records = iter(result.stdout.split("\0"))
+    _read_status(state, result.stdout)
+    if maybe_marked and state.commit is not None:
+        marked = marked_file_changes(Path(root))
+        state.changes.extend(marked)
+        state.paths += [change.partition("): ")[2] for change in marked]
+    return state
+
+
+def _read_status(state: RepositoryState, output: str) -> None:
+    """Fill `state` from `git status --porcelain=v2 --branch -z`."""
+    records = iter(output.split("\0"))
     for record in records:
         if record.startswith("# branch.oid "):
             oid = record.split(" ", 2)[2]
@@ -166,16 +176,9 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
         elif record.startswith("# branch.head "):
             head = record.split(" ", 2)[2]
             state.branch = None if head == "(detached)" else head
-        elif record.startswith(("1 ", "u ")):
-            fields = record.split(" ", 8 if record[0] == "1" else 10)
-            state.changes.append(_describe_change(fields[1], fields[2], fields[-1], None))
-            if fields[1][1] != ".":
-                state.paths.append(fields[-1])
-            if fields[1][0] != ".":
-                state.staged[fields[-1]] = fields[1][0]
-        elif record.startswith("2 "):
-            fields = record.split(" ", 9)
-            origin = next(records)
+        elif record.startswith(("1 ", "u ", "2 ")):
+            fields = record.split(" ", {"1": 8, "u": 10, "2": 9}[record[0]])
+            origin = next(records) if record[0] == "2" else None  # a rename's or copy's old path
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], origin))
             if fields[1][1] != ".":
                 state.paths.append(fields[-1])
@@ -186,11 +189,6 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
         elif record.startswith("? "):
             state.changes.append(f"untracked: {record[2:]}")
             state.paths.append(record[2:])
-    if maybe_marked and state.commit is not None:
-        marked = marked_file_changes(Path(root))
-        state.changes.extend(marked)
-        state.paths += [change.partition("): ")[2] for change in marked]
-    return state
 
 
 # An index entry (git's Documentation/gitformat-index.txt, versions 2 and 3) is 40 bytes of
