@@ -448,6 +448,16 @@ def test_a_killed_snapshot_run_resumes_with_the_same_snapshot_and_ends_equal(pro
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(project.root / "logs" / "PendulumModel" / "reference", run)
 
+    # A job script re-submitted: --auto-resume --snapshot finds the run by its snapshot commit.
+    auto = (*args, "--run_name=auto", "--auto-resume")
+    assert project.run(*auto, env={"TEMPLATE_FAULT": "train_step:22"}).returncode == -9
+    continued = project.run(*auto)
+    assert continued.returncode == 0 and "exists with this commit and config; continuing it" in continued.stdout
+    assert_same_run(
+        project.root / "logs" / "PendulumModel" / "reference", project.root / "logs" / "PendulumModel" / "auto"
+    )
+    assert "has finished already" in project.run(*auto).stdout
+
     (project.root / "src" / "residual.py").write_text("SCALE = 0.3\n")  # other work: another snapshot
     other = project.run("--resume", str(run), "--snapshot", "--epochs=3")
     assert other.returncode == 3 and "was made at commit" in other.stderr

@@ -118,7 +118,7 @@ def auto_resume_request(command: CommandLine, request: Request) -> Request | Non
     if not config.run_name:
         raise UserError("--auto-resume finds the run by its name: set run_name in the config or --run_name=NAME")
     directory = run_parent(command, config) / config.run_name
-    decision, saved = resume.auto_resume(config, directory, command.mini)
+    decision, saved = resume.auto_resume(config, directory, command.mini, command.snapshot)
     if decision == "finished":
         return None
     return Request(config, directory, saved) if decision == "continue" else request

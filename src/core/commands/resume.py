@@ -28,7 +28,7 @@ from src.core.record.checkpoint import (
     step_file_name,
 )
 from src.core.record.environment import data_fingerprint, find_data_directory
-from src.core.record.git import check_same_commit, gate
+from src.core.record.git import check_same_commit
 from src.core.record.rundir import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -138,7 +138,7 @@ def check_same_data(recorded: dict | None, data_directory: Path, run_directory: 
             )
 
 
-def auto_resume(config: Config, directory: Path, mini: bool) -> tuple[str, dict | None]:
+def auto_resume(config: Config, directory: Path, mini: bool, snapshot: bool = False) -> tuple[str, dict | None]:
     """--auto-resume of the run `directory` (`<project>/<run_name>`): "start" it when it does not
     exist, "continue" it (with its provenance) when it has this commit and config, or say it
     has "finished". Anything else is refused, so a re-submitted job script never overwrites,
@@ -158,7 +158,7 @@ def auto_resume(config: Config, directory: Path, mini: bool) -> tuple[str, dict 
         )
     _, saved, saved_config = load_run(directory, ConfigEdits(), "--auto-resume", may_change=None)
     differences = []
-    current_commit = gate()["commit"]
+    current_commit = logging_gate(snapshot, config.snapshot_max_file_mb)["commit"]  # a snapshot's, with --snapshot
     if saved["git"]["commit"] != current_commit:
         differences.append(f"commit ({str(saved['git']['commit'])[:12]} there, HEAD is {current_commit[:12]})")
     changed = changed_keys(saved_config, config, project_schema())
