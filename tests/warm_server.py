@@ -12,12 +12,16 @@ import socket
 import sys
 import traceback
 
+os.environ.setdefault("MPLBACKEND", "Agg")  # as run.py sets it, before matplotlib reads it
+
 import cerberus  # noqa: F401 (imported once here, by every command's child already)
+import matplotlib.pyplot  # noqa: F401 (the example model's figures)
 import numpy  # noqa: F401
-import tensorboard  # noqa: F401
-import torch  # noqa: F401
+import torch
+import torch._dynamo  # noqa: F401 (torch imports it when the first optimizer is made)
 import tqdm  # noqa: F401
 import yaml  # noqa: F401
+from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: F401
 
 
 def receive(connection: socket.socket) -> tuple[dict, list[int]]:
