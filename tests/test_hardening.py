@@ -65,6 +65,26 @@ def test_unwritable_file_archive_is_refused_before_the_run_starts(project, targe
     assert project.run_directories() == [] and project.written_files() == []
 
 
+def test_a_finished_run_whose_store_refuses_its_credentials_ends_at_once(project):
+    """s3:// with no credentials: nothing to probe without a network call at start-up, but once the
+    run has ended a refusal is not retried for final_sync_timeout_seconds (600 s): the run ends,
+    the archive is marked failed, and the message says how to complete it."""
+    pytest.importorskip("s3fs")
+    no_credentials = {
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SESSION_TOKEN": "",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance to ask
+    }
+    result = project.run(*QUICK, "--archive.uri=s3://a-bucket/runs", env=no_credentials, timeout=200)
+    assert result.returncode == 0, result.stdout + result.stderr  # a hang would be a timeout here
+    assert "NoCredentialsError" in result.stderr and "Complete it later with: python run.py --archive" in result.stderr
+    (run,) = project.run_directories()
+    assert yaml.safe_load((run / "metadata.yaml").read_text())["archive"]["status"] == "failed"
+
+
 def test_a_writable_file_archive_probe_leaves_nothing(tmp_path):
     target = tmp_path / "shared" / "deeper" / "archive"
     probe_local_archive(target)

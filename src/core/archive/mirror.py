@@ -116,6 +116,8 @@ class Mirror:
                         return
                 failures += 1
                 self._failed(error)
+                if self._closing.is_set() and refused(error):  # the run has ended and the store refuses it:
+                    return  # waiting out final_sync_timeout_seconds cannot change that
                 delay = self.retry_delays[min(failures, len(self.retry_delays)) - 1]
                 self._closing.wait(delay)  # after close(), retry every second until it gives up
                 if self._closing.is_set():

@@ -42,17 +42,22 @@ def store_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}  # botocore's
+
+
 def refused(error: BaseException) -> bool:
     """Whether the store refused (permissions, credentials): the mirror's status is then "failed"
     rather than "behind". s3fs raises PermissionError; gcsfs raises OSError("Forbidden: ...") for
     a 403, HttpError with code 401 for credentials it does not accept, and google.auth's errors
-    for credentials it cannot load or refresh."""
+    for credentials it cannot load or refresh; botocore raises NoCredentialsError where it finds none."""
     if isinstance(error, PermissionError):
         return True
     if type(error) is OSError and str(error).startswith("Forbidden"):
         return True
     if any(cls.__module__.startswith("google.auth") for cls in type(error).__mro__):
         return True  # credentials that cannot be loaded or refreshed (a revoked key, an expired login)
+    if any(cls.__name__ in CREDENTIAL_ERRORS for cls in type(error).__mro__):
+        return True  # botocore found no credentials, or half of them
     return getattr(error, "code", None) in (401, 403)
 
 
