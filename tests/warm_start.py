@@ -35,7 +35,7 @@ def available(env: dict, stdin) -> bool:
     """Whether this command can start warm (see the module's docstring)."""
     if os.environ.get("TEMPLATE_TEST_COLD") or stdin is not subprocess.DEVNULL:
         return False
-    return not any(key.startswith("PYTHON") and key != "PYTHONHASHSEED" for key in env)
+    return not any(key.startswith("PYTHON") for key in env)  # the server's are the suite's own
 
 
 def _address(base_env: dict) -> str:
@@ -61,7 +61,7 @@ def _address(base_env: dict) -> str:
 def run(argv: list[str], cwd: str, env: dict, timeout: float) -> subprocess.CompletedProcess | None:
     """`python ARGV` in `cwd` with `env`, warm; as subprocess.run(..., capture_output=True, text=True).
     None when the server could not start it (the caller then starts it cold)."""
-    base_env = {**os.environ, "PYTHONHASHSEED": env.get("PYTHONHASHSEED", "0")}
+    base_env = {**os.environ, "PYTHONHASHSEED": "0"}  # as helpers.Project runs every command
     with (
         open(os.devnull, "rb") as stdin,
         tempfile.TemporaryFile() as stdout,

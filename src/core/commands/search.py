@@ -267,8 +267,9 @@ def continue_search(command: CommandLine) -> int:
         check_same_flags(directory, saved, given)
     flags = given if saved.get("flags") is None else saved["flags"]
     worker = os.environ.get("SLURM_ARRAY_TASK_ID") is not None and (directory / "search.sbatch").exists()
-    print(f"continuing a search of {spec.trials} trial(s) at commit {saved['git']['commit'][:12]}: {directory}")
-    return drive(directory, saved["git"]["commit"], spec, document, flags, 1 if worker else spec.parallel)
+    commit = saved["git"]["commit"]
+    print(f"continuing a search of {spec.trials} trial(s) at commit {commit[:12]}: {directory}", flush=True)
+    return drive(directory, commit, spec, document, flags, 1 if worker else spec.parallel)
 
 
 def drive(directory: Path, commit: str, spec: SearchSpec, document: dict, flags: list[str], parallel: int) -> int:
