@@ -517,3 +517,25 @@ def test_under_torchrun_rank_zero_snapshots_once_and_a_restart_finds_the_same_co
     assert project.git("for-each-ref", "refs/runs-pending") == ""
     metadata = yaml.safe_load((run / "metadata.yaml").read_text())
     assert metadata["status"] == "finished" and len(metadata["resumes"]) == 1
+
+
+def test_a_tree_with_every_file_deleted_is_the_empty_tree(repo):
+    for name in ("a.txt", "b.txt", ".gitignore"):
+        (repo / name).unlink()
+    provenance = snapshot_gate(repo, max_file_mb=10)
+    assert git(repo, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(
+        repo, "hash-object", "-t", "tree", "/dev/null"
+    )
+    assert provenance["snapshot"]["files"] == [".gitignore", "a.txt", "b.txt"]
+
+
+def test_an_unconcluded_merge_is_refused_as_the_gate_refuses_it(repo):
+    git(repo, "checkout", "-q", "-b", "other")
+    (repo / "a.txt").write_text("theirs\n")
+    git(repo, "commit", "-q", "-am", "theirs")
+    git(repo, "checkout", "-q", "main")
+    (repo / "a.txt").write_text("ours\n")
+    git(repo, "commit", "-q", "-am", "ours")
+    subprocess.run(["git", "merge", "-q", "other"], cwd=repo, capture_output=True)  # a conflict: MERGE_HEAD stays
+    with pytest.raises(Refusal, match="in the middle of a merge"):
+        snapshot_gate(repo, max_file_mb=10)

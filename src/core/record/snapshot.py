@@ -76,9 +76,11 @@ def untracked_files(state: RepositoryState) -> list[str]:
 
 
 def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_file_mb: float) -> None:
-    """Refuse (exit 3, one message) what a snapshot should not hold: a submodule with
-    uncommitted content (its own commit would be needed), or untracked files over the
-    size limit (data and checkpoints belong in .gitignore)."""
+    """Refuse (exit 3, one message) what a snapshot should not hold: an unconcluded merge or
+    rebase (as the gate does), a submodule with uncommitted content (its own commit would be
+    needed), or untracked files over the size limit (data and checkpoints belong in .gitignore)."""
+    if state.in_progress:  # a merge's conflicts would be snapshotted with their markers
+        check_clean(state)
     submodules = [c for c in state.changes if c.startswith("submodule (") and "content" in c.split(":")[0]]
     if submodules:
         raise Refusal(
@@ -215,7 +217,7 @@ def _make_tree(root: Path, base: str | None, changes: dict[str, tuple[str, str] 
             kept = []
             for directory in by_depth[depth]:
                 parent, _, name = directory.rpartition("/")
-                if trees[directory]:
+                if trees[directory] or not directory:  # the root is written even empty
                     kept.append(directory)
                 elif directory and trees[parent].get(name, "").startswith("040000 "):
                     del trees[parent][name]  # git keeps no empty directory
