@@ -41,6 +41,19 @@ def project_files() -> list[str]:
     return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
 
 
+def conflicting_branch(repo: Path) -> None:
+    """`other` changes a.txt one way, main another: any operation bringing `other` in conflicts."""
+    (repo / "a.txt").write_text("base\n")
+    git(repo, "add", "a.txt")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "base")
+    git(repo, "checkout", "-q", "-b", "other")
+    (repo / "a.txt").write_text("theirs\n")
+    git(repo, "commit", "-q", "-am", "theirs")
+    git(repo, "checkout", "-q", "main")
+    (repo / "a.txt").write_text("ours\n")
+    git(repo, "commit", "-q", "-am", "ours")
+
+
 @dataclass
 class Result:
     returncode: int

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import QUICK_RUN, free_port, git, run_directory
+from helpers import QUICK_RUN, conflicting_branch, free_port, git, run_directory
 
 from src.core.archive.store import probe_local_archive
 from src.core.errors import Refusal
@@ -224,19 +224,6 @@ def test_a_million_processes_are_refused_before_torchrun_starts(project):
 
 
 # 5. The gate refuses a repository in the middle of a merge, rebase, cherry-pick or revert
-
-
-def conflicting_branch(repo: Path) -> None:
-    """`other` changes a.txt one way, main another: any operation bringing `other` in conflicts."""
-    (repo / "a.txt").write_text("base\n")
-    git(repo, "add", "a.txt")
-    git(repo, "commit", "-q", "--allow-empty", "-m", "base")
-    git(repo, "checkout", "-q", "-b", "other")
-    (repo / "a.txt").write_text("theirs\n")
-    git(repo, "commit", "-q", "-am", "theirs")
-    git(repo, "checkout", "-q", "main")
-    (repo / "a.txt").write_text("ours\n")
-    git(repo, "commit", "-q", "-am", "ours")
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import QUICK_RUN, Project, git
+from helpers import QUICK_RUN, Project, conflicting_branch, git
 
 from src.core.errors import Refusal
 from src.core.record.snapshot import pin_run_snapshot, pin_snapshot, snapshot_gate, snapshot_ref
@@ -530,12 +530,7 @@ def test_a_tree_with_every_file_deleted_is_the_empty_tree(repo):
 
 
 def test_an_unconcluded_merge_is_refused_as_the_gate_refuses_it(repo):
-    git(repo, "checkout", "-q", "-b", "other")
-    (repo / "a.txt").write_text("theirs\n")
-    git(repo, "commit", "-q", "-am", "theirs")
-    git(repo, "checkout", "-q", "main")
-    (repo / "a.txt").write_text("ours\n")
-    git(repo, "commit", "-q", "-am", "ours")
+    conflicting_branch(repo)
     subprocess.run(["git", "merge", "-q", "other"], cwd=repo, capture_output=True)  # a conflict: MERGE_HEAD stays
     with pytest.raises(Refusal, match="in the middle of a merge"):
         snapshot_gate(repo, max_file_mb=10)
