@@ -123,19 +123,6 @@ def test_an_index_version_4_and_a_linked_worktree_are_checked_too(repo, tmp_path
     assert "modified (assume-unchanged): b.txt" in refusal(linked)
 
 
-@pytest.fixture
-def with_submodule(repo, tmp_path):
-    library = tmp_path / "library"
-    library.mkdir()
-    git(library, "init", "-q", "-b", "main")
-    (library / "lib.py").write_text("x = 1\n")
-    git(library, "add", "-A")
-    git(library, "commit", "-q", "-m", "lib")
-    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(library), "lib")
-    git(repo, "commit", "-q", "-m", "add submodule")
-    return repo
-
-
 def test_submodule_commits_are_recorded(with_submodule):
     section = gate(with_submodule)
     assert section["submodules"] == {"lib": git(with_submodule / "lib", "rev-parse", "HEAD")}

@@ -329,18 +329,10 @@ def test_large_untracked_files_are_refused_listing_them(repo):
     assert snapshot_gate(repo, max_file_mb=4)["snapshot"]["files"] == ["model.ckpt", "outputs/big.npy", "small.py"]
 
 
-def test_a_dirty_submodule_is_refused(repo, tmp_path):
-    library = tmp_path / "library"
-    library.mkdir()
-    git(library, "init", "-q", "-b", "main")
-    (library / "lib.py").write_text("v = 1\n")
-    git(library, "add", "-A")
-    git(library, "commit", "-q", "-m", "lib")
-    git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(library), "lib")
-    git(repo, "commit", "-q", "-m", "add lib")
-    (repo / "lib" / "lib.py").write_text("v = 2\n")
+def test_a_dirty_submodule_is_refused(with_submodule):
+    (with_submodule / "lib" / "lib.py").write_text("x = 2\n")
     with pytest.raises(Refusal) as refusal:
-        snapshot_gate(repo, max_file_mb=10)
+        snapshot_gate(with_submodule, max_file_mb=10)
     assert "submodule (modified content): lib" in str(refusal.value)
     assert "Commit (or discard) the changes inside each submodule" in str(refusal.value)
 

@@ -16,7 +16,15 @@ from src.core.archive.upload import POINTERS, RUN_FILES_MANIFEST, read_run_files
 from src.core.config.loader import parse_yaml
 from src.core.errors import UserError
 from src.core.record.checkpoint import STEP_FILE, manifest_path
-from src.core.record.rundir import CONFIG_FILE, METADATA_FILE, fsync_directory, now, update_metadata, write_text_atomic
+from src.core.record.rundir import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    fsync_directory,
+    now,
+    read_yaml,
+    update_metadata,
+    write_text_atomic,
+)
 
 RESTORING_MARKER = ".restoring"  # in a run directory whose restore has not finished
 
@@ -242,7 +250,7 @@ def restore_checkpoint(run_directory: Path, file_name: str, sha256: str, flag: s
     into its checkpoints/ (where --archive --delete-local-checkpoints removed it, say), verified
     by `sha256`. None when the run has no archive, or its archive lacks the file."""
     metadata_file = run_directory / METADATA_FILE
-    metadata = (yaml.safe_load(metadata_file.read_text(encoding="utf-8")) or {}) if metadata_file.is_file() else {}
+    metadata = (read_yaml(metadata_file) or {}) if metadata_file.is_file() else {}
     location = (metadata.get("archive") or {}).get("uri") if isinstance(metadata, dict) else None
     if not isinstance(location, str) or not location:
         return None

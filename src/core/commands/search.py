@@ -37,7 +37,7 @@ from src.core import faults
 from src.core.commands.cli import CommandLine
 from src.core.commands.search_spec import SearchSpec, check_search, read_search, trial_document
 from src.core.commands.slurm import submit, write_search_script
-from src.core.commands.sweep import Sweep, member_name, trial_objective, write_table
+from src.core.commands.sweep import Sweep, member_flags, member_name, trial_objective, write_table
 from src.core.config.loader import dump_yaml
 from src.core.config.schema import project_schema
 from src.core.config.validation import Config, finalize
@@ -238,7 +238,7 @@ def run_search(command: CommandLine, document: dict) -> int:
     if (command.slurm or command.submit) and config.slurm.nodes > 1:
         raise UserError("slurm.nodes: a search's workers each run their trials on one node; set slurm.nodes: 1")
     import_optuna()  # before anything is written
-    flags = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
+    flags = member_flags(command)
     directory, commit, continued = open_search(command, document, config, flags)
     verb = "continuing" if continued else "starting"
     print(f"{verb} a search of {spec.trials} trial(s) at commit {commit[:12]}: {directory}", flush=True)
@@ -262,7 +262,7 @@ def continue_search(command: CommandLine) -> int:
     document = {key: value for key, value in saved.items() if key not in SAVED_KEYS}
     spec = check_search(document, project_schema())
     import_optuna()
-    given = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
+    given = member_flags(command)
     if given:  # none: the search's own
         check_same_flags(directory, saved, given)
     flags = given if saved.get("flags") is None else saved["flags"]
@@ -280,9 +280,7 @@ def drive(directory: Path, commit: str, spec: SearchSpec, document: dict, flags:
     with open(directory / ".drivers.lock", "a") as drivers:
         fcntl.flock(drivers, fcntl.LOCK_SH)  # one per driver: the last one out can take it alone
         with search_lock(directory):
-            if not (code / ".git").exists():
-                remove_worktree(code)  # a registration left by a killed driver
-                add_worktree(commit, code, "search")
+            ensure_worktree(code, commit)
         driver = SearchDriver(Sweep(directory, code, [], commit), spec, document, flags, mode, parallel)
         try:
             return driver.run()
@@ -293,13 +291,18 @@ def drive(directory: Path, commit: str, spec: SearchSpec, document: dict, flags:
                     remove_worktree(code)
 
 
+def ensure_worktree(code: Path, commit: str) -> None:
+    """The search's worktree at its commit, made again where a killed driver left only its registration."""
+    if not (code / ".git").exists():
+        remove_worktree(code)
+        add_worktree(commit, code, "search")
+
+
 def submit_workers(directory: Path, commit: str, spec: SearchSpec, settings: dict, submitting: bool) -> int:
     """--slurm: an array of `parallel` workers, each `run.py --resume SEARCH_DIR` (one trial at a
     time), sharing the study; the worktree stays for them."""
     code = directory / "code"
-    if not (code / ".git").exists():
-        remove_worktree(code)
-        add_worktree(commit, code, "search")
+    ensure_worktree(code, commit)
     script = write_search_script(directory, code, settings, spec.parallel)
     if submitting:
         print(f"submitted job {submit(script)} ({script}): {spec.parallel} worker(s)")

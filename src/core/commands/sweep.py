@@ -318,6 +318,11 @@ def sweep_snapshot(git: dict, run_directory: Path) -> dict:
     return git
 
 
+def member_flags(command: CommandLine) -> list[str]:
+    """The flags every run of a sweep or a search is started with: --cpu and --mini, as given."""
+    return [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
+
+
 def run_sweep(command: CommandLine, document: dict) -> int:
     """A sweep (or, with --slurm, any config): every combination, pinned to this commit."""
     members = expand(document, project_schema())
@@ -338,7 +343,7 @@ def run_sweep(command: CommandLine, document: dict) -> int:
     )
     at = "snapshot" if git.get("snapshot") else "commit"
     print(f"sweep of {len(members)} run(s) at {at} {git['commit'][:12]}: {sweep.directory}")
-    flags = [flag for flag, on in (("--cpu", command.cpu), ("--mini", command.mini)) if on]
+    flags = member_flags(command)
     if not (command.slurm or command.submit):
         return run_locally(sweep, flags)
     script = write_slurm_script(sweep, first.slurm.to_dict(), flags, command.requeue)
