@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import QUICK_RUN, REPO
+from helpers import QUICK_RUN, REPO, free_port
 
 from src.core.config.schema import project_schema
 from src.core.config.validation import finalize
@@ -40,7 +40,9 @@ def config_for(tmp_path: Path) -> dict:
     }
 
 
-def drive(run_directory: Path, trackers: str, first: int, last: int, checkpoint: int, mode: str, **env):
+def drive(
+    run_directory: Path, trackers: str, first: int, last: int, checkpoint: int, mode: str, timeout=300, **env
+):
     """tests/tracker_driver.py: log steps first..last as the Trainer does; `mode` kill or break."""
     config = env.pop("config", None) or config_for(run_directory.parent)
     return subprocess.run(
@@ -48,7 +50,7 @@ def drive(run_directory: Path, trackers: str, first: int, last: int, checkpoint:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env={
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -214,12 +216,17 @@ def test_killed_and_resumed_run_continues_the_same_tracker_run(tmp_path, tracker
 # A failing tracker: one warning, training goes on
 
 
-@pytest.mark.parametrize("case", ["mlflow-unwritable-at-start", "mlflow-store-gone-mid-run", "wandb-service-killed"])
+CASES = ["mlflow-unwritable-at-start", "mlflow-server-unreachable", "mlflow-store-gone-mid-run", "wandb-service-killed"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_a_failing_tracker_warns_once_and_training_goes_on(tmp_path, case):
     run_directory = tmp_path / "run"
     config = config_for(tmp_path)
     env = {}
-    if case == "mlflow-unwritable-at-start":
+    if case == "mlflow-server-unreachable":  # MLflow's own retries (minutes) would hit drive's timeout
+        config["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
+    elif case == "mlflow-unwritable-at-start":
         (tmp_path / "a-file").write_text("not a directory\n")
         config["mlflow"]["tracking_uri"] = (tmp_path / "a-file" / "mlruns").as_uri()
     elif case == "mlflow-store-gone-mid-run":  # chmod does not stop root: replace the store by a file
@@ -228,7 +235,8 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(tmp_path, case):
     else:
         env["BREAK"] = "kill-wandb-service"
     tracker = case.split("-")[0]
-    result = drive(run_directory, tracker, 1, 200, 50, "break", config=config, **env)
+    # unreachable: MLflow's own retries, unbounded, would take 4 minutes and time out here
+    result = drive(run_directory, tracker, 1, 200, 50, "break", timeout=120, config=config, **env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("done")
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]

@@ -21,7 +21,7 @@ import torch
 import torch._dynamo  # noqa: F401 (torch imports it when the first optimizer is made)
 import tqdm  # noqa: F401
 import yaml  # noqa: F401
-from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: F401
+from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: F401
 
 
 def receive(connection: socket.socket) -> tuple[dict, list[int]]:

@@ -22,6 +22,9 @@ _metadata_lock = threading.Lock()
 CONFIG_FILE = "config.yaml"
 
 
+FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def log_root(log_dir: str | None) -> Path:
     """Where run directories go: --log-dir, else logs/ in the project."""
     return Path(log_dir) if log_dir else PROJECT_ROOT / "logs"
@@ -98,8 +101,10 @@ def remove_temporary_files(run_directory: Path) -> list[str]:
 
 
 def read_yaml(path: Path) -> Any:
+    """A YAML file the template wrote, with libyaml's safe parser when PyYAML has it (a config
+    from the user is parsed by config.parse_yaml, with its bounds)."""
     with open(path, encoding="utf-8") as stream:
-        return yaml.safe_load(stream)
+        return yaml.load(stream, Loader=FAST_LOADER)
 
 
 def _read_run_file(path: Path, flag: str) -> dict:

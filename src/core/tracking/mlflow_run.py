@@ -14,6 +14,10 @@ from src.core.tracking.metrics import FIGURES_DIRECTORY, figure_file_name
 
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 MLFLOW_UNSAFE = re.compile(r"[^\w./ -]")  # characters MLflow refuses in param and tag names
+# MLflow retries an unreachable server 7 times with growing pauses, up to 120 s a request: a
+# run would wait minutes before training. Unless you set them, 2 retries of at most 20 s each,
+# then the tracker is dropped with a warning (`--export` fills it in later).
+BOUNDED_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -50,6 +54,8 @@ class MlflowTracker:
         )
         if _file_store(self.tracking_uri):  # MLflow 3 keeps the file store behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        for variable, value in BOUNDED_REQUESTS.items():  # MLflow reads them at each request
+            os.environ.setdefault(variable, value)
         if self.tracking_uri.startswith("sqlite:///"):  # SQLite creates the file, not its directory
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)

@@ -1,16 +1,78 @@
 """TensorBoard's event files, written by a thread of their own.
 
-Importing TensorBoard alone costs a small run a few percent, so the training thread
-only queues plain values; the thread imports TensorBoard's own event writer (torch's
-SummaryWriter wraps it, at twice the cost per value) and writes what is queued.
+The training thread only queues plain values; the thread writes them as TensorBoard's
+`Event` protobufs. The file format (TFRecord framing, below) is written here rather than by
+TensorBoard's EventFileWriter: importing that writer pulls in TensorBoard's file-system layer
+(fsspec, botocore, urllib3), 0.13 s of CPU a run, where the protobufs alone cost 0.015 s.
+TensorBoard's own reader reads these files in the tests.
 """
 
-import io
+import itertools
 import json
+import os
 import queue
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # CRC-32C (Castagnoli), reflected
+        table.append(crc)
+    return table
+
+
+CRC32C_TABLE = _crc32c_table()
+FILE_NUMBERS = itertools.count()  # two event files of one process in one second get distinct names
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The checksum TFRecord stores: CRC-32C, rotated and offset (a "masked" CRC)."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class EventFile:
+    """One event file: `events.out.tfevents.<time>.<host>.<pid>.<n><suffix>` in `directory`,
+    opening with the version record TensorBoard expects. Each record is TFRecord's: the
+    length (uint64, little-endian), its masked CRC, the serialized Event, its masked CRC."""
+
+    def __init__(self, directory: str, suffix: str = ""):
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        os.makedirs(directory, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+        self.stream = open(os.path.join(directory, f"{name}.{next(FILE_NUMBERS)}{suffix}"), "wb")  # noqa: SIM115
+        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def write(self, event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self.stream.write(header + struct.pack("<I", masked_crc32c(header)) + data)
+        self.stream.write(struct.pack("<I", masked_crc32c(data)))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def png_shape(png: bytes) -> tuple[int, int, int]:
+    """(height, width, channels) from a PNG's header chunk (IHDR), without decoding the image.
+    Channels as TensorBoard counts them: 1 grey, 2 grey and alpha, 3 RGB (or a palette), 4 RGBA."""
+    width, height = struct.unpack(">II", png[16:24])
+    return height, width, {0: 1, 4: 2, 2: 3, 3: 3, 6: 4}[png[25]]
 
 
 class TensorBoardWriter:
@@ -46,17 +108,15 @@ class TensorBoardWriter:
 
     def _write(self, directory: str, purge_from: int | None) -> None:
         try:
-            from PIL import Image
             from tensorboard.compat.proto.event_pb2 import Event, SessionLog
             from tensorboard.compat.proto.summary_pb2 import Summary
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            writer = EventFileWriter(directory)
+            events = EventFile(directory)
             if purge_from is not None:
                 # What SummaryWriter(purge_step=...) writes: TensorBoard then hides the values that
                 # earlier event files hold for this step and later ones.
                 start = SessionLog(status=SessionLog.START)
-                writer.add_event(Event(wall_time=time.time(), step=purge_from, session_log=start))
+                events.write(Event(wall_time=time.time(), step=purge_from, session_log=start))
             while (item := self.queue.get()) is not None:
                 kind, wall_time, step, phase, values = item
                 summary = Summary()
@@ -64,15 +124,15 @@ class TensorBoardWriter:
                     if kind == "scalars":
                         summary.value.add(tag=f"{phase}/{name}", simple_value=value)
                     else:
-                        with Image.open(io.BytesIO(value)) as image:
-                            width, height = image.size
-                            channels = len(image.getbands())
+                        height, width, channels = png_shape(value)
                         picture = Summary.Image(
                             height=height, width=width, colorspace=channels, encoded_image_string=value
                         )
                         summary.value.add(tag=f"{phase}/{name}", image=picture)
-                writer.add_event(Event(wall_time=wall_time, step=step, summary=summary))
-            writer.close()
+                events.write(Event(wall_time=wall_time, step=step, summary=summary))
+                if self.queue.empty():  # caught up: what is written shows in TensorBoard now
+                    events.flush()
+            events.close()
         except BaseException as error:  # handed to the training thread, which reports it
             self.error = error
 
@@ -81,14 +141,13 @@ def write_hparams(run_directory: Path, parameters: dict, metrics: dict[str, floa
     """A run's hyperparameters (a sweep member's swept values) and final metrics for TensorBoard's
     HParams tab, in an event file of its own in the run directory (so the values are this run's)."""
     from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
     from torch.utils.tensorboard.summary import hparams
 
     shown = {
         key: value if isinstance(value, bool | int | float | str) else json.dumps(value)
         for key, value in parameters.items()
     }
-    writer = EventFileWriter(str(run_directory), filename_suffix=".hparams")
+    events = EventFile(str(run_directory), suffix=".hparams")
     for summary in hparams(shown, metrics):  # the experiment, the session's start and its end
-        writer.add_event(Event(wall_time=time.time(), summary=summary))
-    writer.close()
+        events.write(Event(wall_time=time.time(), summary=summary))
+    events.close()

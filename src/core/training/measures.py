@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from src.core.base import BaseModel
 from src.core.distributed import DistContext, all_gather_object, all_reduce_sum
 from src.core.errors import UserError
+from src.core.training.figures import FigureEncoder, figure_to_png
 
 
 def forward(
@@ -130,21 +131,20 @@ class SplitSamples:
 def figure_png(name: str, figure) -> bytes:
     """A matplotlib figure (closed afterwards) or an image tensor, (C, H, W) or (H, W) with values
     in [0, 1] or uint8, as PNG bytes."""
-    return prepare_figure(name, figure)()
+    return prepare_figure(name, figure)(None)
 
 
-def prepare_figure(name: str, figure) -> Callable[[], bytes]:
+def prepare_figure(name: str, figure) -> Callable[[FigureEncoder | None], bytes]:
     """What the training thread does of a figure: check it, take it out of pyplot's figures (closed),
-    or copy the image; the returned function encodes it as PNG on any thread (FigureWriter)."""
+    or copy the image; the returned function encodes it as PNG on any thread (FigureWriter's),
+    a matplotlib figure in the encoder's helper process when one is given."""
     if hasattr(figure, "savefig"):
         import matplotlib.pyplot as plt  # loaded already: the figure is matplotlib's
 
         plt.close(figure)  # out of pyplot's global list, which only the training thread touches
 
-        def encode_figure() -> bytes:
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", dpi=100)
-            return buffer.getvalue()
+        def encode_figure(encoder: FigureEncoder | None) -> bytes:
+            return figure_to_png(figure) if encoder is None else encoder.encode(figure)
 
         return encode_figure
     image = torch.as_tensor(figure).detach().cpu().clone()  # the model may reuse its tensor
@@ -158,7 +158,7 @@ def prepare_figure(name: str, figure) -> Callable[[], bytes]:
             "(C, H, W) with 1, 3 or 4 channels, or (H, W), or a matplotlib figure"
         )
 
-    def encode_image() -> bytes:
+    def encode_image(encoder: FigureEncoder | None) -> bytes:  # PIL's encoding is quick: done on the thread
         from PIL import Image
 
         pixels = image if image.dtype == torch.uint8 else (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
