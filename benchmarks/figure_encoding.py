@@ -74,8 +74,10 @@ def side(name: str) -> None:
             encode = prepare_figure("confusion", confusion_figure(model(features[0]), labels[0]))
         if name == "inline":
             written.append(len(encode(None)))
-        else:  # the writer's thread; `thread` keeps it from using the helper process
-            writer.put(epoch, "rollout", "confusion", (lambda encoder, e=encode: e(None)) if name == "thread" else encode)
+        elif name == "thread":  # on the writer's thread, not given the helper process
+            writer.put(epoch, "rollout", "confusion", lambda encoder, encode=encode: encode(None))
+        else:
+            writer.put(epoch, "rollout", "confusion", encode)
     writer.wait()
     seconds = time.perf_counter() - started
     assert len(written) == EPOCHS

@@ -40,9 +40,7 @@ def config_for(tmp_path: Path) -> dict:
     }
 
 
-def drive(
-    run_directory: Path, trackers: str, first: int, last: int, checkpoint: int, mode: str, timeout=300, **env
-):
+def drive(run_directory: Path, trackers: str, first: int, last: int, checkpoint: int, mode: str, timeout=300, **env):
     """tests/tracker_driver.py: log steps first..last as the Trainer does; `mode` kill or break."""
     config = env.pop("config", None) or config_for(run_directory.parent)
     return subprocess.run(
