@@ -19,15 +19,9 @@ import threading
 from pathlib import Path
 
 from src.core import faults
-from src.core.commands.archiving import run_archive_command
 from src.core.commands.cli import CommandLine, parse_command_line
-from src.core.commands.diff import diff_runs
-from src.core.commands.evaluation import evaluate_run
-from src.core.commands.export import export_run
 from src.core.commands.launch import launch_with_torchrun
 from src.core.commands.planning import Request, make_plan, read_request
-from src.core.commands.reproduce import reproduce
-from src.core.commands.runs import set_note, show_runs
 from src.core.commands.search import continue_search, is_search_directory, run_search, search_pruning
 from src.core.commands.search_spec import is_search
 from src.core.commands.session import gather_provenance, open_run
@@ -55,21 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         command = parse_command_line(argv)
         # Slurm's warning before the time limit (SIGUSR1), listened for first, so that none is lost.
         preemption = listen_for_preemption() if command.requeue else None
-        archived = run_archive_command(command)  # --archive, --restore
-        if archived is not None:
-            return archived
-        if command.runs is not None:  # a directory of runs, a sweep, or an archive URI
-            return show_runs(command)
-        if command.diff:
-            return diff_runs(command)
-        if command.note:
-            return set_note(Path(command.note[0]), command.note[1])
-        if command.reproduce:
-            return reproduce(Path(command.reproduce), command.cpu, command.edits.overrides)
-        if command.evaluate:
-            return evaluate_run(command)
-        if command.export:
-            return export_run(Path(command.export), command.to, command.edits)
+        answered = run_other_command(command)  # --archive, --runs, --diff, --evaluate...
+        if answered is not None:
+            return answered
         if command.resume and is_search_directory(command.resume):  # continue a search (a Slurm worker)
             return continue_search(command)
         # The config, read and validated once (a torchrun worker leaves it to rank 0).
@@ -82,6 +64,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_other_command(command: CommandLine) -> int | None:
+    """The commands that do not train (None: this one trains). Each one's module is imported only
+    when it is asked for: a training run's start-up does not pay for them (0.1 s of imports)."""
+    if command.archive or command.restore or command.delete_local_checkpoints:
+        from src.core.commands.archiving import run_archive_command
+
+        return run_archive_command(command)
+    if command.runs is not None:  # a directory of runs, a sweep, or an archive URI
+        from src.core.commands.runs import show_runs
+
+        return show_runs(command)
+    if command.diff:
+        from src.core.commands.diff import diff_runs
+
+        return diff_runs(command)
+    if command.note:
+        from src.core.commands.runs import set_note
+
+        return set_note(Path(command.note[0]), command.note[1])
+    if command.reproduce:
+        from src.core.commands.reproduce import reproduce
+
+        return reproduce(Path(command.reproduce), command.cpu, command.edits.overrides)
+    if command.evaluate:
+        from src.core.commands.evaluation import evaluate_run
+
+        return evaluate_run(command)
+    if command.export:
+        from src.core.commands.export import export_run
+
+        return export_run(Path(command.export), command.to, command.edits)
+    return None
 
 
 def train(command: CommandLine, request: Request | None, preemption: threading.Event | None) -> int:

@@ -23,10 +23,12 @@ import yaml
 from common import REPO, Comparison, epoch_seconds, measure, python, scratch_project
 
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers import each other as pytest sees them
+from helpers import CREDENTIALS, MotoServer
+
 from src.core.archive.commands import archive_run
 from src.core.archive.store import Store
 from src.core.record.checkpoint import write_checkpoint
-from tests.helpers import CREDENTIALS, MotoServer
 
 GIGABYTE_FLOATS = 2**28  # 2^28 float32 values: 1 GiB
 
