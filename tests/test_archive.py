@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CREDENTIALS, GcsEmulator, MotoServer, assert_same_run
+from helpers import CREDENTIALS, QUICK_RUN, GcsEmulator, MotoServer, assert_same_run
 
 from src.core.archive.commands import archive_run
 from src.core.archive.mirror import Mirror
@@ -498,6 +498,16 @@ def test_archive_uri_comes_from_the_config_then_the_environment(monkeypatch):
     assert archive_uri({"archive": {"uri": None, "enabled": False}}) is None
     with pytest.raises(UserError, match="expected s3://bucket/prefix"):
         archive_uri({"archive": {"uri": "ftp://host/runs"}})
+
+
+def test_a_run_whose_bucket_does_not_exist_is_refused_before_it_starts(project, moto_server):
+    """The start-up probe lists the archive's prefix: no such bucket is one message, exit 2,
+    nothing written; an outage at start-up is the mirror's to retry (the tests above)."""
+    env = {"AWS_ENDPOINT_URL": moto_server.endpoint, **CREDENTIALS}
+    result = project.run(*QUICK_RUN, "--epochs=1", "--archive.uri=s3://no-such-bucket/archive", env=env)
+    assert result.returncode == 2, result.stderr
+    assert "error: archive.uri: s3://no-such-bucket/archive does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and project.run_directories() == []
 
 
 def test_a_missing_back_end_is_one_clear_message():

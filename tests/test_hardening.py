@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -65,23 +66,44 @@ def test_unwritable_file_archive_is_refused_before_the_run_starts(project, targe
     assert project.run_directories() == [] and project.written_files() == []
 
 
-def test_a_finished_run_whose_store_refuses_its_credentials_ends_at_once(project):
-    """s3:// with no credentials: nothing to probe without a network call at start-up, but once the
-    run has ended a refusal is not retried for final_sync_timeout_seconds (600 s): the run ends,
-    the archive is marked failed, and the message says how to complete it."""
+NO_AWS_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "",
+    "AWS_SECRET_ACCESS_KEY": "",
+    "AWS_SESSION_TOKEN": "",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance to ask
+}
+
+
+def test_an_object_store_that_refuses_the_run_is_refused_before_it_starts(project):
+    """s3:// with no credentials: the start-up probe's listing is refused (botocore finds none),
+    so the run is refused at once, as --archive would be, rather than after training."""
     pytest.importorskip("s3fs")
-    no_credentials = {
-        "AWS_ACCESS_KEY_ID": "",
-        "AWS_SECRET_ACCESS_KEY": "",
-        "AWS_SESSION_TOKEN": "",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        "AWS_CONFIG_FILE": "/nonexistent",
-        "AWS_EC2_METADATA_DISABLED": "true",  # no instance to ask
-    }
-    result = project.run(*QUICK, "--archive.uri=s3://a-bucket/runs", env=no_credentials, timeout=200)
-    assert result.returncode == 0, result.stdout + result.stderr  # a hang would be a timeout here
-    assert "NoCredentialsError" in result.stderr and "Complete it later with: python run.py --archive" in result.stderr
-    (run,) = project.run_directories()
+    result = project.run(*QUICK, "--archive.uri=s3://a-bucket/runs", env=NO_AWS_CREDENTIALS, timeout=120)
+    message = one_message(result)
+    assert "refused access to s3://a-bucket/runs" in message and "NoCredentialsError" in message
+    assert project.run_directories() == [] and project.written_files() == []
+
+
+def test_a_mirror_whose_store_refuses_its_credentials_ends_at_once(tmp_path, monkeypatch):
+    """A store that refuses once the run has begun (credentials that expired): the final sync
+    is not retried for final_sync_timeout_seconds (600 s): close() returns, the archive is
+    marked failed, and the message says how to complete it."""
+    pytest.importorskip("s3fs")
+    from src.core.archive.mirror import Mirror
+
+    for name, value in NO_AWS_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    run = tmp_path / "logs" / "Proj" / "run1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "phase": "val", "name": "loss", "value": 1.0}\n')
+    mirror = Mirror(run, "s3://a-bucket/runs", retry_delays=(0.2, 0.5))
+    mirror.sync_run_files()
+    closing = threading.Thread(target=mirror.close, args=(600,), daemon=True)
+    closing.start()
+    closing.join(120)  # retrying, it would wait the 600 s
+    assert not closing.is_alive()
     assert yaml.safe_load((run / "metadata.yaml").read_text())["archive"]["status"] == "failed"
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,6 +18,7 @@ from src.core.errors import UserError
 from src.core.record.rundir import write_bytes_atomic
 
 ENVIRONMENT_VARIABLE = "TEMPLATE_ARCHIVE_URI"
+PROBE_SECONDS = 10.0  # a new run waits at most this long for its object store's first answer
 
 
 class ArchiveError(OSError):
@@ -86,14 +88,18 @@ def require_backend(uri: str) -> str | None:
 
 def check_archive(config: dict) -> str | None:
     """Before a run writes anything: its archive URI (or None), refused with one UserError when
-    it holds credentials, has an unknown scheme, or its back end is not installed; a file://
-    archive is probed too, so that a directory that can never be written (under /dev/null or
-    /proc, a name too long, a read-only disk) is refused now rather than after training. No network."""
+    it holds credentials, has an unknown scheme, or its back end is not installed. The archive
+    is probed too, so that what would refuse it after training is refused now: a file://
+    directory that can never be written (under /dev/null or /proc, a name too long, a
+    read-only disk); an object store that refuses the run (no or bad credentials, no
+    permission) or whose bucket does not exist."""
     uri = archive_uri(config)
     if uri is not None:
         require_backend(uri)
         if urlsplit(uri).scheme.lower() == "file":
             probe_local_archive(Path(urlsplit(uri).path))
+        else:
+            probe_remote_archive(uri)
     return uri
 
 
@@ -118,6 +124,35 @@ def probe_local_archive(root: Path) -> None:
         for directory in made:  # deepest first
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+def probe_remote_archive(uri: str, seconds: float = PROBE_SECONDS) -> None:
+    """One listing of the archive's prefix (what the mirror lists first anyway), waited for at most
+    `seconds`: UserError when the store refuses it or its bucket does not exist. A store that
+    does not answer in time, or fails otherwise (an outage), is left to the mirror, which warns
+    and retries while the run trains."""
+    outcome: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            store = Store(uri)
+            try:
+                store.fs.ls(store.root, detail=False)
+            except FileNotFoundError:  # nothing archived there yet, or no such bucket
+                bucket = store.root.split("/", 1)[0]
+                if not store.fs.exists(bucket):
+                    raise
+        except BaseException as error:  # handed to the run's thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=probe, name="archive probe", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if outcome and (isinstance(outcome[0], UserError | FileNotFoundError) or refused(outcome[0])):
+        error = outcome[0]
+        if isinstance(error, UserError):
+            raise error
+        raise UserError(store_failure("archive.uri", uri, error) + "; nothing was run") from None
 
 
 def run_location(uri: str, run_directory: Path) -> str:
