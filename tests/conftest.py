@@ -30,10 +30,6 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("slurm"):  # one cluster: its tests run on one worker (--dist loadgroup)
             item.add_marker(pytest.mark.xdist_group("slurm"))
-    # The slow tier first, the quick one last: the workers then end together, on short tests,
-    # instead of one waiting for the other's last long one (xdist hands out tests in this order,
-    # the Slurm group, the largest, to a worker of its own first).
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def checked_data_directories() -> list[str]:
