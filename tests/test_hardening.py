@@ -86,7 +86,7 @@ def test_an_object_store_that_refuses_the_run_is_refused_before_it_starts(projec
     assert project.run_directories() == [] and project.written_files() == []
 
 
-def test_a_mirror_whose_store_refuses_its_credentials_ends_at_once(tmp_path, monkeypatch):
+def test_a_mirror_whose_store_refuses_its_credentials_ends_at_once(tmp_path, monkeypatch, capfd):
     """A store that refuses once the run has begun (credentials that expired): the final sync
     is not retried for final_sync_timeout_seconds (600 s): close() returns, the archive is
     marked failed, and the message says how to complete it."""
@@ -105,6 +105,7 @@ def test_a_mirror_whose_store_refuses_its_credentials_ends_at_once(tmp_path, mon
     closing.join(120)  # retrying, it would wait the 600 s
     assert not closing.is_alive()
     assert yaml.safe_load((run / "metadata.yaml").read_text())["archive"]["status"] == "failed"
+    assert f"Complete it later with: python run.py --archive {run}" in capfd.readouterr().err
 
 
 def test_a_writable_file_archive_probe_leaves_nothing(tmp_path):
