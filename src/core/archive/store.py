@@ -148,10 +148,10 @@ def probe_remote_archive(uri: str, seconds: float = PROBE_SECONDS) -> None:
     thread = threading.Thread(target=probe, name="archive probe", daemon=True)
     thread.start()
     thread.join(seconds)
-    if outcome and (isinstance(outcome[0], UserError | FileNotFoundError) or refused(outcome[0])):
-        error = outcome[0]
-        if isinstance(error, UserError):
-            raise error
+    error = outcome[0] if outcome else None
+    if isinstance(error, UserError):  # a back end installed but broken
+        raise error
+    if isinstance(error, FileNotFoundError) or (error is not None and refused(error)):
         raise UserError(store_failure("archive.uri", uri, error) + "; nothing was run") from None
 
 

@@ -48,12 +48,17 @@ class FigureEncoder:
 
     def encode(self, figure) -> bytes:
         if not self.broken:
+            import matplotlib
+
+            settings = dict(matplotlib.rcParams)  # the model may change them between figures
             try:
-                payload = pickle.dumps((self._changed_settings(), figure), protocol=pickle.HIGHEST_PROTOCOL)
+                sent = None if settings == self.settings else settings
+                payload = pickle.dumps((sent, figure), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception:  # a figure holding something that does not pickle: encoded here
                 payload = None
             if payload is not None:
                 png = self._encode_in_helper(payload)
+                self.settings = settings  # the helper has them now (or is gone)
                 if png is not None:
                     return png
         return figure_to_png(figure)  # raises here what savefig raised in the helper
@@ -73,15 +78,6 @@ class FigureEncoder:
                     stream.close()
             os.waitpid(self.pid, 0)
             self.pid = None
-
-    def _changed_settings(self) -> dict | None:
-        import matplotlib
-
-        settings = dict(matplotlib.rcParams)  # the model may change them between figures
-        if settings == self.settings:
-            return None
-        self.settings = settings
-        return settings
 
     def _encode_in_helper(self, payload: bytes) -> bytes | None:
         """The PNG, or None when the helper could not make it (the figure is then encoded here)."""
@@ -107,7 +103,6 @@ class FigureEncoder:
     def _start(self) -> None:
         requests_read, requests_write = os.pipe()
         responses_read, responses_write = os.pipe()
-        self.settings = None  # the helper starts with the rcParams of now; the first figure sends them anyway
         gc.freeze()  # the helper's garbage collections then leave the run's objects, and their pages, shared
         try:
             with warnings.catch_warnings():  # Python 3.12+ warns of forking beside threads; the helper needs none
