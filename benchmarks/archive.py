@@ -1,4 +1,4 @@
-"""6. Archiving, against moto's S3 server on localhost (a real S3 API, as in the tests).
+"""8. Archiving, against moto's S3 server on localhost (a real S3 API, as in the tests).
 
 - A one-shot `--archive` of a run holding a 1 GB checkpoint (upload, SHA-256 computed while
   sending, size check, manifest after it, run files) against a plain s3fs `put_file` of the

@@ -1,29 +1,35 @@
-"""8. `--snapshot`'s gate on the gate benchmark's repository of 50,000 tracked files (100
+"""10. `--snapshot`'s gate on the gate benchmark's repository of 50,000 tracked files (100
 directories of 500), against a bare `git status --porcelain --ignore-submodules=none` of the
 same repository (target: 2x).
 
 Clean, the snapshot gate is the gate (no commit is made). With a few changed files (10 edited in
 2 directories, 5 new), it hashes them and writes their directories' trees again. With 1,000
 changed files (500 edited across all 100 directories, 500 new) every tree of the repository is
-written again; the last row measures the least plain git needs for the same commit (`git add
--A`, `write-tree` and `commit-tree` on a copy of the index), the floor for that case. Every side
-is started from Python the same way (subprocesses), alternately.
+written again; the last row measures plain git's own way to the same commit (`git add -A`,
+`write-tree` and `commit-tree` on a copy of the index). Every side is started from Python the
+same way (subprocesses), alternately. `--steps` also times each git command of the 1,000-file
+snapshot (the median over the repetitions), to show where its time goes.
 
-python benchmarks/snapshot.py [--repetitions N]
+python benchmarks/snapshot.py [--repetitions N] [--steps]
 """
 
 import argparse
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import REPO, Comparison, alternate
 from git_gate import bare_status, make_repository, timed
 
 sys.path.insert(0, str(REPO))
+from src.core.record import git as git_module
+from src.core.record import snapshot as snapshot_module
 from src.core.record.snapshot import snapshot_gate
 
 CHANGED = 1_000
@@ -83,14 +89,55 @@ def run(repetitions: int, scratch: Path) -> list[Comparison]:
     return rows
 
 
+def steps(repetitions: int, scratch: Path) -> list[str]:
+    """Each git command of the 1,000-file snapshot timed from its start to its end (a command
+    started early and read later, the base's date, counts its wait), and the whole gate."""
+    root = make_repository(scratch)
+    change_files(root)
+    bare_status(root)
+    timings: dict[str, list[float]] = {}
+    started: dict[int, tuple[float, str]] = {}
+    start_git, finish_git = git_module.start_git, git_module.finish_git
+
+    def timed_start(args, *rest, **options):
+        process = start_git(args, *rest, **options)
+        shown = [argument for argument in args if not argument.startswith("--literal")][:3]
+        name = " ".join(re.sub(r"[0-9a-f]{40}", "<commit>", argument) for argument in shown)
+        started[id(process)] = (time.perf_counter(), name)
+        return process
+
+    def timed_finish(process, *rest, **options):
+        result = finish_git(process, *rest, **options)
+        began, name = started.pop(id(process))
+        timings.setdefault(name, []).append(time.perf_counter() - began)
+        return result
+
+    for module in (git_module, snapshot_module):  # run_git calls start_git and finish_git of git_module
+        module.start_git, module.finish_git = timed_start, timed_finish
+    try:
+        for _ in range(repetitions):
+            timings.setdefault("the whole snapshot gate", []).append(timed(lambda: snapshot(root, CHANGED)))
+            timings.setdefault("a bare git status, for scale", []).append(timed(lambda: bare_status(root)))
+    finally:
+        for module in (git_module, snapshot_module):
+            module.start_git, module.finish_git = start_git, finish_git
+    return [f"| {name} | {statistics.median(values):.4f} s |" for name, values in timings.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--steps", action="store_true", help="also time each git command of the 1,000-file snapshot")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as scratch:
         rows = [comparison.row() for comparison in run(args.repetitions, Path(scratch))]
     print("| measurement | A | B | A / B (median) | spread (min–max) |\n|---|---|---|---|---|")
     print("\n".join(rows))
+    if args.steps:
+        with tempfile.TemporaryDirectory(prefix="bench-snapshot-steps-") as scratch:
+            lines = steps(args.repetitions, Path(scratch))
+        print("\n| step of the 1,000-file snapshot (median) | time |\n|---|---|")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""6. What an experiment tracker adds to each logged step, against TensorBoard + metrics.jsonl only.
+"""7. What an experiment tracker adds to each logged step, against TensorBoard + metrics.jsonl only.
 
 In one process, alternating rounds: a round is N steps that each log `train/loss` and
 `train/lr` the way a run does (MetricLogger; on side A also `Trackers.log_metrics`), then

@@ -230,6 +230,59 @@ def test_a_snapshot_of_changes_across_directories_is_the_tree_git_add_all_makes(
     assert "kept.log" in provenance["snapshot"]["files"] and "src/top.txt" in provenance["snapshot"]["files"]
 
 
+ODD_NAMES = ["with space.txt", 'quote".txt', "back\\slash.txt", "new\nline.txt", "tab\there.txt", "ünï cödé.txt"]
+
+
+def test_paths_of_any_characters_are_snapshotted_as_git_add_all_has_them(repo, tmp_path):
+    """Every path reaches git's importer quoted: spaces, quotes, backslashes, control
+    characters and non-ASCII names, in tracked files edited or deleted and in new ones."""
+    odd = repo / '"odd dir'
+    odd.mkdir()
+    for name in ODD_NAMES:
+        (odd / name).write_text(f"{name}, committed\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "odd names")
+    (odd / ODD_NAMES[0]).unlink()
+    for name in ODD_NAMES[1:]:
+        (odd / name).write_text(f"{name}, edited\n")
+        (repo / f"new {name}").write_text(f"{name}, new\n")
+    before = repository_view(repo)
+
+    provenance = snapshot_gate(repo, max_file_mb=10)
+
+    assert repository_view(repo) == before
+    reference = tmp_path / "reference"
+    shutil.copytree(repo, reference, symlinks=True)
+    git(reference, "add", "-A")
+    assert git(repo, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+    expected = [f'"odd dir/{name}' for name in ODD_NAMES] + [f"new {name}" for name in ODD_NAMES[1:]]
+    assert provenance["snapshot"]["files"] == sorted(expected)
+    assert file_at(repo, provenance["commit"], '"odd dir/new\nline.txt') == b"new\nline.txt, edited\n"
+
+
+def test_a_project_in_a_subdirectory_snapshots_the_whole_working_tree(repo, tmp_path):
+    """The template forked into a folder of a larger repository: the snapshot is of the whole
+    working tree, changes outside the project's folder included, as the gate reads them."""
+    project = repo / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('committed')\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "a project in a folder")
+    (project / "train.py").write_text("print('edited')\n")
+    (project / "new.py").write_text("new = 1\n")
+    (repo / "a.txt").write_text("edited outside the project\n")
+    before = repository_view(repo)
+
+    provenance = snapshot_gate(project, max_file_mb=10)
+
+    assert repository_view(repo) == before
+    assert provenance["snapshot"]["files"] == ["a.txt", "project/new.py", "project/train.py"]
+    reference = tmp_path / "reference"
+    shutil.copytree(repo, reference, symlinks=True)
+    git(reference, "add", "-A")
+    assert git(repo, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+
+
 def test_an_unborn_branch_gives_a_root_commit(tmp_path):
     root = tmp_path / "fresh"
     root.mkdir()

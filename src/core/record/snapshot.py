@@ -1,12 +1,12 @@
 """`--snapshot`: log a run from a dirty working tree by committing the tree, as it is, to a
 hidden ref (`refs/runs/<project>/<run>`) instead of refusing.
 
-The commit is built with git's plumbing on a temporary copy of the index (GIT_INDEX_FILE;
-`update-index --add --remove` of the paths git status named, which is `git add -A` without
-a second walk of the tree; `write-tree`; `commit-tree`), so HEAD, the branch, the real
-index, the stash and the working tree are left exactly as they were. It holds what the gate complains about:
-tracked files modified, deleted or renamed, untracked files that .gitignore does not
-exclude, executable bits, symbolic links, and files marked assume-unchanged or
+The commit is built with git's plumbing, never touching the user's index: the paths git status
+named are hashed by `update-index` into a temporary index of their own (GIT_INDEX_FILE), and
+`fast-import` writes the commit of the base's tree with them changed. HEAD, the branch, the real
+index, the stash and the working tree are left exactly as they were. It holds what the gate
+complains about: tracked files modified, deleted or renamed, untracked files that .gitignore
+does not exclude, executable bits, symbolic links, and files marked assume-unchanged or
 skip-worktree (by content, as the gate reads them).
 
 The commit's author, dates and message depend only on the tree and its base, so the same
@@ -16,7 +16,6 @@ and a `--resume --snapshot` of an unchanged tree all find the one snapshot.
 
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ ENVIRONMENT_VARIABLE = "TEMPLATE_SNAPSHOT"
 ROOT_DATE = "946684800 +0000"  # 2000-01-01
 IDENTITY = {"name": "run.py --snapshot", "email": "snapshot@run.invalid"}
 UNSAFE_REF_CHARACTERS = re.compile(r"[^A-Za-z0-9._=,+-]")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")  # written as octal escapes in fast-import's paths
 
 
 @dataclass(frozen=True)
@@ -108,15 +108,16 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
 
     Only what git status named is read again: git hashes those files into a temporary index of
     them alone (content, executable bit, symbolic link, submodule commit, as `git add` reads
-    them), and the trees of their directories are made again from the base's (`ls-tree`,
-    `mktree`). The index and the rest of the tree are not read, so the cost follows the number
-    of changed paths, not the size of the repository."""
+    them), and `git fast-import` makes the commit from the base's tree with those paths changed,
+    writing again only the trees on their way. The index and the rest of the tree are not read,
+    so the cost follows the number of changed paths, not the size of the repository."""
     root, base = state.root, state.commit
     # The base's date (the snapshot's own, so that it depends on nothing else), read meanwhile.
-    dating = start_git(["show", "-s", "--format=%ct +0000", base], cwd=root) if base else None
+    dating = start_git(["log", "-1", "--format=%ct +0000", base], cwd=root) if base else None
     read = {*state.paths, *(path for path, letter in state.staged.items() if letter != "D"), *untracked}
     read = {path for path in read if not path.endswith("/")}  # a new directory: its files are in `untracked`
-    directories = {path for path in read if _is_plain_directory(os.path.join(root, path))}  # a file that became one
+    # A tracked file that became a directory (an untracked path is a file: a new directory is named with a slash).
+    directories = {path for path in read - set(untracked) if _is_plain_directory(os.path.join(root, path))}
     if directories:  # git status names the old file only: the directory's files, as `git add -A` finds them
         listing = ["--literal-pathspecs", "ls-files", "--others", "--exclude-standard", "-z", "--"]
         read |= set(filter(None, run_git([*listing, *sorted(directories)], cwd=root).stdout.split("\0")))
@@ -124,27 +125,20 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     changes = {path: hashed.get(path) for path in read - directories}  # None: gone from the working tree
     changes |= {path: None for path, letter in state.staged.items() if letter == "D" and path not in read}
     changes |= {path: None for path in directories}
-    tree = _make_tree(root, base, changes)
     date = ROOT_DATE if dating is None else finish_git(dating, root).stdout.strip()
-    listing = ["ls-tree", "-r", "-z", "--name-only", tree] if base is None else ["diff-tree", "-r", "-z"]
-    listing = start_git(listing if base is None else [*listing, "--no-renames", "--name-only", base, tree], cwd=root)
-    identity = {
-        "GIT_AUTHOR_NAME": IDENTITY["name"],
-        "GIT_AUTHOR_EMAIL": IDENTITY["email"],
-        "GIT_AUTHOR_DATE": date,
-        "GIT_COMMITTER_NAME": IDENTITY["name"],
-        "GIT_COMMITTER_EMAIL": IDENTITY["email"],
-        "GIT_COMMITTER_DATE": date,
-    }
-    message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
-    parents = ["-p", base] if base else []
-    commit = run_git(["commit-tree", tree, *parents], cwd=root, env=identity, input=message).stdout.strip()
+    commit, before = _import_commit(root, base, changes, date)
     # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing
     # (unless a run holds it already: a resume, a torchrun restart).
     if not run_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX], cwd=root).stdout:
         run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
-    files = sorted(filter(None, finish_git(listing, root).stdout.split("\0")))
+    files = sorted(path for path, change in changes.items() if change != before[path])
     return Snapshot(commit, base, files)
+
+
+def _is_top_level(root: Path) -> bool:
+    """Whether `root` is its working tree's top level, as far as can be told without asking git."""
+    git_variables = ("GIT_DIR", "GIT_WORK_TREE", "GIT_COMMON_DIR", "GIT_INDEX_FILE")
+    return (root / ".git").exists() and not any(name in os.environ for name in git_variables)
 
 
 def _is_plain_directory(path: str) -> bool:
@@ -178,64 +172,41 @@ def _hash_files(root: Path, paths: list[str]) -> dict[str, tuple[str, str]]:
     return entries
 
 
-def _make_tree(root: Path, base: str | None, changes: dict[str, tuple[str, str] | None]) -> str:
-    """The base's tree with `changes` (path -> (mode, object id), or None to remove it): the
-    directories holding a change are listed from the base and written again, deepest first
-    (one `mktree --batch` process); every other tree is the base's own."""
-    directories = {""}
-    for path in changes:
-        parts = path.split("/")[:-1]
-        directories.update("/".join(parts[: depth + 1]) for depth in range(len(parts)))
-    # directory -> {name: "mode type id"}, as ls-tree and mktree write an entry
-    trees: dict[str, dict[str, str]] = {directory: {} for directory in directories}
-    if base is not None:
-        subdirectories = sorted(f"{directory}/" for directory in directories if directory)
-        listings = [start_git(["ls-tree", "-z", base], cwd=root)]
-        for start in range(0, len(subdirectories), 1000):  # a bounded command line
-            chunk = subdirectories[start : start + 1000]
-            listings.append(start_git(["--literal-pathspecs", "ls-tree", "-z", base, "--", *chunk], cwd=root))
-        for listing in listings:
-            for record in finish_git(listing, root).stdout.split("\0"):
-                entry, _, path = record.partition("\t")
-                parent, _, name = path.rpartition("/")
-                tree = trees.get(parent)
-                if tree is not None and name:
-                    tree[name] = entry
-    for path, change in changes.items():
-        parent, _, name = path.rpartition("/")
-        if change is None:
-            trees[parent].pop(name, None)
-        else:
-            trees[parent][name] = f"{change[0]} {'commit' if change[0] == '160000' else 'blob'} {change[1]}"
-    by_depth: dict[int, list[str]] = {}
-    for directory in directories:
-        by_depth.setdefault(directory.count("/") + bool(directory), []).append(directory)
-    mktree = start_git(["mktree", "-z", "--missing", "--batch"], cwd=root, stdin=subprocess.PIPE)
-    written = ""
-    try:
-        for depth in sorted(by_depth, reverse=True):  # deepest first: a tree's subtrees are written before it
-            kept = []
-            for directory in by_depth[depth]:
-                parent, _, name = directory.rpartition("/")
-                if trees[directory] or not directory:  # the root is written even empty
-                    kept.append(directory)
-                elif directory and trees[parent].get(name, "").startswith("040000 "):
-                    del trees[parent][name]  # git keeps no empty directory
-            for start in range(0, len(kept), 1000):  # a level at a time, its ids read back in bounded batches
-                batch = kept[start : start + 1000]
-                for directory in batch:
-                    mktree.stdin.write("".join(f"{entry}\t{n}\0" for n, entry in trees[directory].items()) + "\0")
-                mktree.stdin.flush()
-                for directory in batch:
-                    written = mktree.stdout.readline().strip()
-                    parent, _, name = directory.rpartition("/")
-                    if directory:
-                        trees[parent][name] = f"040000 tree {written}"
-    except BaseException:
-        mktree.kill()
-        raise
-    finish_git(mktree, root)  # the last tree is the root's; a failure raises with git's message
-    return written
+def _import_commit(
+    root: Path, base: str | None, changes: dict[str, tuple[str, str] | None], date: str
+) -> tuple[str, dict[str, tuple[str, str] | None]]:
+    """The commit of the base's tree with `changes` (path -> (mode, object id), or None to
+    remove it), and what each changed path was in the base (None: nothing there).
+
+    One `git fast-import`: it reads the base's trees along the changed paths only, writes the
+    trees that change (a directory left empty goes, as git keeps none) and the commit, and
+    answers an `ls` of each path before changing it. The commit is the one `commit-tree`
+    would make of the same tree. Its branch is reset before the end, so no ref is written."""
+    identity = f"{IDENTITY['name']} <{IDENTITY['email']}> {date}"
+    message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
+    branch = f"{PENDING_PREFIX}/importing"  # fast-import's name for the commit; never written
+    paths = sorted(changes)
+    stream = [f"commit {branch}", "mark :1", f"author {identity}", f"committer {identity}"]
+    stream += [f"data {len(message.encode())}", message + (f"from {base}" if base else "")]
+    stream += [f"ls {_quoted(path)}" for path in paths] if base else []
+    # Removals first: a directory that became a file (or a file that became one) is removed, then written.
+    stream += [f"D {_quoted(path)}" for path in paths if changes[path] is None]
+    stream += [f"M {change[0]} {change[1]} {_quoted(path)}" for path, change in changes.items() if change]
+    stream += ["", "get-mark :1", f"reset {branch}"]
+    answers = run_git(["fast-import", "--quiet", "--done"], cwd=root, input="\n".join([*stream, "done", ""]))
+    lines = answers.stdout.split("\n")
+    before: dict[str, tuple[str, str] | None] = dict.fromkeys(paths)
+    for path, answer in zip(paths, lines if base else [], strict=False):  # "mode type id\tpath" or "missing path"
+        if not answer.startswith("missing "):
+            mode, _, object_id = answer.partition("\t")[0].split(" ")
+            before[path] = (mode, object_id)
+    return lines[len(paths) if base else 0].strip(), before
+
+
+def _quoted(path: str) -> str:
+    """A path as fast-import reads it whatever its characters: C-style quoted."""
+    escaped = path.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + CONTROL_CHARACTERS.sub(lambda match: f"\\{ord(match.group()):03o}", escaped) + '"'
 
 
 def snapshot_ref(project: str, run: str) -> str:
@@ -310,9 +281,8 @@ def snapshot_gate(root: Path, max_file_mb: float) -> dict:
     if not state.changes:
         check_clean(state)  # a repository without commits
         return git_provenance(state)
-    top = Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip())
-    if top.resolve() != Path(root).resolve():  # git status names paths from where it runs: read it at the top
-        state = repository_state(top)
+    if not _is_top_level(Path(root)):  # git status names paths from where it runs: read it at the top
+        state = repository_state(Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip()))
     untracked = untracked_files(state)
     check_snapshot_allowed(state, untracked, max_file_mb)
     snapshot = build_snapshot(state, untracked)
