@@ -147,7 +147,15 @@ DELETE = object()  # write_config(..., key=DELETE) removes a key
 
 # A short logged run of the example: 100 training pairs (--mini) in batches of 8 (13 steps an
 # epoch), a training-loss line every 2 steps. Validation reads 13 batches a pass, the rollout 8.
-QUICK_RUN = ("sample_runconfig.yaml", "--mini", "--cpu", "--batch_size=8", "--log_every_n_steps=2")
+# Figures off (rollout.figures): drawing them is half of a quick run's CPU; the tests of figures turn them on.
+QUICK_RUN = (
+    "sample_runconfig.yaml",
+    "--mini",
+    "--cpu",
+    "--batch_size=8",
+    "--log_every_n_steps=2",
+    "--rollout.figures=false",
+)
 # A random augmentation: its random stream must resume exactly too.
 NOISY = ("--modify", "data_loader_parameters.train", "{input_noise: 0.01}")
 

@@ -48,13 +48,16 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(project
 
 def test_exact_resume_under_ddp(project):
     assert project.torchrun(*RUN, "--run_name=reference").returncode == 0
-    killed = project.torchrun(*RUN, "--run_name=killed", env={"TEMPLATE_FAULT": "train_step:12@0"})
+    # Killed and resumed with the example's figures drawn (the reference draws none: no result changes).
+    figures = "--rollout.figures=true"
+    killed = project.torchrun(*RUN, figures, "--run_name=killed", env={"TEMPLATE_FAULT": "train_step:12@0"})
     assert killed.returncode != 0
     run = run_directory(project, "killed")
     assert metadata(run)["status"] == "running"
     resumed = project.torchrun("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_directory(project, "reference"), run)
+    assert len(list((run / "figures" / "rollout").glob("*.png"))) == 4  # the baseline and 3 epochs, rank 0 alone
     (entry,) = metadata(run)["resumes"]
     assert entry["world_size"] == entry["saved_world_size"] == 2
 

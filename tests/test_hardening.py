@@ -356,7 +356,7 @@ def test_a_dev_zero_symlink_in_an_archive_is_skipped_with_a_warning(project, tmp
 
 
 def test_restore_verifies_run_files_and_refuses_tampered_ones(project, tmp_path):
-    run = finished_run(project)
+    run = finished_run(project, "run1", "--rollout.figures=true")  # its figures are run files too
     archive = tmp_path / "archive"
     assert project.run("--archive", str(run), f"file://{archive}").returncode == 0
     stored = archive / "PendulumModel" / "run1"

@@ -177,7 +177,7 @@ def test_two_processes_log_the_same_metrics_as_one(classifier):
 
 def test_a_run_with_metrics_figures_and_early_stopping_resumes_exactly(project):
     """The example's rollout metrics and figure, monitored with early stopping, killed mid-epoch."""
-    args = (*QUICK_RUN, "--epochs=4", "--checkpoint.every_n_steps=5", *NOISY)
+    args = (*QUICK_RUN, "--epochs=4", "--checkpoint.every_n_steps=5", "--rollout.figures=true", *NOISY)
     args += ("--checkpoint.monitor=rollout/final_angle_error", "--early_stopping.patience=3")
     assert project.run(*args, "--run_name=reference").returncode == 0
     killed = project.run(*args, "--run_name=killed", env={"TEMPLATE_FAULT": "train_step:22"})
@@ -196,7 +196,7 @@ def test_a_run_with_metrics_figures_and_early_stopping_resumes_exactly(project):
 
 
 def test_the_example_draws_its_rollouts_into_files_and_tensorboard(project):
-    result = project.run(*QUICK_RUN, "--epochs=1", "--run_name=figures")
+    result = project.run(*QUICK_RUN, "--epochs=1", "--rollout.figures=true", "--run_name=figures")
     assert result.returncode == 0, result.stderr
     run = run_directory(project, "figures")
     files = sorted((run / "figures" / "rollout").iterdir())

@@ -24,7 +24,8 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_with_one_message_and_records_it(project, small_disk):
-    result = project.run(*QUICK_RUN, "--epochs=3", "--log-dir", str(small_disk), "--run_name=full")
+    figures = "--rollout.figures=true"  # the figures fill the disk
+    result = project.run(*QUICK_RUN, "--epochs=3", figures, "--log-dir", str(small_disk), "--run_name=full")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr
     (line,) = result.stderr.strip().splitlines()  # one message

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 import yaml
-from helpers import DATA, DELETE
+from helpers import DATA, DELETE, assert_same_run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from src.core.config.loader import parse_yaml
@@ -107,6 +107,22 @@ def test_end_to_end_run_directory(project):
         model.load_state_dict(state["model"])
         assert state["commit"] == config["git"]["commit"]
     assert read_checkpoint(run / "checkpoints" / "last.pt")["progress"]["global_step"] == 4
+
+
+def test_rollout_figures_false_draws_none_and_changes_no_result(project):
+    """rollout.figures: false skips the model's `figures` hook (and its PNGs); every logged value
+    and the final weights are those of the same run with its figures."""
+    common = ("sample_runconfig.yaml", *QUICK, "--epochs=2", "--log_every_n_steps=1")
+    for name, figures in (("drawn", "true"), ("not-drawn", "false")):
+        result = project.run(*common, f"--run_name={name}", f"--rollout.figures={figures}")
+        assert result.returncode == 0, result.stderr
+    drawn, not_drawn = (project.root / "logs" / "PendulumModel" / name for name in ("drawn", "not-drawn"))
+    assert len(list((drawn / "figures" / "rollout").glob("*.png"))) == 3  # the baseline and 2 epochs
+    assert not (not_drawn / "figures").exists()
+    events = EventAccumulator(str(not_drawn))
+    events.Reload()
+    assert events.Tags()["images"] == []
+    assert_same_run(drawn, not_drawn)
 
 
 def test_project_name_and_run_name_choose_the_directory(project):

@@ -160,6 +160,8 @@ TEMPLATE_SCHEMA = {
         {
             "every_n_epochs": _count(default=1),  # and always after the last epoch
             "max_samples": _count(nullable=True, default=None),
+            # The model's `figures` at each rollout (false: its metrics only; no result changes).
+            "figures": {"type": "boolean", "default": True, "meta": NEUTRAL},
         }
     ),
     "evaluate_before_training": {"type": "boolean", "default": False},  # a step-0 baseline

@@ -36,7 +36,7 @@ class Evaluator:
         self.phases = [phase for phase in EVALUATION_PHASE_NAMES if phase in task.datasets]
         self.user_metrics = overrides(self.model, "metrics")
         self.user_split_metrics = overrides(self.model, "split_metrics")
-        self.draws = overrides(self.model, "figures") and self.output.keeps_figures
+        self.draws = overrides(self.model, "figures") and self.output.keeps_figures and config.rollout.figures
 
     @torch.no_grad()
     def evaluate(
