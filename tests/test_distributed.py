@@ -57,7 +57,7 @@ def test_exact_resume_under_ddp(project):
     resumed = project.torchrun("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_directory(project, "reference"), run)
-    assert len(list((run / "figures" / "rollout").glob("*.png"))) == 4  # the baseline and 3 epochs, rank 0 alone
+    assert len(list((run / "figures" / "rollout").glob("*.png"))) == 4  # the baseline and 3 epochs, across the kill
     (entry,) = metadata(run)["resumes"]
     assert entry["world_size"] == entry["saved_world_size"] == 2
 
