@@ -63,6 +63,6 @@ class PendulumModel(BaseModel):
             axes.plot(prediction[index, :, 0].cpu(), "--", color=line.get_color(), label="predicted")
         axes.set(xlabel="step (0.05 s)", ylabel="angle θ (rad)", title="rollout: predicted vs true")
         axes.legend(fontsize="x-small", ncol=3)
-        # Fixed margins: tight_layout() measures every label first, 40-90 ms a figure here.
+        # Fixed margins: tight_layout() measures every label first, 35-55 ms a figure here (the figure: 8 ms).
         figure.subplots_adjust(left=0.11, right=0.97, top=0.91, bottom=0.14)
         return {"trajectories": figure}
