@@ -222,7 +222,7 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(tmp_path, case):
     run_directory = tmp_path / "run"
     config = config_for(tmp_path)
     env = {}
-    if case == "mlflow-server-unreachable":  # MLflow's own retries (minutes) would hit drive's timeout
+    if case == "mlflow-server-unreachable":
         config["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
     elif case == "mlflow-unwritable-at-start":
         (tmp_path / "a-file").write_text("not a directory\n")

@@ -28,6 +28,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 COMMIT_ENV_VARIABLE = "PROVENANCE_GIT_COMMIT"
 
 MAX_LISTED_PATHS = 20
+# Set, they move the repository, its index or its working tree away from where .git is found.
+GIT_LOCATION_VARIABLES = ("GIT_DIR", "GIT_INDEX_FILE", "GIT_WORK_TREE", "GIT_COMMON_DIR")
 
 
 def start_git(
@@ -204,7 +206,7 @@ _SHA1_BYTES = 20
 def _index_file(root: Path) -> Path | None:
     """The index file git reads for `root`, found as git finds it; None where that is not
     plain (GIT_DIR and friends set, no .git found), so that the caller asks git instead."""
-    if any(name in os.environ for name in ("GIT_DIR", "GIT_INDEX_FILE", "GIT_WORK_TREE", "GIT_COMMON_DIR")):
+    if any(name in os.environ for name in GIT_LOCATION_VARIABLES):
         return None
     for directory in (root.resolve(), *root.resolve().parents):
         dot_git = directory / ".git"

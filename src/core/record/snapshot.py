@@ -22,6 +22,7 @@ from pathlib import Path
 
 from src.core.errors import Refusal
 from src.core.record.git import (
+    GIT_LOCATION_VARIABLES,
     MAX_LISTED_PATHS,
     PROJECT_ROOT,
     NotARepository,
@@ -137,8 +138,7 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
 
 def _is_top_level(root: Path) -> bool:
     """Whether `root` is its working tree's top level, as far as can be told without asking git."""
-    git_variables = ("GIT_DIR", "GIT_WORK_TREE", "GIT_COMMON_DIR", "GIT_INDEX_FILE")
-    return (root / ".git").exists() and not any(name in os.environ for name in git_variables)
+    return (root / ".git").exists() and not any(name in os.environ for name in GIT_LOCATION_VARIABLES)
 
 
 def _is_plain_directory(path: str) -> bool:
