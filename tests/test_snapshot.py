@@ -13,6 +13,7 @@ import yaml
 from helpers import QUICK_RUN, Project, conflicting_branch, git
 
 from src.core.errors import Refusal
+from src.core.record import snapshot as snapshot_module
 from src.core.record.snapshot import pin_run_snapshot, pin_snapshot, snapshot_gate, snapshot_ref
 
 RUN = (*QUICK_RUN, "--epochs=2")
@@ -228,6 +229,49 @@ def test_a_snapshot_of_changes_across_directories_is_the_tree_git_add_all_makes(
     git(reference, "add", "-A")
     assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
     assert "kept.log" in provenance["snapshot"]["files"] and "src/top.txt" in provenance["snapshot"]["files"]
+
+
+def test_files_git_stores_otherwise_than_as_they_are_are_snapshotted_as_git_add_has_them(repo, tmp_path, monkeypatch):
+    """Most changed files go to git's importer as they are, once git has computed the same id
+    for them. Those git stores otherwise (line endings converted, a clean filter) and those over
+    the in-memory budget are written by git itself, as `git add` writes them."""
+    (repo / ".gitattributes").write_text("*.crlf text eol=lf\n*.up filter=upper\n")
+    git(repo, "config", "filter.upper.clean", "tr a-z A-Z")
+    git(repo, "config", "filter.upper.smudge", "cat")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "attributes")
+    (repo / "lines.crlf").write_bytes(b"one\r\ntwo\r\n")  # stored with LF
+    (repo / "shout.up").write_text("hello\n")  # stored as HELLO
+    (repo / "large.bin").write_bytes(bytes(range(256)) * 4)  # over the budget set below
+    (repo / "plain.txt").write_text("as it is\n")
+    (repo / "script.sh").write_text("#!/bin/sh\n")
+    os.chmod(repo / "script.sh", 0o755)
+    os.symlink("plain.txt", repo / "link")
+    monkeypatch.setattr(snapshot_module, "INLINE_BYTES", 100)
+    written_by_git = []
+    index_entries = snapshot_module._index_entries
+
+    def spy(root, paths, write):
+        written_by_git.extend(paths if write else [])
+        return index_entries(root, paths, write)
+
+    monkeypatch.setattr(snapshot_module, "_index_entries", spy)
+    before = repository_view(repo)
+
+    provenance = snapshot_gate(repo, max_file_mb=10)
+
+    assert repository_view(repo) == before
+    assert sorted(written_by_git) == ["large.bin", "lines.crlf", "shout.up"]
+    commit = provenance["commit"]
+    assert file_at(repo, commit, "lines.crlf") == b"one\ntwo\n"
+    assert file_at(repo, commit, "shout.up") == b"HELLO\n"
+    assert file_at(repo, commit, "large.bin") == bytes(range(256)) * 4
+    assert file_at(repo, commit, "plain.txt") == b"as it is\n" and file_at(repo, commit, "link") == b"plain.txt"
+    assert (mode_at(repo, commit, "script.sh"), mode_at(repo, commit, "link")) == ("100755", "120000")
+    reference = tmp_path / "reference"
+    shutil.copytree(repo, reference, symlinks=True)
+    git(reference, "add", "-A")
+    assert git(repo, "rev-parse", f"{commit}^{{tree}}") == git(reference, "write-tree")
 
 
 ODD_NAMES = ["with space.txt", 'quote".txt', "back\\slash.txt", "new\nline.txt", "tab\there.txt", "ünï cödé.txt"]

@@ -33,10 +33,14 @@ GIT_LOCATION_VARIABLES = ("GIT_DIR", "GIT_INDEX_FILE", "GIT_WORK_TREE", "GIT_COM
 
 
 def start_git(
-    args: list[str], cwd: Path | str = PROJECT_ROOT, stdin: int | None = None, env: dict | None = None
+    args: list[str],
+    cwd: Path | str = PROJECT_ROOT,
+    stdin: int | None = None,
+    env: dict | None = None,
+    text: bool = True,
 ) -> subprocess.Popen:
-    """Start a git command (output captured as text; `env` added to the environment); a missing
-    git binary is a refusal."""
+    """Start a git command (output captured as text, or bytes with `text=False`; `env` added to
+    the environment); a missing git binary is a refusal."""
     if shutil.which("git") is None:
         raise Refusal(
             "git is not installed (no 'git' on PATH): the template records the commit of "
@@ -45,17 +49,18 @@ def start_git(
     # Git's messages in English whatever the user's locale: the gate reads some of them.
     environment = {**os.environ, **(env or {}), "LC_ALL": "C", "LANGUAGE": "C"}
     return subprocess.Popen(
-        ["git", *args], cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+        ["git", *args], cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text, env=environment
     )
 
 
 def finish_git(
-    process: subprocess.Popen, cwd: Path | str, check: bool = True, input: str | None = None
+    process: subprocess.Popen, cwd: Path | str, check: bool = True, input: str | bytes | None = None
 ) -> subprocess.CompletedProcess:
     """Wait for a git command started by start_git; with `check`, a failure raises."""
     stdout, stderr = process.communicate(input)
     if check and process.returncode != 0:
-        raise RuntimeError(f"'{' '.join(process.args)}' failed in {cwd}: {stderr.strip()}")
+        message = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+        raise RuntimeError(f"'{' '.join(process.args)}' failed in {cwd}: {message.strip()}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
@@ -63,11 +68,13 @@ def run_git(
     args: list[str],
     cwd: Path | str = PROJECT_ROOT,
     check: bool = True,
-    input: str | None = None,
+    input: str | bytes | None = None,
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run a git command; a missing git binary is a refusal with a clear message."""
-    process = start_git(args, cwd, stdin=None if input is None else subprocess.PIPE, env=env)
+    """Run a git command; a missing git binary is a refusal with a clear message. Bytes in
+    (`input`) mean bytes out."""
+    stdin = None if input is None else subprocess.PIPE
+    process = start_git(args, cwd, stdin=stdin, env=env, text=not isinstance(input, bytes))
     return finish_git(process, cwd, check, input)
 
 
@@ -270,7 +277,7 @@ def marked_file_changes(root: Path) -> list[str]:
         if not file.is_symlink() and not file.is_file():
             changes.append(f"deleted ({marks}): {path}")
         elif mode == "120000":  # a symbolic link's blob is its target; git hash-object would follow it
-            if not file.is_symlink() or _blob_hash(os.fsencode(os.readlink(file)), blob) != blob:
+            if not file.is_symlink() or blob_id(os.fsencode(os.readlink(file)), blob) != blob:
                 changes.append(f"modified ({marks}): {path}")
         else:
             files.append((path, blob, marks))
@@ -282,9 +289,13 @@ def marked_file_changes(root: Path) -> list[str]:
     return changes
 
 
-def _blob_hash(content: bytes, like: str) -> str:
-    """Git's object id of a blob, in the repository's hash (SHA-1, or SHA-256 for 64 hex digits)."""
-    return hashlib.new("sha256" if len(like) == 64 else "sha1", b"blob %d\0" % len(content) + content).hexdigest()
+def blob_id(content: bytes, like: str) -> str:
+    """Git's object id of a blob holding `content`, in the hash of the id `like` (SHA-1, or
+    SHA-256 for 64 hex digits)."""
+    digest = hashlib.sha256() if len(like) == 64 else hashlib.sha1(usedforsecurity=False)
+    digest.update(b"blob %d\0" % len(content))
+    digest.update(content)
+    return digest.hexdigest()
 
 
 class NotARepository(Refusal):
