@@ -274,6 +274,19 @@ def test_files_git_stores_otherwise_than_as_they_are_are_snapshotted_as_git_add_
     assert git(repo, "rev-parse", f"{commit}^{{tree}}") == git(reference, "write-tree")
 
 
+def test_a_file_replaced_after_git_read_it_is_left_to_git_and_never_blocks(tmp_path):
+    """Between git computing a file's id and the snapshot reading it, the file may have become a
+    pipe (opening it would wait for a writer), a link (to /dev/zero, say) or a directory: the
+    snapshot does not read it, and git's own writing decides."""
+    os.mkfifo(tmp_path / "pipe")
+    os.symlink("/dev/zero", tmp_path / "link")
+    (tmp_path / "directory").mkdir()
+    (tmp_path / "file").write_bytes(b"as it is\n")
+    read = {name: snapshot_module._blob_bytes(str(tmp_path / name), "100644", 1024) for name in os.listdir(tmp_path)}
+    assert read == {"pipe": None, "link": None, "directory": None, "file": b"as it is\n"}
+    assert snapshot_module._blob_bytes(str(tmp_path / "file"), "100644", 4) is None  # over the limit
+
+
 ODD_NAMES = ["with space.txt", 'quote".txt', "back\\slash.txt", "new\nline.txt", "tab\there.txt", "ünï cödé.txt"]
 
 
