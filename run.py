@@ -38,7 +38,7 @@ from src.core.distributed import (
 from src.core.errors import UserError, quiet_storage_errors_in_threads, report
 from src.core.training.build import build_task
 from src.core.training.policies import Stops, listen_for_preemption
-from src.core.training.trainer import build_trainer, check_monitor_before_training
+from src.core.training.trainer import build_trainer, check_monitor_before_launch, check_monitor_before_training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +103,11 @@ def run_other_command(command: CommandLine) -> int | None:
 def train(command: CommandLine, request: Request | None, preemption: threading.Event | None) -> int:
     """parse -> plan -> build -> fit, in every process of the run."""
     if request is not None and request.processes > 1:  # torchrun starts them, each running this script
-        if make_plan(command, request) is None:  # --print-config; bad input is refused here, once
+        plan = make_plan(command, request)
+        if plan is None:  # --print-config; bad input is refused here, once
             return 0
+        if plan.resume_from is None:  # a misspelled checkpoint.monitor too, not once per torchrun restart
+            check_monitor_before_launch(plan.config, plan.data_directory, plan.mini)
         argv = [*command.argv, "--y"] if command.allow_dirty_repo else list(command.argv)
         return launch_with_torchrun(request.launch, __file__, argv)
     context = connect()  # torchrun's rank and store, or a single process

@@ -162,6 +162,22 @@ def test_a_misspelled_monitor_fails_before_anything_is_written(classifier):
     assert result.returncode == 2 and "'<phase>/<name>'" in result.stderr  # a phase this run lacks: at once
 
 
+def test_a_misspelled_monitor_of_a_distributed_run_is_refused_once_before_torchrun_starts(classifier):
+    """`python run.py` starting torchrun checks the name first: a worker's exit 2 would be
+    retried `max_restarts` times, each saying the same."""
+    result = classifier.run(
+        "blobs.yaml",
+        "--cpu",
+        "--checkpoint.monitor=val/acuracy",
+        "--distributed.nproc_per_node=2",
+        "--distributed.max_restarts=2",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("did you mean 'val/accuracy'") == 1
+    assert "starting 2 processes" not in result.stdout  # refused before torchrun
+    assert not (classifier.root / "logs").exists()
+
+
 def test_two_processes_log_the_same_metrics_as_one(classifier):
     """61 test points over 2 ranks in batches of 8 (31 and 30): nothing lost, nothing counted twice."""
     common = ("blobs.yaml", "--cpu", "--epochs=2")

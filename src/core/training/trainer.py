@@ -23,7 +23,7 @@ from src.core.distributed import DistContext, all_gather_object, share_from_rank
 from src.core.errors import warn
 from src.core.record.checkpoint import FORMAT_VERSION, step_file_name
 from src.core.seeding import restore_rng_state, rng_state
-from src.core.training.build import Task
+from src.core.training.build import Task, build_task
 from src.core.training.data import Loaders
 from src.core.training.evaluator import Evaluator
 from src.core.training.measures import add_model_metrics, overrides
@@ -65,6 +65,15 @@ def check_monitor_before_training(config: Config, task: Task, context: DistConte
         Evaluator(config, task, Loaders(config, task.datasets, alone), alone).check_monitor(config.checkpoint.monitor)
 
     share_from_rank_zero(context, "monitor-checked", probe)
+
+
+def check_monitor_before_launch(config: Config, data_directory: str, mini: bool) -> None:
+    """The same check in the process that starts torchrun, on the CPU, before any worker: a
+    worker's exit 2 would be retried `distributed.max_restarts` times, each saying the same."""
+    if config.checkpoint.monitor in BUILT_IN_MONITORS:
+        return
+    cpu = DistContext(device=torch.device("cpu"))
+    check_monitor_before_training(config, build_task(config, data_directory, mini, cpu.device), cpu)
 
 
 def build_trainer(
