@@ -3,12 +3,14 @@ tests start and stop), a real GCS JSON API on localhost (gcp-storage-emulator, l
 file:// stores; real checkpoints, real processes killed with kill -9, real `python run.py`
 runs restored and resumed elsewhere. No mocks of fsspec, s3fs or gcsfs."""
 
+import http.server
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -621,3 +623,35 @@ def test_restore_never_writes_outside_the_run_directory(s3_archive, tmp_path):
     report = restore_run(f"{s3_archive}/Proj/run1", tmp_path / "elsewhere")
     assert any("escaped.txt: not a path inside the run" in line for line in report.damaged)
     assert not list(tmp_path.rglob("escaped.txt"))
+
+
+class _RequesterPays(http.server.BaseHTTPRequestHandler):
+    """Google's answer for a requester-pays bucket asked without a billing project, to every request."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"error": {"code": 400, "message": "Bucket is a requester pays bucket"}}).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *arguments) -> None:
+        pass
+
+
+def test_a_bucket_gcsfs_will_not_read_is_one_message_without_its_log(project):
+    """gcsfs turns a requester-pays 400 into a ValueError, and logs a traceback for each request
+    it gives up on: the user sees one line, which says that running again will not help."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RequesterPays)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        result = project.run("--runs", "gs://paid-by-others/runs", env={"STORAGE_EMULATOR_HOST": host}, timeout=120)
+    finally:
+        server.shutdown()
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: --runs: the store refused the request for gs://paid-by-others/runs (Bucket is requester pays. Set "
+        "`requester_pays=True` when creating the GCSFileSystem.); archive to a bucket your project owns"
+    ]

@@ -4,6 +4,7 @@ failures mean (a refusal, or an outage the mirror retries)."""
 import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import stat
@@ -211,11 +212,18 @@ class Store:
                 "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2}},
                 "skip_instance_cache": True,  # a new client reads AWS_ENDPOINT_URL and the credentials anew
             }
-        elif self.backend == "gcsfs" and gcs_emulator():
-            # An emulator wants no credentials (Google's own client sends none when STORAGE_EMULATOR_HOST
-            # is set). Without this, gcsfs looks for real ones first: gcloud's, which it would send to
-            # the emulator, then the GCE metadata server, seconds of timeouts off Google Cloud.
-            options = {"token": "anon"}
+        elif self.backend == "gcsfs":
+            # gcsfs's own log lines (a traceback for each request it gave up on) go nowhere: the
+            # template says once what failed. Its lookup of the bucket's type (Storage Control API)
+            # retries for 60 s by default, and again for each request: 5 s here.
+            logging.getLogger("gcsfs").addHandler(logging.NullHandler())
+            logging.getLogger("gcsfs").propagate = False
+            options = {"retry_timeout": 5}
+            if gcs_emulator():
+                # An emulator wants no credentials (Google's own client sends none when STORAGE_EMULATOR_HOST
+                # is set). Without this, gcsfs looks for real ones first: gcloud's, which it would send to
+                # the emulator, then the GCE metadata server, seconds of timeouts off Google Cloud.
+                options["token"] = "anon"
         import fsspec.core
 
         try:
@@ -350,6 +358,8 @@ def store_failure(flag: str, location: str, error: Exception) -> str:
             f"{flag}: the store refused access to {location} ({type(error).__name__}: {error}); check the "
             f"credentials ({where}) and that they may read and write there"
         )
+    if isinstance(error, ValueError):  # the store answered, and will answer the same again
+        return f"{flag}: the store refused the request for {location} ({error}); archive to a bucket your project owns"
     return f"{flag}: could not reach {location} ({type(error).__name__}: {error}); nothing was lost, run it again"
 
 
@@ -359,7 +369,9 @@ def store_call(flag: str, location: str, then: str = "", on_failure: Callable | 
     at `location` (and `then`, what to do next); `on_failure(error)` runs first."""
     try:
         yield
-    except store_errors() as error:
+    except (*store_errors(), ValueError) as error:
+        if isinstance(error, ValueError) and not isinstance(error.__cause__, store_errors()):
+            raise  # a bug, not the store (gcsfs raises ValueError from its HttpError for a requester-pays bucket)
         if on_failure is not None:
             on_failure(error)
         raise UserError(store_failure(flag, location, error) + then) from None
