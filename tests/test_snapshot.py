@@ -251,9 +251,9 @@ def test_files_git_stores_otherwise_than_as_they_are_are_snapshotted_as_git_add_
     written_by_git = []
     index_entries = snapshot_module._index_entries
 
-    def spy(root, paths, write):
+    def spy(root, paths, seed, write):
         written_by_git.extend(paths if write else [])
-        return index_entries(root, paths, write)
+        return index_entries(root, paths, seed, write)
 
     monkeypatch.setattr(snapshot_module, "_index_entries", spy)
     before = repository_view(repo)
@@ -268,6 +268,38 @@ def test_files_git_stores_otherwise_than_as_they_are_are_snapshotted_as_git_add_
     assert file_at(repo, commit, "large.bin") == bytes(range(256)) * 4
     assert file_at(repo, commit, "plain.txt") == b"as it is\n" and file_at(repo, commit, "link") == b"plain.txt"
     assert (mode_at(repo, commit, "script.sh"), mode_at(repo, commit, "link")) == ("100755", "120000")
+    reference = tmp_path / "reference"
+    shutil.copytree(repo, reference, symlinks=True)
+    git(reference, "add", "-A")
+    assert git(repo, "rev-parse", f"{commit}^{{tree}}") == git(reference, "write-tree")
+
+
+def test_tracked_files_are_read_against_their_index_entries_as_git_add_reads_them(repo, tmp_path):
+    """Three settings where `git add` keeps what the index says: core.fileMode=false keeps an
+    executable's mode, core.symlinks=false keeps a link that is a plain file on disk, and
+    core.autocrlf keeps the CRLF line endings of a file committed with them."""
+    (repo / "run.sh").write_text("#!/bin/sh\n")
+    os.chmod(repo / "run.sh", 0o755)
+    os.symlink("plain.txt", repo / "link")
+    (repo / "windows.txt").write_bytes(b"one\r\ntwo\r\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "an executable, a link, CRLF line endings")
+    for key, value in (("core.fileMode", "false"), ("core.symlinks", "false"), ("core.autocrlf", "true")):
+        git(repo, "config", key, value)
+    (repo / "run.sh").write_text("#!/bin/sh\necho edited\n")
+    os.chmod(repo / "run.sh", 0o644)  # the bit lost on disk (a mounted volume, say): git keeps the index's
+    (repo / "link").unlink()
+    (repo / "link").write_text("other.txt")  # a link as a checkout without symlinks leaves it, retargeted
+    (repo / "windows.txt").write_bytes(b"one\r\ntwo\r\nthree\r\n")
+    before = repository_view(repo)
+
+    provenance = snapshot_gate(repo, max_file_mb=10)
+
+    assert repository_view(repo) == before
+    commit = provenance["commit"]
+    assert (mode_at(repo, commit, "run.sh"), mode_at(repo, commit, "link")) == ("100755", "120000")
+    assert file_at(repo, commit, "link") == b"other.txt"
+    assert file_at(repo, commit, "windows.txt") == b"one\r\ntwo\r\nthree\r\n"
     reference = tmp_path / "reference"
     shutil.copytree(repo, reference, symlinks=True)
     git(reference, "add", "-A")

@@ -91,6 +91,9 @@ class RepositoryState:
     # The paths whose index entry differs from HEAD: path -> git status's letter (M, A, D, R,
     # C, T; a rename's old path: D), for a snapshot (record/snapshot.py), which starts at HEAD.
     staged: dict[str, str] = field(default_factory=dict)
+    # The index entry (mode, blob) of each tracked path git status names: `git add` reads a file
+    # against it (core.fileMode=false keeps its mode, core.autocrlf a committed CRLF), and so does a snapshot.
+    indexed: dict[str, tuple[str, str]] = field(default_factory=dict)
     in_progress: str | None = None  # "a merge", "a rebase"...: an operation git has not concluded
 
 
@@ -191,6 +194,8 @@ def _read_status(state: RepositoryState, output: str) -> None:
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], origin))
             if fields[1][1] != ".":
                 state.paths.append(fields[-1])
+            if record[0] != "u" and fields[4] != "000000":  # "1 XY sub mH mI mW hH hI path"
+                state.indexed[fields[-1]] = (fields[4], fields[7])
             if fields[1][0] != ".":
                 state.staged[fields[-1]] = fields[1][0]
                 if fields[1][0] == "R":  # the old path left the index (a copy keeps it)

@@ -137,7 +137,7 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     if directories:  # git status names the old file only: the directory's files, as `git add -A` finds them
         listing = ["--literal-pathspecs", "ls-files", "--others", "--exclude-standard", "-z", "--"]
         read |= set(filter(None, run_git([*listing, *sorted(directories)], cwd=root).stdout.split("\0")))
-    hashed, contents = _hash_files(root, sorted(read - directories))
+    hashed, contents = _hash_files(root, sorted(read - directories), state.indexed)
     changes = {path: hashed.get(path) for path in read - directories}  # None: gone from the working tree
     changes |= {path: None for path, letter in state.staged.items() if letter == "D" and path not in read}
     changes |= {path: None for path in directories}
@@ -161,15 +161,20 @@ def _is_plain_directory(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path) and not os.path.exists(os.path.join(path, ".git"))
 
 
-def _hash_files(root: Path, paths: list[str]) -> tuple[dict[str, tuple[str, str]], dict[str, bytes]]:
-    """path -> (mode, object id) of each path that exists, as `git add` reads a new file
-    (content, executable bit, symbolic link, submodule commit, filters and line endings); and
-    the bytes of those whose blob is the file as it is, for fast-import to write into its pack.
+def _hash_files(
+    root: Path, paths: list[str], indexed: dict[str, tuple[str, str]]
+) -> tuple[dict[str, tuple[str, str]], dict[str, bytes]]:
+    """path -> (mode, object id) of each path that exists, as `git add` reads it (content,
+    executable bit, symbolic link, submodule commit, filters and line endings, against its
+    index entry in `indexed`, if any); and the bytes of those whose blob is the file as it is,
+    for fast-import to write into its pack.
 
     Git computes every id without writing anything (a loose object per file is what made a first
     snapshot slow). A file that git stores otherwise than as it is (a clean filter, converted
     line endings; or changed meanwhile) is written by git itself instead."""
-    entries = _index_entries(root, paths, write=False)
+    # The entries of files still there (a deleted one's could clash with a file where its directory was).
+    seed = {path: indexed[path] for path in paths if path in indexed and os.path.lexists(os.path.join(root, path))}
+    entries = _index_entries(root, paths, seed, write=False)
     contents, budget = {}, INLINE_BYTES
     for path, (mode, object_id) in entries.items():
         data = _blob_bytes(os.path.join(root, path), mode, budget)
@@ -179,18 +184,25 @@ def _hash_files(root: Path, paths: list[str]) -> tuple[dict[str, tuple[str, str]
     written = {path for path, (mode, _) in entries.items() if mode != GITLINK and path not in contents}
     if written:  # git's own objects; a path gone since is simply not added
         kept = {path: entry for path, entry in entries.items() if path not in written}
-        entries = kept | _index_entries(root, sorted(written), write=True)
+        entries = kept | _index_entries(root, sorted(written), seed, write=True)
     return entries, contents
 
 
-def _index_entries(root: Path, paths: list[str], write: bool) -> dict[str, tuple[str, str]]:
-    """`update-index --add` of `paths` on a temporary index of them alone: path -> (mode, id).
-    Without `write`, git computes each id but writes no object (--info-only)."""
+def _index_entries(
+    root: Path, paths: list[str], seed: dict[str, tuple[str, str]], write: bool
+) -> dict[str, tuple[str, str]]:
+    """`update-index --add` of `paths` on a temporary index of them alone, holding first the
+    user's index entries of those in `seed` (path -> (mode, blob)): path -> (mode, id). Without
+    `write`, git computes each id but writes no object (--info-only)."""
     handle, temporary = tempfile.mkstemp(prefix="snapshot-index-")
     os.close(handle)
     os.unlink(temporary)  # git starts an empty index where none exists
     index_env = {"GIT_INDEX_FILE": temporary}
     try:
+        wanted = set(paths)
+        seeded = [f"{mode} {blob} 0\t{path}\0" for path, (mode, blob) in seed.items() if path in wanted]
+        if seeded:  # without stat data: every file is read again
+            run_git(["update-index", "-z", "--index-info"], cwd=root, env=index_env, input="".join(seeded))
         if paths:  # --remove: a path gone from the working tree is simply not added
             options = [] if write else ["--info-only"]
             run_git(
