@@ -182,7 +182,8 @@ else:
         )
         helper, worker = (int(value) for value in process.stdout.readline().split())
         if ending == "close":  # a close waiting for the pipe's end of file would time out here
-            assert process.communicate(timeout=60)[0].strip() == "closed"
+            printed, errors = process.communicate(timeout=60)
+            assert printed.strip() == "closed", errors  # what the script said if it stopped short
         process.wait(timeout=60)
         deadline = time.monotonic() + 30
         while alive(helper) and time.monotonic() < deadline:
