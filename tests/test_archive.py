@@ -652,6 +652,6 @@ def test_a_bucket_gcsfs_will_not_read_is_one_message_without_its_log(project):
         server.shutdown()
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [
-        "error: --runs: the store refused the request for gs://paid-by-others/runs (Bucket is requester pays. Set "
-        "`requester_pays=True` when creating the GCSFileSystem.); archive to a bucket your project owns"
+        "error: --runs: the store refused the request for gs://paid-by-others/runs (Bucket is a requester pays "
+        "bucket, 400); it will answer the same again: archive to a bucket your project owns"
     ]

@@ -358,8 +358,11 @@ def store_failure(flag: str, location: str, error: Exception) -> str:
             f"{flag}: the store refused access to {location} ({type(error).__name__}: {error}); check the "
             f"credentials ({where}) and that they may read and write there"
         )
-    if isinstance(error, ValueError):  # the store answered, and will answer the same again
-        return f"{flag}: the store refused the request for {location} ({error}); archive to a bucket your project owns"
+    if isinstance(error, ValueError):  # the store's answer (not gcsfs's advice, which names its own options)
+        return (
+            f"{flag}: the store refused the request for {location} ({error.__cause__ or error}); it will answer "
+            "the same again: archive to a bucket your project owns"
+        )
     return f"{flag}: could not reach {location} ({type(error).__name__}: {error}); nothing was lost, run it again"
 
 
