@@ -216,8 +216,10 @@ class Store:
             # gcsfs's own log lines (a traceback for each request it gave up on) go nowhere: the
             # template says once what failed. Its lookup of the bucket's type (Storage Control API)
             # retries for 60 s by default, and again for each request: 5 s here.
-            logging.getLogger("gcsfs").addHandler(logging.NullHandler())
-            logging.getLogger("gcsfs").propagate = False
+            quiet = logging.getLogger("gcsfs")
+            quiet.propagate = False
+            if not quiet.handlers:  # once: a Store is made for every operation
+                quiet.addHandler(logging.NullHandler())
             options = {"retry_timeout": 5}
             if gcs_emulator():
                 # An emulator wants no credentials (Google's own client sends none when STORAGE_EMULATOR_HOST

@@ -184,7 +184,8 @@ def _hash_files(
     written = {path for path, (mode, _) in entries.items() if mode != GITLINK and path not in contents}
     if written:  # git's own objects; a path gone since is simply not added
         kept = {path: entry for path, entry in entries.items() if path not in written}
-        entries = kept | _index_entries(root, sorted(written), seed, write=True)
+        written_seed = {path: entry for path, entry in seed.items() if path in written}
+        entries = kept | _index_entries(root, sorted(written), written_seed, write=True)
     return entries, contents
 
 
@@ -192,17 +193,16 @@ def _index_entries(
     root: Path, paths: list[str], seed: dict[str, tuple[str, str]], write: bool
 ) -> dict[str, tuple[str, str]]:
     """`update-index --add` of `paths` on a temporary index of them alone, holding first the
-    user's index entries of those in `seed` (path -> (mode, blob)): path -> (mode, id). Without
+    user's index entries `seed` of some of them (path -> (mode, blob)): path -> (mode, id). Without
     `write`, git computes each id but writes no object (--info-only)."""
     handle, temporary = tempfile.mkstemp(prefix="snapshot-index-")
     os.close(handle)
     os.unlink(temporary)  # git starts an empty index where none exists
     index_env = {"GIT_INDEX_FILE": temporary}
     try:
-        wanted = set(paths)
-        seeded = [f"{mode} {blob} 0\t{path}\0" for path, (mode, blob) in seed.items() if path in wanted]
-        if seeded:  # without stat data: every file is read again
-            run_git(["update-index", "-z", "--index-info"], cwd=root, env=index_env, input="".join(seeded))
+        if seed:  # without stat data: every file is read again
+            seeded = "".join(f"{mode} {blob} 0\t{path}\0" for path, (mode, blob) in seed.items())
+            run_git(["update-index", "-z", "--index-info"], cwd=root, env=index_env, input=seeded)
         if paths:  # --remove: a path gone from the working tree is simply not added
             options = [] if write else ["--info-only"]
             run_git(
