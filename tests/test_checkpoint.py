@@ -208,24 +208,40 @@ def test_a_snapshot_reuses_the_previous_ones_memory_and_each_file_keeps_its_valu
         assert torch.equal(loaded, torch.full((64, 64), float(step)))
 
 
-def test_the_files_a_checkpoint_covers_are_on_disk_before_it_becomes_visible(tmp_path, monkeypatch):
-    """metrics.jsonl is fsynced by the writer thread, after the checkpoint's own data and before
-    the rename that makes it visible: training never waits for it, and no checkpoint covers
-    bytes a power cut could lose."""
+def test_what_a_checkpoint_covers_is_made_durable_before_it_becomes_visible(tmp_path, monkeypatch):
+    """`covered` (metrics.jsonl fsynced, TensorBoard's and the figures' threads caught up: see
+    RunOutput.save_checkpoint) runs on the writer thread after the checkpoint's own data is on
+    disk and before the rename that makes it visible: training never waits for it, and no
+    checkpoint covers values a kill or a power cut could lose."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(descriptor):
-        events.append(("fsync", descriptor))
+        events.append("fsync")
         return real_fsync(descriptor)
 
     def replace(source, target):
-        events.append(("replace", os.path.basename(target)))
+        events.append(f"replace {os.path.basename(target)}")
         return real_replace(source, target)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    with open(tmp_path / "metrics.jsonl", "w") as metrics:
-        write_checkpoint(tmp_path / "checkpoints", state(3), sync_first=(metrics.fileno(),))
-        synced = events.index(("fsync", metrics.fileno()))
-    assert synced < events.index(("replace", "step-000000003.pt"))
+    write_checkpoint(tmp_path / "checkpoints", state(3), covered=lambda: events.append("covered"))
+    assert events[:3] == ["fsync", "covered", "replace step-000000003.pt"]
+
+
+def test_a_checkpoint_whose_tensorboard_writer_stopped_on_a_full_disk_is_not_made(tmp_path, monkeypatch):
+    """It would cover values TensorBoard never got: it fails as a checkpoint write does, naming the
+    disk's error, and the checkpoint does not show (rather than waiting for a thread that is gone)."""
+    from src.core.tracking.metrics import MetricLogger
+    from src.core.tracking.tensorboard import EventFile
+
+    def full_disk(self, event):
+        raise OSError(28, "No space left on device")
+
+    logger = MetricLogger(tmp_path)
+    monkeypatch.setattr(EventFile, "write", full_disk)
+    logger.log(1, 1, "train", {"loss": 1.0})
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device"):
+        write_checkpoint(tmp_path / "checkpoints", state(1), covered=logger.make_durable)
+    assert not list((tmp_path / "checkpoints").iterdir())

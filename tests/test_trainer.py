@@ -2,6 +2,7 @@
 
 import math
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -377,3 +378,47 @@ def test_a_finished_run_says_what_to_do_next(project):
     assert f"-m tensorboard.main --logdir {run.parent}" in after
     assert f"{run / 'checkpoints' / 'best.pt'}  (rollout/loss " in after
     assert f"run.py --evaluate {run}" in after and "run.py --runs" in after
+
+
+@pytest.mark.parametrize("released_first", ["tensorboard", "figures"])
+def test_a_checkpoint_shows_only_once_tensorboard_and_the_figures_hold_what_was_logged_before_it(
+    tmp_path, monkeypatch, released_first
+):
+    """A resume from a checkpoint does not log its steps again, so the checkpoint's writer waits
+    for TensorBoard's thread and the figures' before the checkpoint shows. Here both are held
+    back, as a loaded machine holds them, and let go one after the other; what the run directory
+    holds once the checkpoint shows is what a kill -9 at that moment would leave."""
+    import io
+
+    from PIL import Image
+
+    from src.core.tracking.tensorboard import EventFile
+
+    release = {"tensorboard": threading.Event(), "figures": threading.Event()}
+    write_event = EventFile.write
+
+    def held_back(self, event):
+        if event.HasField("summary"):
+            release["tensorboard"].wait()
+        write_event(self, event)
+
+    monkeypatch.setattr(EventFile, "write", held_back)
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    trainer = make_trainer(run_directory=tmp_path)
+    trainer.output.log(0, 1, {"train/loss": 0.5})
+    trainer.output.figures.put(0, "rollout", "picture", lambda encoder: (release["figures"].wait(), png)[1])
+    trainer.save_checkpoint(links=("last",))
+    writing = trainer.output.checkpoints._thread
+    for name in (released_first, *(set(release) - {released_first})):
+        writing.join(timeout=1.0)
+        assert writing.is_alive() and not list((tmp_path / "checkpoints").glob("step-*.pt")), f"{name} still held"
+        release[name].set()
+    writing.join()
+    assert (tmp_path / "checkpoints" / "step-000000000.pt").exists()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("train/loss")] == [(0, 0.5)]
+    assert [image.encoded_image_string for image in events.Images("rollout/picture")] == [png]
+    trainer.output.close()

@@ -84,11 +84,11 @@ class _HashingFile(io.RawIOBase):
 
 
 def write_checkpoint(
-    directory: Path, state: dict, links: tuple[str, ...] = (), sync_first: tuple[int, ...] = ()
+    directory: Path, state: dict, links: tuple[str, ...] = (), covered: Callable[[], None] | None = None
 ) -> Path:
     """Write `state` atomically as step-<step>.pt with its manifest, then point `links` at it.
-    `sync_first`: descriptors of files the checkpoint covers (metrics.jsonl), fsynced before
-    the checkpoint becomes visible."""
+    `covered`: makes what the checkpoint covers durable (the logged values and figures a resume
+    will not write again), called before the checkpoint becomes visible."""
     directory.mkdir(parents=True, exist_ok=True)
     step = state["progress"]["global_step"]
     path = directory / step_file_name(step)
@@ -99,8 +99,8 @@ def write_checkpoint(
             torch.save(state, hashing)
             stream.flush()
             os.fsync(stream.fileno())
-        for descriptor in sync_first:
-            os.fsync(descriptor)
+        if covered is not None:
+            covered()
         os.replace(temporary, path)
         manifest = {
             "file": path.name,
@@ -333,23 +333,28 @@ class CheckpointWriter:
         state: dict,
         links: tuple[str, ...],
         on_written: Callable[[Path], None],
-        sync_first: tuple[int, ...] = (),
+        covered: Callable[[], None] | None = None,
     ) -> None:
+        """`covered`: see write_checkpoint (called on the writer's thread)."""
         self._raise_pending_error()
         if not self.background:
-            self._write(state, links, on_written, sync_first)
+            self._write(state, links, on_written, covered)
             return
         self.wait()  # at most one write in flight: bounded memory, ordered files
         self._snapshot = snapshot(state, reuse=self._snapshot)  # the previous one is on disk now
         self._thread = threading.Thread(
-            target=self._write_in_background, args=(self._snapshot, links, on_written, sync_first), daemon=True
+            target=self._write_in_background, args=(self._snapshot, links, on_written, covered), daemon=True
         )
         self._thread.start()
 
     def _write(
-        self, state: dict, links: tuple[str, ...], on_written: Callable[[Path], None], sync_first: tuple[int, ...]
+        self,
+        state: dict,
+        links: tuple[str, ...],
+        on_written: Callable[[Path], None],
+        covered: Callable[[], None] | None,
     ) -> None:
-        path = write_checkpoint(self.directory, state, links, sync_first)
+        path = write_checkpoint(self.directory, state, links, covered)
         for name in links:
             self.protected[name] = path.name
         pruned = prune_checkpoints(self.directory, self.retention, set(self.protected.values()))
@@ -358,9 +363,9 @@ class CheckpointWriter:
             self.archive.checkpoint_durable(path)
         on_written(path)
 
-    def _write_in_background(self, state, links, on_written, sync_first) -> None:
+    def _write_in_background(self, state, links, on_written, covered) -> None:
         try:
-            self._write(state, links, on_written, sync_first)
+            self._write(state, links, on_written, covered)
         except BaseException as error:  # handed to the training thread
             self._error = error
 

@@ -80,9 +80,9 @@ class MetricLogger:
 
     def flush(self) -> int:
         """Write buffered lines; return the file's length (what a checkpoint records). The
-        checkpoint writer fsyncs the file (`fileno`) before its checkpoint becomes visible, so
+        checkpoint writer fsyncs the file (`make_durable`) before its checkpoint becomes visible, so
         a checkpoint never covers bytes a power cut could lose, and training never waits for it.
-        TensorBoard's thread writes its events; they are flushed at close."""
+        TensorBoard's thread writes its events (see make_durable)."""
         if self.buffer:
             self.file.write("\n".join(self.buffer) + "\n")
             self.buffer.clear()
@@ -90,8 +90,12 @@ class MetricLogger:
         self.last_flush = time.monotonic()
         return self.file.tell()
 
-    def fileno(self) -> int:
-        return self.file.fileno()
+    def make_durable(self) -> None:
+        """On disk: metrics.jsonl as far as the last flush, and TensorBoard's events queued so far
+        (waiting for its thread). A checkpoint's writer calls it before the checkpoint shows."""
+        os.fsync(self.file.fileno())
+        if self.tensorboard is not None:
+            self.tensorboard.sync()
 
     def close(self) -> None:
         """Flush and close metrics.jsonl (fsynced) and TensorBoard's event file."""

@@ -81,7 +81,8 @@ class TensorBoardWriter:
 
     def __init__(self, directory: Path, purge_from: int | None = None):
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # raised once, on the training thread
+        self.stopped_by: BaseException | None = None  # kept: what ended the thread
         self.thread = threading.Thread(
             target=self._write, args=(str(directory), purge_from), name="tensorboard", daemon=True
         )
@@ -94,6 +95,17 @@ class TensorBoardWriter:
     def image(self, wall_time: float, step: int, phase: str, name: str, png: bytes) -> None:
         self._raise_error()
         self.queue.put(("image", wall_time, step, phase, {name: png}))
+
+    def sync(self) -> None:
+        """Return once the events queued so far are in the event file and on disk: a checkpoint
+        waits for it (on its writer's thread), so that TensorBoard holds every value logged before
+        the checkpoint (a resume from it does not log them again)."""
+        written = threading.Event()
+        self.queue.put(("sync", written))
+        while not written.wait(timeout=1.0):
+            if not self.thread.is_alive():  # a full disk: the checkpoint reports it as its own failure
+                message = "TensorBoard's event writer stopped before the values the checkpoint covers were written"
+                raise RuntimeError(message) from self.stopped_by
 
     def close(self) -> None:
         """Write what is queued, close the event file, and raise what the thread met."""
@@ -118,6 +130,11 @@ class TensorBoardWriter:
                 start = SessionLog(status=SessionLog.START)
                 events.write(Event(wall_time=time.time(), step=purge_from, session_log=start))
             while (item := self.queue.get()) is not None:
+                if item[0] == "sync":
+                    events.flush()
+                    os.fsync(events.stream.fileno())
+                    item[1].set()
+                    continue
                 kind, wall_time, step, phase, values = item
                 summary = Summary()
                 for name, value in values.items():
@@ -134,7 +151,7 @@ class TensorBoardWriter:
                     events.flush()
             events.close()
         except BaseException as error:  # handed to the training thread, which reports it
-            self.error = error
+            self.error = self.stopped_by = error
 
 
 def write_hparams(run_directory: Path, parameters: dict, metrics: dict[str, float]) -> None:

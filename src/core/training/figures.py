@@ -227,6 +227,20 @@ class FigureWriter:
             self.thread = None
         self.raise_error()
 
+    def barrier(self) -> Callable[[], None]:
+        """A function that returns once every figure given so far is written (a checkpoint's writer
+        calls it, on its own thread, before the checkpoint shows)."""
+        thread, written = self.thread, threading.Event()
+        if thread is None:
+            return lambda: None
+        self.queue.put(written)
+
+        def wait() -> None:
+            while not written.wait(timeout=1.0) and thread.is_alive():
+                pass
+
+        return wait
+
     def raise_error(self) -> None:
         if self.error is not None:
             error, self.error = self.error, None
@@ -236,6 +250,9 @@ class FigureWriter:
         encoder = FigureEncoder()
         try:
             while (item := self.queue.get()) is not None:
+                if isinstance(item, threading.Event):  # a barrier: every figure before it is written
+                    item.set()
+                    continue
                 if self.error is not None:  # the first error is the one reported; drop the rest
                     continue
                 step, phase, name, encode = item

@@ -122,10 +122,16 @@ class RunOutput(NullOutput):
     def save_checkpoint(self, state: dict, links: tuple[str, ...], metadata: dict) -> None:
         """Write `state` in the background; `metadata` goes into metadata.yaml once it is on disk."""
 
+        figures_written = self.figures.barrier()
+
+        def covered() -> None:  # on the writer's thread: what a resume from this checkpoint will not write again
+            figures_written()  # their images are in TensorBoard's queue now
+            self.logger.make_durable()
+
         def written(path: Path) -> None:  # on the writer's thread
             update_metadata(self.directory, last_checkpoint=f"checkpoints/{path.name}", **metadata)
 
-        self.checkpoints.save(state, links, on_written=written, sync_first=(self.logger.fileno(),))
+        self.checkpoints.save(state, links, on_written=written, covered=covered)
 
     def record(self, **metadata) -> None:
         update_metadata(self.directory, **metadata)
