@@ -155,6 +155,8 @@ def test_a_search_runs_in_workers_sharing_its_study_and_a_killed_workers_trial_i
     pytest.importorskip("optuna")
     config = yaml.safe_load((project.root / "sample_runconfig.yaml").read_text())
     config.update(epochs=3, batch_size=32, run_name="on-slurm", slurm={"time": "00:20:00", "cpus_per_task": 1})
+    # A checkpoint every 2 steps: worker 1's trial has one early, and is cancelled long before it ends.
+    config["checkpoint"] = {**config.get("checkpoint", {}), "every_n_steps": 2}
     config["sweep"] = {
         "search": {"trials": 6, "parallel": 2, "seed": 0, "pruner": {"type": "median", "n_startup_trials": 2}},
         "parameters": {

@@ -307,16 +307,17 @@ def test_tracked_files_are_read_against_their_index_entries_as_git_add_reads_the
 
 
 def test_a_file_replaced_after_git_read_it_is_left_to_git_and_never_blocks(tmp_path):
-    """Between git computing a file's id and the snapshot reading it, the file may have become a
-    pipe (opening it would wait for a writer), a link (to /dev/zero, say) or a directory: the
-    snapshot does not read it, and git's own writing decides."""
+    """While git computes a file's id, the snapshot reads it, and the file may have become a pipe
+    (opening it would wait for a writer), a link (to /dev/zero, say: its target is read, never
+    what it points at) or a directory: the snapshot does not read it, and git's own writing
+    decides (a link's bytes only count if git, too, found a link with that target)."""
     os.mkfifo(tmp_path / "pipe")
     os.symlink("/dev/zero", tmp_path / "link")
     (tmp_path / "directory").mkdir()
     (tmp_path / "file").write_bytes(b"as it is\n")
-    read = {name: snapshot_module._blob_bytes(str(tmp_path / name), "100644", 1024) for name in os.listdir(tmp_path)}
-    assert read == {"pipe": None, "link": None, "directory": None, "file": b"as it is\n"}
-    assert snapshot_module._blob_bytes(str(tmp_path / "file"), "100644", 4) is None  # over the limit
+    read = {name: snapshot_module._blob_bytes(str(tmp_path / name), 1024) for name in os.listdir(tmp_path)}
+    assert read == {"pipe": None, "link": b"/dev/zero", "directory": None, "file": b"as it is\n"}
+    assert snapshot_module._blob_bytes(str(tmp_path / "file"), 4) is None  # over the limit
 
 
 ODD_NAMES = ["with space.txt", 'quote".txt', "back\\slash.txt", "new\nline.txt", "tab\there.txt", "ünï cödé.txt"]
@@ -477,6 +478,24 @@ def test_a_dirty_submodule_is_refused(with_submodule):
         snapshot_gate(with_submodule, max_file_mb=10)
     assert "submodule (modified content): lib" in str(refusal.value)
     assert "Commit (or discard) the changes inside each submodule" in str(refusal.value)
+
+
+def test_a_repository_inside_the_tree_that_is_not_a_submodule_is_refused_not_left_out(repo):
+    """git status names it as an untracked directory; a snapshot that left it out would log a run
+    whose code it does not hold."""
+    inner = repo / "vendored"
+    inner.mkdir()
+    git(inner, "init", "-q", "-b", "main")
+    (inner / "code.py").write_text("x = 1\n")
+    git(inner, "add", "-A")
+    git(inner, "commit", "-q", "-m", "inner")
+    (repo / "new.py").write_text("y = 2\n")
+    before = repository_view(repo)
+    with pytest.raises(Refusal) as refusal:
+        snapshot_gate(repo, max_file_mb=10)
+    assert "vendored/" in str(refusal.value) and "git submodule add" in str(refusal.value)
+    assert "new.py" not in str(refusal.value)
+    assert repository_view(repo) == before
 
 
 def source_view_of(view: dict) -> dict:

@@ -139,8 +139,10 @@ def _describe_change(xy: str, submodule: str, path: str, original: str | None) -
     return f"{_CHANGE_NAMES.get(unstaged, unstaged)}: {path}"
 
 
-def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
-    """Read the commit, branch and uncommitted changes of the repository holding `root`."""
+def repository_state(root: Path | str = PROJECT_ROOT, untracked: str = "normal") -> RepositoryState:
+    """Read the commit, branch and uncommitted changes of the repository holding `root`.
+    `untracked`: "normal" names a new directory once (what the gate lists), "all" each of its
+    files (what a snapshot holds)."""
     # --no-optional-locks: git status would otherwise write the index back (under index.lock), and
     # a `git add` or `git commit` of the user's at that moment would fail.
     status = start_git(
@@ -151,7 +153,7 @@ def repository_state(root: Path | str = PROJECT_ROOT) -> RepositoryState:
             "--branch",
             "-z",
             "--ignore-submodules=none",
-            "--untracked-files=normal",
+            f"--untracked-files={untracked}",
         ],
         cwd=root,
     )

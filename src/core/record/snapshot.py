@@ -15,11 +15,13 @@ tree on the same base is the same commit: sweep members, repeated runs, a torchr
 and a `--resume --snapshot` of an unchanged tree all find the one snapshot.
 """
 
+import errno
 import locale
 import os
 import re
 import stat
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,7 @@ ROOT_DATE = "946684800 +0000"  # 2000-01-01
 IDENTITY = {"name": "run.py --snapshot", "email": "snapshot@run.invalid"}
 UNSAFE_REF_CHARACTERS = re.compile(r"[^A-Za-z0-9._=,+-]")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")  # written as octal escapes in fast-import's paths
-GITLINK, SYMBOLIC_LINK = "160000", "120000"  # the modes of a submodule's commit and of a link
+GITLINK = "160000"  # the mode of a submodule's commit
 # Changed files handed to fast-import in memory, at most (held twice while the stream is built);
 # git writes the rest itself.
 INLINE_BYTES = 32 * 1024 * 1024
@@ -93,7 +95,9 @@ def untracked_files(state: RepositoryState) -> list[str]:
 def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_file_mb: float) -> None:
     """Refuse (exit 3, one message) what a snapshot should not hold: an unconcluded merge or
     rebase (as the gate does), a submodule with uncommitted content (its own commit would be
-    needed), or untracked files over the size limit (data and checkpoints belong in .gitignore)."""
+    needed), a git repository inside the tree that is not a submodule (`git add -A` would record
+    its commit, and nothing of where to get it), or untracked files over the size limit (data
+    and checkpoints belong in .gitignore)."""
     if state.in_progress:  # a merge's conflicts would be snapshotted with their markers
         check_clean(state)
     submodules = [c for c in state.changes if c.startswith("submodule (") and "content" in c.split(":")[0]]
@@ -103,10 +107,18 @@ def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_fil
             f"a submodule's commit only):\n  {_list(submodules)}\n"
             "Commit (or discard) the changes inside each submodule first, then run again."
         )
+    nested = [path for path in untracked if path.endswith("/")]  # what ls-files names as a directory
+    if nested:
+        raise Refusal(
+            f"--snapshot: cannot snapshot git repositories inside the working tree that are not its "
+            f"submodules (git would record a commit of theirs, and nothing of where it comes from):\n  "
+            f"{_list(nested)}\n"
+            "Add each as a submodule (git submodule add <url> <path>) or to .gitignore, then run again."
+        )
     limit = max_file_mb * 1024 * 1024
     large = []
     for path in untracked:
-        size = os.lstat(state.root / path).st_size
+        size = os.lstat(os.path.join(state.root, path)).st_size
         if size > limit:
             large.append(f"{path} ({size / 1024 / 1024:.1f} MB)")
     if large:
@@ -170,17 +182,24 @@ def _hash_files(
     for fast-import to write into its pack.
 
     Git computes every id without writing anything (a loose object per file is what made a first
-    snapshot slow). A file that git stores otherwise than as it is (a clean filter, converted
-    line endings; or changed meanwhile) is written by git itself instead."""
+    snapshot slow), while the files are read here. A file that git stores otherwise than as it is
+    (a clean filter, converted line endings; or changed meanwhile) is written by git itself instead."""
     # The entries of files still there (a deleted one's could clash with a file where its directory was).
     seed = {path: indexed[path] for path in paths if path in indexed and os.path.lexists(os.path.join(root, path))}
-    entries = _index_entries(root, paths, seed, write=False)
-    contents, budget = {}, INLINE_BYTES
-    for path, (mode, object_id) in entries.items():
-        data = _blob_bytes(os.path.join(root, path), mode, budget)
-        if data is not None and blob_id(data, object_id) == object_id:
-            contents[path] = data
-            budget -= len(data)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        computing = pool.submit(_index_entries, root, paths, seed, False)
+        read, budget = {}, INLINE_BYTES
+        for path in paths:
+            data = _blob_bytes(os.path.join(root, path), budget)
+            if data is not None:
+                read[path] = data
+                budget -= len(data)
+        entries = computing.result()
+    contents = {
+        path: read[path]
+        for path, (_, object_id) in entries.items()
+        if path in read and blob_id(read[path], object_id) == object_id
+    }
     written = {path for path, (mode, _) in entries.items() if mode != GITLINK and path not in contents}
     if written:  # git's own objects; a path gone since is simply not added
         kept = {path: entry for path, entry in entries.items() if path not in written}
@@ -222,24 +241,26 @@ def _index_entries(
     return entries
 
 
-def _blob_bytes(path: str, mode: str, limit: int) -> bytes | None:
-    """What a blob of `path` holds if it is stored as it is (a file's bytes, a link's target),
-    or None: a submodule, a file over `limit` bytes, or what is no longer a regular file (a
-    link, a pipe, a directory now: opened without following or waiting), or cannot be read."""
-    if mode == GITLINK:
-        return None
+def _blob_bytes(path: str, limit: int) -> bytes | None:
+    """What a blob of `path` holds if git stores it as it is (a file's bytes, a link's target),
+    or None: a file over `limit` bytes, or what is not a regular file or a link (a submodule's
+    directory, a pipe: opened without following or waiting), or cannot be read."""
     try:
-        if mode == SYMBOLIC_LINK and os.path.islink(path):
-            return os.fsencode(os.readlink(path))
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:  # gone, unreadable: git's own reading decides
-        return None
+    except OSError as error:
+        if error.errno != errno.ELOOP:  # gone, unreadable: git's own reading decides
+            return None
+        try:  # a symbolic link: its target
+            return os.fsencode(os.readlink(path))
+        except OSError:
+            return None
     try:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode) or status.st_size > limit:
             return None
-        with open(descriptor, "rb", closefd=False) as file:
-            return file.read()
+        # One read (a byte more tells of a file that grew since): bytes that are not the whole file
+        # do not give git's id, and git writes the file instead.
+        return os.read(descriptor, status.st_size + 1)
     except OSError:
         return None
     finally:
@@ -366,14 +387,15 @@ def snapshot_gate(root: Path, max_file_mb: float) -> dict:
     snapshot commit, with `snapshot: {base, ref, files}` (`ref` is filled in when the run
     directory, which names it, is made: see pin_snapshot)."""
     try:
-        state = repository_state(root)
+        state = repository_state(root, untracked="all")  # each new file named, not its new directory
     except NotARepository:  # a container built from a commit ($PROVENANCE_GIT_COMMIT), or a refusal
         return gate(root)
     if not state.changes:
         check_clean(state)  # a repository without commits
         return git_provenance(state)
     if not _is_top_level(Path(root)):  # git status names paths from where it runs: read it at the top
-        state = repository_state(Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip()))
+        top_level = Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip())
+        state = repository_state(top_level, untracked="all")
     untracked = untracked_files(state)
     check_snapshot_allowed(state, untracked, max_file_mb)
     snapshot = build_snapshot(state, untracked)
