@@ -70,9 +70,8 @@ def test_long_lists_are_cut_at_twenty_with_a_count(repo):
         ("--assume-unchanged", lambda r: (r / "a.txt").write_text("changed\n"), "modified (assume-unchanged): a.txt"),
         ("--skip-worktree", lambda r: (r / "a.txt").write_text("changed\n"), "modified (skip-worktree): a.txt"),
         ("--assume-unchanged", lambda r: (r / "a.txt").unlink(), "deleted (assume-unchanged): a.txt"),
-        ("--skip-worktree", lambda r: (r / "a.txt").unlink(), "deleted (skip-worktree): a.txt"),
     ],
-    ids=["assume-unchanged", "skip-worktree", "assume-unchanged-deleted", "skip-worktree-deleted"],
+    ids=["assume-unchanged", "skip-worktree", "assume-unchanged-deleted"],
 )
 def test_files_git_status_is_told_to_trust_are_checked_by_content(repo, mark, change, expected):
     git(repo, "update-index", mark, "a.txt")
@@ -81,6 +80,31 @@ def test_files_git_status_is_told_to_trust_are_checked_by_content(repo, mark, ch
     assert git(repo, "status", "--porcelain") == ""  # git status itself sees nothing
     assert [expected] == repository_state(repo).changes
     assert expected in refusal(repo)
+
+
+def test_file_names_that_are_not_utf8_or_hold_a_carriage_return_are_named_not_a_traceback(repo):
+    """git prints a path's bytes as they are: read as file names are read, each one names its file."""
+    latin = os.fsdecode(b"caf\xe9.txt")
+    (repo / latin).write_bytes(b"new\n")
+    (repo / "Icon\r").write_bytes(b"")
+    assert repository_state(repo).changes == ["untracked: Icon\r", f"untracked: {latin}"]
+    assert latin in refusal(repo)
+
+
+def test_a_sparse_checkout_is_clean_though_the_files_outside_it_are_not_on_disk(repo):
+    """Files outside a sparse checkout are marked skip-worktree and left out of the working tree:
+    missing, they are no change (as for git status and `git add -A`); back on disk and edited,
+    they are one."""
+    (repo / "docs").mkdir()
+    (repo / "docs" / "guide.md").write_text("guide\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "docs")
+    git(repo, "sparse-checkout", "set", "--no-cone", "/*.txt", "/.gitignore")
+    assert not (repo / "docs").exists()
+    assert gate(repo)["commit"] == git(repo, "rev-parse", "HEAD")
+    (repo / "docs").mkdir()
+    (repo / "docs" / "guide.md").write_text("edited outside the sparse checkout\n")
+    assert "docs/guide.md" in refusal(repo)  # git itself notices the file again (and unmarks it)
 
 
 def test_a_marked_symbolic_link_is_compared_by_its_target(repo):

@@ -121,6 +121,18 @@ def skip_worktree(root):
     return {"b.txt": b"skipped by git status\n"}, ["b.txt"]
 
 
+def renamed_intent_to_add(root):
+    (root / "b.txt").rename(root / "z.txt")
+    git(root, "add", "-N", "z.txt")  # git status then names a rename in the working tree
+    return {"z.txt": b"b\n"}, ["b.txt", "z.txt"]
+
+
+def sparse_checkout(root):
+    git(root, "sparse-checkout", "set", "--no-cone", "/a.txt", "/.gitignore")  # b.txt leaves the working tree
+    (root / "a.txt").write_text("a, edited in a sparse checkout\n")
+    return {"a.txt": b"a, edited in a sparse checkout\n", "b.txt": b"b\n"}, ["a.txt"]
+
+
 def staged_then_edited(root):
     (root / "a.txt").write_text("staged\n")
     git(root, "add", "a.txt")
@@ -141,6 +153,8 @@ CHANGES = [
     assume_unchanged,
     skip_worktree,
     staged_then_edited,
+    renamed_intent_to_add,
+    sparse_checkout,
 ]
 
 
@@ -169,7 +183,7 @@ def test_a_snapshot_holds_the_change_and_leaves_the_repository_as_it_was(repo, c
         assert mode_at(repo, snapshot, "a.txt") == "100755"
     if change is symlink:
         assert mode_at(repo, snapshot, "link") == "120000"
-    if change in (deleted, deleted_and_staged, renamed, renamed_and_staged):
+    if change in (deleted, deleted_and_staged, renamed, renamed_and_staged, renamed_intent_to_add):
         assert "b.txt" not in tree
 
 
@@ -229,6 +243,68 @@ def test_a_snapshot_of_changes_across_directories_is_the_tree_git_add_all_makes(
     git(reference, "add", "-A")
     assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
     assert "kept.log" in provenance["snapshot"]["files"] and "src/top.txt" in provenance["snapshot"]["files"]
+
+
+@pytest.mark.parametrize("case", ["data moved and linked back", "data linked elsewhere", "came back"])
+def test_a_directory_replaced_by_a_link_or_by_a_file_and_back_is_the_tree_git_add_all_makes(tmp_path, case):
+    """A tracked directory replaced by a link to scratch space (git records the link and reads
+    nothing through it), and one replaced by a file, staged, then made a directory again (the
+    directory's path is not a changed file)."""
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    git(root, "init", "-q", "-b", "main")
+    (root / "data" / "README.md").write_text("put the data here\n")
+    (root / "train.py").write_text("x = 1\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "initial")
+    scratch = tmp_path / "scratch"
+    if case == "data moved and linked back":
+        shutil.move(root / "data", scratch)
+        os.symlink(scratch, root / "data")
+    elif case == "data linked elsewhere":
+        shutil.rmtree(root / "data")
+        scratch.mkdir()
+        os.symlink(scratch, root / "data")
+    else:
+        shutil.rmtree(root / "data")
+        (root / "data").write_text("a file now\n")
+        git(root, "add", "-A")
+        (root / "data").unlink()
+        (root / "data").mkdir()
+        (root / "data" / "README.md").write_text("edited\n")
+    before = repository_view(root)
+
+    provenance = snapshot_gate(root, max_file_mb=10)
+
+    assert repository_view(root) == before
+    reference = tmp_path / "reference"
+    shutil.copytree(root, reference, symlinks=True)
+    git(reference, "add", "-A")
+    assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+    expected = ["data/README.md"] if case == "came back" else ["data", "data/README.md"]
+    assert provenance["snapshot"]["files"] == expected
+
+
+def test_a_tracked_file_replaced_by_a_repository_or_a_pipe_is_refused_with_one_message(repo):
+    """Neither has a place in a snapshot: a repository's commit says nothing of where to fetch it,
+    and git cannot store a pipe (`git add -A` fails on it too)."""
+    (repo / "a.txt").unlink()
+    (repo / "a.txt").mkdir()
+    git(repo / "a.txt", "init", "-q", "-b", "main")
+    (repo / "a.txt" / "f.py").write_text("f = 1\n")
+    git(repo / "a.txt", "add", "-A")
+    git(repo / "a.txt", "commit", "-q", "-m", "inner")
+    before = repository_view(repo)
+    with pytest.raises(Refusal, match="git repositories inside the working tree") as refusal:
+        snapshot_gate(repo, max_file_mb=10)
+    assert "  a.txt\n" in str(refusal.value) and repository_view(repo) == before
+    (repo / "b.txt").unlink()
+    os.mkfifo(repo / "b.txt")
+    shutil.rmtree(repo / "a.txt")
+    (repo / "a.txt").write_text("a\n")
+    with pytest.raises(Refusal, match="git cannot store the working tree as it is") as refusal:
+        snapshot_gate(repo, max_file_mb=10)
+    assert "b.txt" in str(refusal.value)
 
 
 def test_files_git_stores_otherwise_than_as_they_are_are_snapshotted_as_git_add_has_them(repo, tmp_path, monkeypatch):
@@ -320,22 +396,32 @@ def test_a_file_replaced_after_git_read_it_is_left_to_git_and_never_blocks(tmp_p
     assert snapshot_module._blob_bytes(str(tmp_path / "file"), 4) is None  # over the limit
 
 
-ODD_NAMES = ["with space.txt", 'quote".txt', "back\\slash.txt", "new\nline.txt", "tab\there.txt", "ünï cödé.txt"]
+ODD_NAMES = [
+    "with space.txt",
+    'quote".txt',
+    "back\\slash.txt",
+    "new\nline.txt",
+    "tab\there.txt",
+    "carriage\rreturn.txt",  # as macOS names a folder's icon ("Icon\r")
+    "ünï cödé.txt",
+    os.fsdecode(b"latin-1 caf\xe9.txt"),  # not UTF-8: a byte the file system's encoding cannot decode
+]
 
 
 def test_paths_of_any_characters_are_snapshotted_as_git_add_all_has_them(repo, tmp_path):
     """Every path reaches git's importer quoted: spaces, quotes, backslashes, control
-    characters and non-ASCII names, in tracked files edited or deleted and in new ones."""
+    characters, non-ASCII names and names that are not UTF-8, in tracked files edited or
+    deleted and in new ones."""
     odd = repo / '"odd dir'
     odd.mkdir()
     for name in ODD_NAMES:
-        (odd / name).write_text(f"{name}, committed\n")
+        (odd / name).write_bytes(os.fsencode(f"{name}, committed\n"))
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "odd names")
     (odd / ODD_NAMES[0]).unlink()
     for name in ODD_NAMES[1:]:
-        (odd / name).write_text(f"{name}, edited\n")
-        (repo / f"new {name}").write_text(f"{name}, new\n")
+        (odd / name).write_bytes(os.fsencode(f"{name}, edited\n"))
+        (repo / f"new {name}").write_bytes(os.fsencode(f"{name}, new\n"))
     before = repository_view(repo)
 
     provenance = snapshot_gate(repo, max_file_mb=10)

@@ -32,13 +32,19 @@ MAX_LISTED_PATHS = 20
 GIT_LOCATION_VARIABLES = ("GIT_DIR", "GIT_INDEX_FILE", "GIT_WORK_TREE", "GIT_COMMON_DIR")
 
 
+class GitProcess(subprocess.Popen):
+    """A git command started by start_git; `text`: whether finish_git decodes what it printed."""
+
+    text = True
+
+
 def start_git(
     args: list[str],
     cwd: Path | str = PROJECT_ROOT,
     stdin: int | None = None,
     env: dict | None = None,
     text: bool = True,
-) -> subprocess.Popen:
+) -> GitProcess:
     """Start a git command (output captured as text, or bytes with `text=False`; `env` added to
     the environment); a missing git binary is a refusal."""
     if shutil.which("git") is None:
@@ -48,18 +54,26 @@ def start_git(
         )
     # Git's messages in English whatever the user's locale: the gate reads some of them.
     environment = {**os.environ, **(env or {}), "LC_ALL": "C", "LANGUAGE": "C"}
-    return subprocess.Popen(
-        ["git", *args], cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text, env=environment
+    process = GitProcess(
+        ["git", *args], cwd=cwd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment
     )
+    process.text = text
+    return process
 
 
 def finish_git(
-    process: subprocess.Popen, cwd: Path | str, check: bool = True, input: str | bytes | None = None
+    process: GitProcess, cwd: Path | str, check: bool = True, input: str | bytes | None = None
 ) -> subprocess.CompletedProcess:
-    """Wait for a git command started by start_git; with `check`, a failure raises."""
-    stdout, stderr = process.communicate(input)
+    """Wait for a git command started by start_git; with `check`, a failure raises.
+
+    Text goes both ways as file names do (os.fsencode, os.fsdecode: the file system's encoding,
+    bytes it cannot decode kept as surrogates, no newline translated), so that a path git
+    prints, whatever its bytes (a `\r` in it, a Latin-1 name), names the same file again."""
+    stdout, stderr = process.communicate(os.fsencode(input) if isinstance(input, str) else input)
+    if process.text:
+        stdout, stderr = os.fsdecode(stdout), os.fsdecode(stderr)
     if check and process.returncode != 0:
-        message = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+        message = stderr if isinstance(stderr, str) else stderr.decode(errors="replace")
         raise RuntimeError(f"'{' '.join(process.args)}' failed in {cwd}: {message.strip()}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -196,6 +210,8 @@ def _read_status(state: RepositoryState, output: str) -> None:
             state.changes.append(_describe_change(fields[1], fields[2], fields[-1], origin))
             if fields[1][1] != ".":
                 state.paths.append(fields[-1])
+                if fields[1][1] == "R":  # a rename in the working tree (git add -N): the old path left it too
+                    state.paths.append(origin)
             if record[0] != "u" and fields[4] != "000000":  # "1 XY sub mH mI mW hH hI path"
                 state.indexed[fields[-1]] = (fields[4], fields[7])
             if fields[1][0] != ".":
@@ -266,7 +282,9 @@ def index_may_mark_files(index: Path) -> bool:
 
 def marked_file_changes(root: Path) -> list[str]:
     """Files marked assume-unchanged or skip-worktree whose content differs from the index
-    ("modified (skip-worktree): src/model.py") or that are missing ("deleted (...)")."""
+    ("modified (skip-worktree): src/model.py") or that are missing ("deleted (assume-unchanged)");
+    a missing skip-worktree file is no change: a sparse checkout leaves such files out of the
+    working tree, and `git add -A` keeps them as the index has them."""
     listing = run_git(["ls-files", "-v", "-s", "-z"], cwd=root).stdout  # "h 100644 <blob> 0\tpath"
     marked = []
     for record in filter(None, listing.split("\0")):
@@ -282,7 +300,8 @@ def marked_file_changes(root: Path) -> list[str]:
         if mode == "160000":  # a submodule: git status checks its commit
             continue
         if not file.is_symlink() and not file.is_file():
-            changes.append(f"deleted ({marks}): {path}")
+            if "skip-worktree" not in marks:
+                changes.append(f"deleted ({marks}): {path}")
         elif mode == "120000":  # a symbolic link's blob is its target; git hash-object would follow it
             if not file.is_symlink() or blob_id(os.fsencode(os.readlink(file)), blob) != blob:
                 changes.append(f"modified ({marks}): {path}")

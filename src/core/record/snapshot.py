@@ -16,7 +16,6 @@ and a `--resume --snapshot` of an unchanged tree all find the one snapshot.
 """
 
 import errno
-import locale
 import os
 import re
 import stat
@@ -51,7 +50,7 @@ ROOT_DATE = "946684800 +0000"  # 2000-01-01
 IDENTITY = {"name": "run.py --snapshot", "email": "snapshot@run.invalid"}
 UNSAFE_REF_CHARACTERS = re.compile(r"[^A-Za-z0-9._=,+-]")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")  # written as octal escapes in fast-import's paths
-GITLINK = "160000"  # the mode of a submodule's commit
+GITLINK, TREE = "160000", "040000"  # the modes of a submodule's commit and of a directory
 # Changed files handed to fast-import in memory, at most (held twice while the stream is built);
 # git writes the rest itself.
 INLINE_BYTES = 32 * 1024 * 1024
@@ -107,14 +106,7 @@ def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_fil
             f"a submodule's commit only):\n  {_list(submodules)}\n"
             "Commit (or discard) the changes inside each submodule first, then run again."
         )
-    nested = [path for path in untracked if path.endswith("/")]  # what ls-files names as a directory
-    if nested:
-        raise Refusal(
-            f"--snapshot: cannot snapshot git repositories inside the working tree that are not its "
-            f"submodules (git would record a commit of theirs, and nothing of where it comes from):\n  "
-            f"{_list(nested)}\n"
-            "Add each as a submodule (git submodule add <url> <path>) or to .gitignore, then run again."
-        )
+    check_no_repositories([path for path in untracked if path.endswith("/")])  # ls-files names one as a directory
     limit = max_file_mb * 1024 * 1024
     large = []
     for path in untracked:
@@ -127,6 +119,18 @@ def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_fil
             f"into the repository:\n  {_list(large)}\n"
             "Add them to .gitignore (data, checkpoints and outputs belong outside git), or raise "
             "snapshot_max_file_mb in the config."
+        )
+
+
+def check_no_repositories(paths: list[str]) -> None:
+    """Refuse git repositories inside the working tree that are not its submodules: `git add -A`
+    would record a commit of theirs, and nothing of where to fetch it."""
+    if paths:
+        raise Refusal(
+            f"--snapshot: cannot snapshot git repositories inside the working tree that are not its "
+            f"submodules (git would record a commit of theirs, and nothing of where it comes from):\n  "
+            f"{_list(paths)}\n"
+            "Add each as a submodule (git submodule add <url> <path>) or to .gitignore, then run again."
         )
 
 
@@ -144,12 +148,21 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     dating = start_git(["log", "-1", "--format=%ct +0000", base], cwd=root) if base else None
     read = {*state.paths, *(path for path, letter in state.staged.items() if letter != "D"), *untracked}
     read = {path for path in read if not path.endswith("/")}  # a new directory: its files are in `untracked`
-    # A tracked file that became a directory (an untracked path is a file: a new directory is named with a slash).
-    directories = {path for path in read - set(untracked) if _is_plain_directory(os.path.join(root, path))}
+    # A tracked file that became a directory (an untracked path is a file: a new directory is named with a
+    # slash), or a repository (refused, as a new one is, unless the index has it as a submodule).
+    became = {path for path in read - set(untracked) if _is_directory(os.path.join(root, path))}
+    repositories = {path for path in became if os.path.exists(os.path.join(root, path, ".git"))}
+    check_no_repositories(sorted(path for path in repositories if state.indexed.get(path, ("",))[0] != GITLINK))
+    directories = became - repositories
     if directories:  # git status names the old file only: the directory's files, as `git add -A` finds them
         listing = ["--literal-pathspecs", "ls-files", "--others", "--exclude-standard", "-z", "--"]
-        read |= set(filter(None, run_git([*listing, *sorted(directories)], cwd=root).stdout.split("\0")))
-    hashed, contents = _hash_files(root, sorted(read - directories), state.indexed)
+        found = set(filter(None, run_git([*listing, *sorted(directories)], cwd=root).stdout.split("\0")))
+        check_no_repositories(sorted(path for path in found if path.endswith("/")))
+        read |= found
+    # Beyond a symbolic link (a tracked directory replaced by a link to scratch space, say), a path
+    # is gone: git records the link, and reads nothing through it.
+    through_links = _beyond_links(root, read)
+    hashed, contents = _hash_files(root, sorted(read - directories - through_links), state.indexed)
     changes = {path: hashed.get(path) for path in read - directories}  # None: gone from the working tree
     changes |= {path: None for path, letter in state.staged.items() if letter == "D" and path not in read}
     changes |= {path: None for path in directories}
@@ -159,7 +172,10 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     # (unless a run holds it already: a resume, a torchrun restart).
     if not run_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX], cwd=root).stdout:
         run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
-    files = sorted(path for path, change in changes.items() if change != before[path])
+    # The files that differ (a directory of the base, removed to be written again, is not one).
+    files = sorted(
+        path for path, change in changes.items() if change != before[path] and (change or before[path])[0] != TREE
+    )
     return Snapshot(commit, base, files)
 
 
@@ -168,9 +184,21 @@ def _is_top_level(root: Path) -> bool:
     return (root / ".git").exists() and not any(name in os.environ for name in GIT_LOCATION_VARIABLES)
 
 
-def _is_plain_directory(path: str) -> bool:
-    """A directory that is not a submodule (whose path git records as its commit)."""
-    return os.path.isdir(path) and not os.path.islink(path) and not os.path.exists(os.path.join(path, ".git"))
+def _beyond_links(root: Path, paths: set[str]) -> set[str]:
+    """The paths with a symbolic link among their leading directories (each directory looked at once)."""
+    linked: dict[str, bool] = {"": False}
+
+    def is_beyond(directory: str) -> bool:
+        if directory not in linked:
+            linked[directory] = is_beyond(os.path.dirname(directory)) or os.path.islink(os.path.join(root, directory))
+        return linked[directory]
+
+    return {path for path in paths if is_beyond(os.path.dirname(path))}
+
+
+def _is_directory(path: str) -> bool:
+    """A directory, not a link to one."""
+    return os.path.isdir(path) and not os.path.islink(path)
 
 
 def _hash_files(
@@ -224,12 +252,18 @@ def _index_entries(
             run_git(["update-index", "-z", "--index-info"], cwd=root, env=index_env, input=seeded)
         if paths:  # --remove: a path gone from the working tree is simply not added
             options = [] if write else ["--info-only"]
-            run_git(
+            adding = run_git(
                 ["update-index", "--add", "--remove", *options, "-z", "--stdin"],
                 cwd=root,
                 env=index_env,
                 input="".join(f"{path}\0" for path in paths),
+                check=False,
             )
+            if adding.returncode != 0:  # what `git add -A` would fail on too: a pipe, a socket
+                raise Refusal(
+                    f"--snapshot: git cannot store the working tree as it is:\n  {adding.stderr.strip()}\n"
+                    "Remove (or add to .gitignore) what git names, then run again."
+                )
         listing = run_git(["ls-files", "-s", "-z"], cwd=root, env=index_env).stdout  # "mode id stage\tpath"
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -292,21 +326,20 @@ def _import_commit(
     stream += [f"ls {_quoted(path)}" for path in paths] if base else []
     # Removals first: a directory that became a file (or a file that became one) is removed, then written.
     stream += [f"D {_quoted(path)}" for path in paths if changes[path] is None]
-    # The paths' bytes again: git's output was decoded in the locale's encoding (text mode).
-    encoding = locale.getpreferredencoding(False)
-    chunks = ["\n".join(stream).encode(encoding) + b"\n"]
+    # The paths' bytes again, as git printed them (see finish_git).
+    chunks = [os.fsencode("\n".join(stream)) + b"\n"]
     for path, change in changes.items():
         if change and path in contents:
             data = contents[path]
-            chunks += [f"M {change[0]} inline {_quoted(path)}\ndata {len(data)}\n".encode(encoding), data, b"\n"]
+            chunks += [os.fsencode(f"M {change[0]} inline {_quoted(path)}\ndata {len(data)}\n"), data, b"\n"]
         elif change:
-            chunks.append(f"M {change[0]} {change[1]} {_quoted(path)}\n".encode(encoding))
+            chunks.append(os.fsencode(f"M {change[0]} {change[1]} {_quoted(path)}\n"))
     chunks.append(f"\nget-mark :1\nreset {branch}\ndone\n".encode())
     # zlib's fastest level, as git writes its loose objects: 2% larger than the default level, and a
     # quarter less time for 1,000 files.
     importer = ["-c", "pack.compression=1", "fast-import", "--quiet", "--done"]
     answers = run_git(importer, cwd=root, input=b"".join(chunks), env=IMPORTER_ALLOCATOR)
-    lines = answers.stdout.decode(errors="surrogateescape").split("\n")
+    lines = os.fsdecode(answers.stdout).split("\n")
     before: dict[str, tuple[str, str] | None] = dict.fromkeys(paths)
     for path, answer in zip(paths, lines if base else [], strict=False):  # "mode type id\tpath" or "missing path"
         if not answer.startswith("missing "):
