@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import DATA, REPO, Project, git, project_files
+from helpers import DATA, REPO, Project, committed_repository, git, project_files
 
 # The slow tier (make test runs it, make test-quick leaves it out): real torchrun groups, the
 # Slurm cluster, the object stores, the kill-and-resume matrices, the trackers' services.
@@ -100,12 +100,7 @@ def repo(tmp_path) -> Path:
 @pytest.fixture
 def with_submodule(repo, tmp_path):
     """`repo` with a submodule `lib` (its own repository, one commit), committed."""
-    library = tmp_path / "library"
-    library.mkdir()
-    git(library, "init", "-q", "-b", "main")
-    (library / "lib.py").write_text("x = 1\n")
-    git(library, "add", "-A")
-    git(library, "commit", "-q", "-m", "lib")
+    library = committed_repository(tmp_path / "library", {"lib.py": "x = 1\n"})
     git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(library), "lib")
     git(repo, "commit", "-q", "-m", "add submodule")
     return repo

@@ -36,6 +36,18 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def committed_repository(root: Path, files: dict[str, str]) -> Path:
+    """A new git repository at `root` (made if need be) with `files` (path -> text) in one commit."""
+    root.mkdir(parents=True, exist_ok=True)
+    git(root, "init", "-q", "-b", "main")
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "initial")
+    return root
+
+
 def project_files() -> list[str]:
     listed = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard", "-z")
     return [name for name in listed.split("\0") if name and (REPO / name).is_file()]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import QUICK_RUN, Project, conflicting_branch, git
+from helpers import QUICK_RUN, Project, committed_repository, conflicting_branch, git
 
 from src.core.errors import Refusal
 from src.core.record import snapshot as snapshot_module
@@ -57,6 +57,19 @@ def file_at(root: Path, commit: str, path: str) -> bytes:
 
 def mode_at(root: Path, commit: str, path: str) -> str:
     return git(root, "ls-tree", commit, "--", path).split()[0]
+
+
+def snapshot_as_git_add_all(root: Path, tmp_path: Path) -> dict:
+    """The snapshot gate's provenance for `root`, checked: the repository is left as it was, and
+    the snapshot's tree is the one `git add -A` and `git write-tree` make of a copy."""
+    before = repository_view(root)
+    provenance = snapshot_gate(root, max_file_mb=10)
+    assert repository_view(root) == before
+    reference = tmp_path / "reference"
+    shutil.copytree(root, reference, symlinks=True)
+    git(reference, "add", "-A")
+    assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+    return provenance
 
 
 def modified(root):
@@ -233,15 +246,7 @@ def test_a_snapshot_of_changes_across_directories_is_the_tree_git_add_all_makes(
     git(root, "add", "-f", "kept.log")
     git(root, "commit", "-q", "-m", "initial")
     nested_changes(root)
-    before = repository_view(root)
-
-    provenance = snapshot_gate(root, max_file_mb=10)
-
-    assert repository_view(root) == before
-    reference = tmp_path / "reference"  # what `git add -A` and `git write-tree` make of the same tree
-    shutil.copytree(root, reference, symlinks=True)
-    git(reference, "add", "-A")
-    assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+    provenance = snapshot_as_git_add_all(root, tmp_path)
     assert "kept.log" in provenance["snapshot"]["files"] and "src/top.txt" in provenance["snapshot"]["files"]
 
 
@@ -250,13 +255,7 @@ def test_a_directory_replaced_by_a_link_or_by_a_file_and_back_is_the_tree_git_ad
     """A tracked directory replaced by a link to scratch space (git records the link and reads
     nothing through it), and one replaced by a file, staged, then made a directory again (the
     directory's path is not a changed file)."""
-    root = tmp_path / "repo"
-    (root / "data").mkdir(parents=True)
-    git(root, "init", "-q", "-b", "main")
-    (root / "data" / "README.md").write_text("put the data here\n")
-    (root / "train.py").write_text("x = 1\n")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "initial")
+    root = committed_repository(tmp_path / "repo", {"data/README.md": "put the data here\n", "train.py": "x = 1\n"})
     scratch = tmp_path / "scratch"
     if case == "data moved and linked back":
         shutil.move(root / "data", scratch)
@@ -272,15 +271,7 @@ def test_a_directory_replaced_by_a_link_or_by_a_file_and_back_is_the_tree_git_ad
         (root / "data").unlink()
         (root / "data").mkdir()
         (root / "data" / "README.md").write_text("edited\n")
-    before = repository_view(root)
-
-    provenance = snapshot_gate(root, max_file_mb=10)
-
-    assert repository_view(root) == before
-    reference = tmp_path / "reference"
-    shutil.copytree(root, reference, symlinks=True)
-    git(reference, "add", "-A")
-    assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+    provenance = snapshot_as_git_add_all(root, tmp_path)
     expected = ["data/README.md"] if case == "came back" else ["data", "data/README.md"]
     assert provenance["snapshot"]["files"] == expected
 
@@ -289,11 +280,7 @@ def test_a_tracked_file_replaced_by_a_repository_or_a_pipe_is_refused_with_one_m
     """Neither has a place in a snapshot: a repository's commit says nothing of where to fetch it,
     and git cannot store a pipe (`git add -A` fails on it too)."""
     (repo / "a.txt").unlink()
-    (repo / "a.txt").mkdir()
-    git(repo / "a.txt", "init", "-q", "-b", "main")
-    (repo / "a.txt" / "f.py").write_text("f = 1\n")
-    git(repo / "a.txt", "add", "-A")
-    git(repo / "a.txt", "commit", "-q", "-m", "inner")
+    committed_repository(repo / "a.txt", {"f.py": "f = 1\n"})
     before = repository_view(repo)
     with pytest.raises(Refusal, match="git repositories inside the working tree") as refusal:
         snapshot_gate(repo, max_file_mb=10)
@@ -422,15 +409,7 @@ def test_paths_of_any_characters_are_snapshotted_as_git_add_all_has_them(repo, t
     for name in ODD_NAMES[1:]:
         (odd / name).write_bytes(os.fsencode(f"{name}, edited\n"))
         (repo / f"new {name}").write_bytes(os.fsencode(f"{name}, new\n"))
-    before = repository_view(repo)
-
-    provenance = snapshot_gate(repo, max_file_mb=10)
-
-    assert repository_view(repo) == before
-    reference = tmp_path / "reference"
-    shutil.copytree(repo, reference, symlinks=True)
-    git(reference, "add", "-A")
-    assert git(repo, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+    provenance = snapshot_as_git_add_all(repo, tmp_path)
     expected = [f'"odd dir/{name}' for name in ODD_NAMES] + [f"new {name}" for name in ODD_NAMES[1:]]
     assert provenance["snapshot"]["files"] == sorted(expected)
     assert file_at(repo, provenance["commit"], '"odd dir/new\nline.txt') == b"new\nline.txt, edited\n"
@@ -569,12 +548,7 @@ def test_a_dirty_submodule_is_refused(with_submodule):
 def test_a_repository_inside_the_tree_that_is_not_a_submodule_is_refused_not_left_out(repo):
     """git status names it as an untracked directory; a snapshot that left it out would log a run
     whose code it does not hold."""
-    inner = repo / "vendored"
-    inner.mkdir()
-    git(inner, "init", "-q", "-b", "main")
-    (inner / "code.py").write_text("x = 1\n")
-    git(inner, "add", "-A")
-    git(inner, "commit", "-q", "-m", "inner")
+    committed_repository(repo / "vendored", {"code.py": "x = 1\n"})
     (repo / "new.py").write_text("y = 2\n")
     before = repository_view(repo)
     with pytest.raises(Refusal) as refusal:
