@@ -250,7 +250,9 @@ def test_a_snapshot_of_changes_across_directories_is_the_tree_git_add_all_makes(
     assert "kept.log" in provenance["snapshot"]["files"] and "src/top.txt" in provenance["snapshot"]["files"]
 
 
-@pytest.mark.parametrize("case", ["data moved and linked back", "data linked elsewhere", "came back"])
+@pytest.mark.parametrize(
+    "case", ["data moved and linked back", "data linked elsewhere", "linked where a repository is", "came back"]
+)
 def test_a_directory_replaced_by_a_link_or_by_a_file_and_back_is_the_tree_git_add_all_makes(tmp_path, case):
     """A tracked directory replaced by a link to scratch space (git records the link and reads
     nothing through it), and one replaced by a file, staged, then made a directory again (the
@@ -263,6 +265,10 @@ def test_a_directory_replaced_by_a_link_or_by_a_file_and_back_is_the_tree_git_ad
     elif case == "data linked elsewhere":
         shutil.rmtree(root / "data")
         scratch.mkdir()
+        os.symlink(scratch, root / "data")
+    elif case == "linked where a repository is":  # nothing is read through the link, not even a repository
+        shutil.rmtree(root / "data")
+        committed_repository(scratch / "README.md", {"f.txt": "f\n"})
         os.symlink(scratch, root / "data")
     else:
         shutil.rmtree(root / "data")

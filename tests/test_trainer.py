@@ -14,9 +14,10 @@ from src.core.config.loader import parse_yaml
 from src.core.config.schema import project_schema
 from src.core.config.validation import finalize
 from src.core.distributed import DistContext
-from src.core.record.checkpoint import read_checkpoint
+from src.core.record.checkpoint import CheckpointWriteError, read_checkpoint
 from src.core.seeding import seed_everything
 from src.core.tracking.metrics import read_metrics
+from src.core.training import output as output_module
 from src.core.training.build import Task, build_datasets, build_model, resolve_loss_function
 from src.core.training.output import RunOutput
 from src.core.training.start import FRESH
@@ -388,10 +389,6 @@ def test_a_checkpoint_shows_only_once_tensorboard_and_the_figures_hold_what_was_
     for TensorBoard's thread and the figures' before the checkpoint shows. Here both are held
     back, as a loaded machine holds them, and let go one after the other; what the run directory
     holds once the checkpoint shows is what a kill -9 at that moment would leave."""
-    import io
-
-    from PIL import Image
-
     from src.core.tracking.tensorboard import EventFile
 
     release = {"tensorboard": threading.Event(), "figures": threading.Event()}
@@ -403,9 +400,7 @@ def test_a_checkpoint_shows_only_once_tensorboard_and_the_figures_hold_what_was_
         write_event(self, event)
 
     monkeypatch.setattr(EventFile, "write", held_back)
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 3)).save(buffer, format="PNG")
-    png = buffer.getvalue()
+    png = tiny_png()
     trainer = make_trainer(run_directory=tmp_path)
     trainer.output.log(0, 1, {"train/loss": 0.5})
     trainer.output.figures.put(0, "rollout", "picture", lambda encoder: (release["figures"].wait(), png)[1])
@@ -421,4 +416,44 @@ def test_a_checkpoint_shows_only_once_tensorboard_and_the_figures_hold_what_was_
     events.Reload()
     assert [(event.step, event.value) for event in events.Scalars("train/loss")] == [(0, 0.5)]
     assert [image.encoded_image_string for image in events.Images("rollout/picture")] == [png]
+    trainer.output.close()
+
+
+def tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_checkpoint_whose_figure_was_not_written_fails_and_does_not_show(tmp_path):
+    """A figure lost to a full disk would be missing from every resume from that checkpoint: the
+    checkpoint fails as its own write would, naming the disk's error."""
+
+    def full_disk(encoder):
+        raise OSError(28, "No space left on device")
+
+    trainer = make_trainer(run_directory=tmp_path)
+    trainer.output.figures.put(0, "rollout", "picture", full_disk)
+    trainer.save_checkpoint(links=("last",))
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        trainer.output.wait()
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+
+
+def test_a_checkpoint_waits_for_its_figures_only_so_long_then_shows_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A figure that takes longer than FIGURE_WAIT_SECONDS (a heavy plot, a stuck helper) must not
+    cost a preempted run its checkpoint."""
+    monkeypatch.setattr(output_module, "FIGURE_WAIT_SECONDS", 0.5)
+    release = threading.Event()
+    trainer = make_trainer(run_directory=tmp_path)
+    trainer.output.figures.put(0, "rollout", "picture", lambda encoder: (release.wait(), tiny_png())[1])
+    trainer.save_checkpoint(links=("last",))
+    trainer.output.wait()
+    assert (tmp_path / "checkpoints" / "step-000000000.pt").exists()
+    assert "were not written within 0.5 s" in capsys.readouterr().err
+    release.set()
     trainer.output.close()

@@ -148,9 +148,12 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     dating = start_git(["log", "-1", "--format=%ct +0000", base], cwd=root) if base else None
     read = {*state.paths, *(path for path, letter in state.staged.items() if letter != "D"), *untracked}
     read = {path for path in read if not path.endswith("/")}  # a new directory: its files are in `untracked`
+    # Beyond a symbolic link (a tracked directory replaced by a link to scratch space, say), a path
+    # is gone: git records the link, and reads nothing through it.
+    through_links = _beyond_links(root, read)
     # A tracked file that became a directory (an untracked path is a file: a new directory is named with a
     # slash), or a repository (refused, as a new one is, unless the index has it as a submodule).
-    became = {path for path in read - set(untracked) if _is_directory(os.path.join(root, path))}
+    became = {path for path in read - set(untracked) - through_links if _is_directory(os.path.join(root, path))}
     repositories = {path for path in became if os.path.exists(os.path.join(root, path, ".git"))}
     check_no_repositories(sorted(path for path in repositories if state.indexed.get(path, ("",))[0] != GITLINK))
     directories = became - repositories
@@ -159,9 +162,6 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
         found = set(filter(None, run_git([*listing, *sorted(directories)], cwd=root).stdout.split("\0")))
         check_no_repositories(sorted(path for path in found if path.endswith("/")))
         read |= found
-    # Beyond a symbolic link (a tracked directory replaced by a link to scratch space, say), a path
-    # is gone: git records the link, and reads nothing through it.
-    through_links = _beyond_links(root, read)
     hashed, contents = _hash_files(root, sorted(read - directories - through_links), state.indexed)
     changes = {path: hashed.get(path) for path in read - directories}  # None: gone from the working tree
     changes |= {path: None for path, letter in state.staged.items() if letter == "D" and path not in read}

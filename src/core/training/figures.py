@@ -23,8 +23,10 @@ import signal
 import struct
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 
 RESPONSE = struct.Struct("<BQ")  # status (0: the PNG follows, 1: savefig failed there), length
 
@@ -227,19 +229,28 @@ class FigureWriter:
             self.thread = None
         self.raise_error()
 
-    def barrier(self) -> Callable[[], None]:
-        """A function that returns once every figure given so far is written (a checkpoint's writer
-        calls it, on its own thread, before the checkpoint shows)."""
-        thread, written = self.thread, threading.Event()
+    def barrier(self) -> Callable[[float], bool]:
+        """A function `written(timeout)` for a checkpoint's writer (on its own thread): True once
+        every figure given so far is written, False if that took over `timeout` seconds; it raises
+        if one of them was not written (a full disk) or the writer's thread is gone."""
+        thread = self.thread
         if thread is None:
-            return lambda: None
-        self.queue.put(written)
+            return lambda timeout: True
+        reached: Future = Future()
+        self.queue.put(reached)
 
-        def wait() -> None:
-            while not written.wait(timeout=1.0) and thread.is_alive():
-                pass
+        def written(timeout: float) -> bool:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    return reached.result(timeout=min(1.0, timeout))
+                except TimeoutError:
+                    if not thread.is_alive():
+                        message = "the figure writer stopped before the checkpoint's figures were written"
+                        raise RuntimeError(message) from None
+            return False
 
-        return wait
+        return written
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -247,18 +258,23 @@ class FigureWriter:
             raise error
 
     def _work(self) -> None:
-        encoder = FigureEncoder()
+        encoder, lost = FigureEncoder(), None
         try:
             while (item := self.queue.get()) is not None:
-                if isinstance(item, threading.Event):  # a barrier: every figure before it is written
-                    item.set()
+                if isinstance(item, Future):  # a barrier: every figure before it is written, or not
+                    if lost is None:
+                        item.set_result(True)
+                    else:  # a full disk, say: the checkpoint fails as its own write would
+                        failure = RuntimeError(f"a figure the checkpoint covers was not written: {lost}")
+                        failure.__cause__ = lost
+                        item.set_exception(failure)
                     continue
-                if self.error is not None:  # the first error is the one reported; drop the rest
+                if lost is not None:  # the first error is the one reported; drop the rest
                     continue
                 step, phase, name, encode = item
                 try:
                     self.write(step, phase, name, encode(encoder))
                 except BaseException as error:  # handed to the training thread, which reports it
-                    self.error = error
+                    self.error = lost = error
         finally:
             encoder.close()

@@ -19,6 +19,10 @@ from src.core.training.console import QUIET, Console
 from src.core.training.figures import FigureWriter
 from src.core.training.measures import prepare_figure
 
+# How long a checkpoint waits for the figures logged before it (a user's figure that takes longer,
+# or a stuck helper, must not cost a preempted run its checkpoint).
+FIGURE_WAIT_SECONDS = 60.0
+
 
 class NullOutput:
     """Writes nothing; prints through `console` (disabled on ranks other than 0)."""
@@ -123,9 +127,14 @@ class RunOutput(NullOutput):
         """Write `state` in the background; `metadata` goes into metadata.yaml once it is on disk."""
 
         figures_written = self.figures.barrier()
+        step = state["progress"]["global_step"]
 
         def covered() -> None:  # on the writer's thread: what a resume from this checkpoint will not write again
-            figures_written()  # their images are in TensorBoard's queue now
+            if not figures_written(timeout=FIGURE_WAIT_SECONDS):  # their images are in TensorBoard's queue once written
+                warn(
+                    f"the figures logged before the checkpoint of step {step} were not written within "
+                    f"{FIGURE_WAIT_SECONDS:g} s; the checkpoint is kept without them (a resume from it would lack them)"
+                )
             self.logger.make_durable()
 
         def written(path: Path) -> None:  # on the writer's thread
