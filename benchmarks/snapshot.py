@@ -12,9 +12,8 @@ git's own way to the same commit (`git add -A`, `write-tree` and `commit-tree` o
 index). The row before it is the floor of the snapshot's way: a `git status`, then the one
 `git fast-import` of the same commit, its input prepared beforehand (not timed), with nothing of
 the snapshot's own (no other git command, no Python). Every side is started from Python the same
-way (subprocesses), alternately. `--steps`
-also times each git command of a new 1,000-file snapshot (the median over the repetitions), to
-show where its time goes.
+way (subprocesses), alternately. `--steps` also times each git command of a new 1,000-file
+snapshot (the median over the repetitions), to show where its time goes.
 
 python benchmarks/snapshot.py [--repetitions N] [--steps]
 """

@@ -81,14 +81,9 @@ def _list(paths: list[str]) -> str:
 
 
 def untracked_files(state: RepositoryState) -> list[str]:
-    """The untracked files git status named, a new directory's files listed (as .gitignore leaves them)."""
-    untracked = [change[len("untracked: ") :] for change in state.changes if change.startswith("untracked: ")]
-    files = [path for path in untracked if not path.endswith("/")]
-    directories = [path for path in untracked if path.endswith("/")]  # git status names a new directory once
-    if directories:
-        arguments = ["--literal-pathspecs", "ls-files", "--others", "--exclude-standard", "-z", "--", *directories]
-        files += filter(None, run_git(arguments, cwd=state.root).stdout.split("\0"))
-    return files
+    """The untracked paths of a `git status --untracked-files=all`: each file, and each git
+    repository inside the tree (not a submodule) as its directory, with a slash."""
+    return [change[len("untracked: ") :] for change in state.changes if change.startswith("untracked: ")]
 
 
 def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_file_mb: float) -> None:
@@ -106,7 +101,7 @@ def check_snapshot_allowed(state: RepositoryState, untracked: list[str], max_fil
             f"a submodule's commit only):\n  {_list(submodules)}\n"
             "Commit (or discard) the changes inside each submodule first, then run again."
         )
-    check_no_repositories([path for path in untracked if path.endswith("/")])  # ls-files names one as a directory
+    check_no_repositories([path for path in untracked if path.endswith("/")])
     limit = max_file_mb * 1024 * 1024
     large = []
     for path in untracked:
@@ -147,21 +142,15 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     # The base's date (the snapshot's own, so that it depends on nothing else), read meanwhile.
     dating = start_git(["log", "-1", "--format=%ct +0000", base], cwd=root) if base else None
     read = {*state.paths, *(path for path, letter in state.staged.items() if letter != "D"), *untracked}
-    read = {path for path in read if not path.endswith("/")}  # a new directory: its files are in `untracked`
     # Beyond a symbolic link (a tracked directory replaced by a link to scratch space, say), a path
     # is gone: git records the link, and reads nothing through it.
     through_links = _beyond_links(root, read)
-    # A tracked file that became a directory (an untracked path is a file: a new directory is named with a
-    # slash), or a repository (refused, as a new one is, unless the index has it as a submodule).
+    # A tracked file that became a directory (an untracked path is a file), or a repository (refused, as
+    # a new one is, unless the index has it as a submodule).
     became = {path for path in read - set(untracked) - through_links if _is_directory(os.path.join(root, path))}
     repositories = {path for path in became if os.path.exists(os.path.join(root, path, ".git"))}
     check_no_repositories(sorted(path for path in repositories if state.indexed.get(path, ("",))[0] != GITLINK))
-    directories = became - repositories
-    if directories:  # git status names the old file only: the directory's files, as `git add -A` finds them
-        listing = ["--literal-pathspecs", "ls-files", "--others", "--exclude-standard", "-z", "--"]
-        found = set(filter(None, run_git([*listing, *sorted(directories)], cwd=root).stdout.split("\0")))
-        check_no_repositories(sorted(path for path in found if path.endswith("/")))
-        read |= found
+    directories = became - repositories  # removed first; git status named the files in them as untracked
     hashed, contents = _hash_files(root, sorted(read - directories - through_links), state.indexed)
     changes = {path: hashed.get(path) for path in read - directories}  # None: gone from the working tree
     changes |= {path: None for path, letter in state.staged.items() if letter == "D" and path not in read}
