@@ -9,11 +9,9 @@ written again: first for a tree never snapshotted before (each repetition gives 
 new content: what a run with --snapshot meets after an edit), then for the same tree again (a
 sweep's next member: git finds every object written already). The last row measures plain
 git's own way to the same commit (`git add -A`, `write-tree` and `commit-tree` on a copy of the
-index). The row before it is the floor of the snapshot's way: a `git status`, then the one
-`git fast-import` of the same commit, its input prepared beforehand (not timed), with nothing of
-the snapshot's own (no other git command, no Python). Every side is started from Python the same
-way (subprocesses), alternately. `--steps` also times each git command of a new 1,000-file
-snapshot (the median over the repetitions), to show where its time goes.
+index). Every side is started from Python the same way (subprocesses), alternately. `--steps`
+also times each git command of a new 1,000-file snapshot (the median over the repetitions), to
+show where its time goes.
 
 python benchmarks/snapshot.py [--repetitions N] [--steps]
 """
@@ -35,6 +33,7 @@ from git_gate import bare_status, make_repository, timed
 
 sys.path.insert(0, str(REPO))
 from src.core.record import git as git_module
+from src.core.record import pack as pack_module
 from src.core.record import snapshot as snapshot_module
 from src.core.record.snapshot import snapshot_gate
 
@@ -84,44 +83,6 @@ def snapshot(root: Path, changed: int) -> None:
     assert len((provenance.get("snapshot") or {}).get("files", [])) == changed
 
 
-class Captured(Exception):
-    """Raised instead of running the snapshot's fast-import: its arguments are taken."""
-
-
-def importer_call(root: Path) -> dict:
-    """The arguments of the `git fast-import` the snapshot gate would run for the tree as it is
-    (not run: nothing is written)."""
-    call, run_git = {}, snapshot_module.run_git
-
-    def capture(args, *rest, **options):
-        if "fast-import" in args:
-            call.update(args=args, cwd=root, input=options["input"], env=options.get("env"))
-            raise Captured
-        return run_git(args, *rest, **options)
-
-    snapshot_module.run_git = capture
-    try:
-        snapshot_gate(root, max_file_mb=10)
-    except Captured:
-        return call
-    finally:
-        snapshot_module.run_git = run_git
-    raise AssertionError("the snapshot gate ran no fast-import")
-
-
-def status_and_import_only(root: Path, change):
-    """A function timing the floor of a snapshot of a new tree: a git status, then the
-    fast-import of its commit, prepared beforehand (not timed)."""
-
-    def time_it() -> float:
-        change(root, next(VERSIONS))
-        bare_status(root)
-        call = importer_call(root)
-        return timed(lambda: (bare_status(root), git_module.run_git(**call)))
-
-    return time_it
-
-
 def plain_git_commit(root: Path) -> None:
     """The same commit by hand: a copy of the index, `git add -A`, `write-tree`, `commit-tree`."""
     index = root / ".git" / "bench-index"
@@ -156,9 +117,6 @@ def run(repetitions: int, scratch: Path) -> list[Comparison]:
     name = "snapshot gate, 1,000 changed files in 101 directories"
     rows.append(compare_new(name, change_files, lambda: snapshot(root, CHANGED)))
     rows.append(compare("snapshot gate, the same 1,000 changed files again", lambda: snapshot(root, CHANGED)))
-    status = lambda: timed(lambda: bare_status(root))  # noqa: E731
-    name = "the floor: git status, then only the snapshot's fast-import, 1,000 files, a new tree each time / git status"
-    rows.append(alternate(name, status_and_import_only(root, change_files), status, repetitions))
     plain_git = lambda: (bare_status(root), plain_git_commit(root))  # noqa: E731
     rows.append(
         compare_new("plain git (status, add -A, write-tree, commit-tree), 1,000 files", change_files, plain_git)
@@ -188,14 +146,14 @@ def steps(repetitions: int, scratch: Path) -> list[str]:
         timings.setdefault(name, []).append(time.perf_counter() - began)
         return result
 
-    for module in (git_module, snapshot_module):  # run_git calls start_git and finish_git of git_module
+    for module in (git_module, snapshot_module, pack_module):  # run_git calls start_git and finish_git of git_module
         module.start_git, module.finish_git = timed_start, timed_finish
     try:
         for _ in range(repetitions):
             timings.setdefault("the whole snapshot gate", []).append(first_snapshot())
             timings.setdefault("a bare git status, for scale", []).append(timed(lambda: bare_status(root)))
     finally:
-        for module in (git_module, snapshot_module):
+        for module in (git_module, snapshot_module, pack_module):
             module.start_git, module.finish_git = start_git, finish_git
     return [f"| {name} | {statistics.median(values):.4f} s |" for name, values in timings.items()]
 

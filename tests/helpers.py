@@ -3,7 +3,9 @@ processes, the short runs they train, and bitwise comparisons of runs. Tests imp
 from here, never from each other."""
 
 import os
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from src.core.phases import WALL_CLOCK_METRICS
 from src.core.record.checkpoint import read_checkpoint
+from src.core.record.snapshot import snapshot_gate
 from src.core.tracking.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +49,51 @@ def committed_repository(root: Path, files: dict[str, str]) -> Path:
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "initial")
     return root
+
+
+def working_tree(root: Path) -> dict[str, tuple]:
+    """Every file and link outside .git: its mode bits and bytes (a link: its target)."""
+    files = {}
+    for directory, names, filenames in os.walk(root):
+        names[:] = [name for name in names if name != ".git"]
+        for name in filenames + [name for name in names if (Path(directory) / name).is_symlink()]:
+            path = Path(directory) / name
+            relative = str(path.relative_to(root))
+            if path.is_symlink():
+                files[relative] = ("link", os.readlink(path))
+            else:
+                files[relative] = (stat.S_IMODE(path.lstat().st_mode), path.read_bytes())
+    return files
+
+
+def repository_view(root: Path) -> dict:
+    """What the user sees of a repository: status, staged diff, HEAD, branch, marks, stash, files."""
+    return {
+        "status": git(root, "status", "--porcelain=v2", "--branch", "--untracked-files=all"),
+        "staged": git(root, "diff", "--cached", "--binary"),
+        "head": git(root, "rev-parse", "--verify", "-q", "HEAD") if _has_commits(root) else None,
+        "branch": git(root, "symbolic-ref", "HEAD"),
+        "index": git(root, "ls-files", "-s", "-v"),  # stages, blobs, assume-unchanged/skip-worktree tags
+        "stash": git(root, "stash", "list"),
+        "tree": working_tree(root),
+    }
+
+
+def _has_commits(root: Path) -> bool:
+    return subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=root, capture_output=True).returncode == 0
+
+
+def snapshot_as_git_add_all(root: Path, tmp_path: Path) -> dict:
+    """The snapshot gate's provenance for `root`, checked: the repository is left as it was, and
+    the snapshot's tree is the one `git add -A` and `git write-tree` make of a copy."""
+    before = repository_view(root)
+    provenance = snapshot_gate(root, max_file_mb=10)
+    assert repository_view(root) == before
+    reference = tmp_path / "reference"
+    shutil.copytree(root, reference, symlinks=True)
+    git(reference, "add", "-A")
+    assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
+    return provenance
 
 
 def project_files() -> list[str]:

@@ -3,14 +3,21 @@ and the user's repository (HEAD, branch, index, stash, working tree) is left exa
 
 import os
 import shutil
-import stat
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import QUICK_RUN, Project, committed_repository, conflicting_branch, git
+from helpers import (
+    QUICK_RUN,
+    Project,
+    committed_repository,
+    conflicting_branch,
+    git,
+    repository_view,
+    snapshot_as_git_add_all,
+)
 
 from src.core.errors import Refusal
 from src.core.record import snapshot as snapshot_module
@@ -19,57 +26,12 @@ from src.core.record.snapshot import pin_run_snapshot, pin_snapshot, snapshot_ga
 RUN = (*QUICK_RUN, "--epochs=2")
 
 
-def working_tree(root: Path) -> dict[str, tuple]:
-    """Every file and link outside .git: its mode bits and bytes (a link: its target)."""
-    files = {}
-    for directory, names, filenames in os.walk(root):
-        names[:] = [name for name in names if name != ".git"]
-        for name in filenames + [name for name in names if (Path(directory) / name).is_symlink()]:
-            path = Path(directory) / name
-            relative = str(path.relative_to(root))
-            if path.is_symlink():
-                files[relative] = ("link", os.readlink(path))
-            else:
-                files[relative] = (stat.S_IMODE(path.lstat().st_mode), path.read_bytes())
-    return files
-
-
-def repository_view(root: Path) -> dict:
-    """What the user sees of a repository: status, staged diff, HEAD, branch, marks, stash, files."""
-    return {
-        "status": git(root, "status", "--porcelain=v2", "--branch", "--untracked-files=all"),
-        "staged": git(root, "diff", "--cached", "--binary"),
-        "head": git(root, "rev-parse", "--verify", "-q", "HEAD") if _has_commits(root) else None,
-        "branch": git(root, "symbolic-ref", "HEAD"),
-        "index": git(root, "ls-files", "-s", "-v"),  # stages, blobs, assume-unchanged/skip-worktree tags
-        "stash": git(root, "stash", "list"),
-        "tree": working_tree(root),
-    }
-
-
-def _has_commits(root: Path) -> bool:
-    return subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=root, capture_output=True).returncode == 0
-
-
 def file_at(root: Path, commit: str, path: str) -> bytes:
     return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, check=True, capture_output=True).stdout
 
 
 def mode_at(root: Path, commit: str, path: str) -> str:
     return git(root, "ls-tree", commit, "--", path).split()[0]
-
-
-def snapshot_as_git_add_all(root: Path, tmp_path: Path) -> dict:
-    """The snapshot gate's provenance for `root`, checked: the repository is left as it was, and
-    the snapshot's tree is the one `git add -A` and `git write-tree` make of a copy."""
-    before = repository_view(root)
-    provenance = snapshot_gate(root, max_file_mb=10)
-    assert repository_view(root) == before
-    reference = tmp_path / "reference"
-    shutil.copytree(root, reference, symlinks=True)
-    git(reference, "add", "-A")
-    assert git(root, "rev-parse", f"{provenance['commit']}^{{tree}}") == git(reference, "write-tree")
-    return provenance
 
 
 def modified(root):

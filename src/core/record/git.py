@@ -108,6 +108,9 @@ class RepositoryState:
     # The index entry (mode, blob) of each tracked path git status names: `git add` reads a file
     # against it (core.fileMode=false keeps its mode, core.autocrlf a committed CRLF), and so does a snapshot.
     indexed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # The entry (mode, object id) in HEAD of each path git status names as changed and in HEAD:
+    # where a snapshot finds it in HEAD's tree without reading all of the tree.
+    in_head: dict[str, tuple[str, str]] = field(default_factory=dict)
     in_progress: str | None = None  # "a merge", "a rebase"...: an operation git has not concluded
 
 
@@ -214,6 +217,8 @@ def _read_status(state: RepositoryState, output: str) -> None:
                     state.paths.append(origin)
             if record[0] != "u" and fields[4] != "000000":  # "1 XY sub mH mI mW hH hI path"
                 state.indexed[fields[-1]] = (fields[4], fields[7])
+            if record[0] == "1" and fields[3] != "000000":
+                state.in_head[fields[-1]] = (fields[3], fields[6])
             if fields[1][0] != ".":
                 state.staged[fields[-1]] = fields[1][0]
                 if fields[1][0] == "R":  # the old path left the index (a copy keeps it)
@@ -359,18 +364,17 @@ def check_clean(state: RepositoryState) -> None:
         )
 
 
-def git_provenance(state: RepositoryState) -> dict:
-    """The `git` section of a run's config.yaml (the tree is known to be clean)."""
+def git_provenance(state: RepositoryState, on_remote: bool | None = None) -> dict:
+    """The `git` section of a run's config.yaml (the tree is known to be clean). `on_remote`:
+    whether a remote-tracking branch holds the commit, if known already."""
     remotes = {}
     listing = run_git(["config", "--get-regexp", r"^remote\..*\.url$"], cwd=state.root, check=False).stdout
     for line in listing.splitlines():
         key, _, url = line.partition(" ")
         remotes[key[len("remote.") : -len(".url")]] = url
-    on_remote = bool(
-        run_git(
-            ["for-each-ref", "--count=1", "--contains", state.commit, "refs/remotes"], cwd=state.root, check=False
-        ).stdout.strip()
-    )
+    if on_remote is None:
+        contains = ["for-each-ref", "--count=1", "--contains", state.commit, "refs/remotes"]
+        on_remote = bool(run_git(contains, cwd=state.root, check=False).stdout.strip())
     submodules = {}
     if (state.root / ".gitmodules").exists():
         for line in run_git(["submodule", "status", "--recursive"], cwd=state.root).stdout.splitlines():

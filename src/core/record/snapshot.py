@@ -1,11 +1,11 @@
 """`--snapshot`: log a run from a dirty working tree by committing the tree, as it is, to a
 hidden ref (`refs/runs/<project>/<run>`) instead of refusing.
 
-The commit is built with git's plumbing, never touching the user's index: git computes the ids
-of the paths git status named in a temporary index of their own (GIT_INDEX_FILE), and
-`fast-import` writes their blobs (git itself those it stores otherwise than as they are) and
-the commit of the base's tree with them changed. HEAD, the branch, the real index, the stash
-and the working tree are left exactly as they were. It holds what the gate complains about:
+The commit is built without touching the user's index: git computes the ids of the paths git
+status named in a temporary index of their own (GIT_INDEX_FILE), and their blobs (git writes
+those it stores otherwise than as they are), the base's trees on their way with them changed,
+and the commit go into the repository as one pack (record/pack.py). HEAD, the branch, the real
+index, the stash and the working tree are left exactly as they were. It holds what the gate complains about:
 tracked files modified, deleted or renamed, untracked files that .gitignore does not exclude,
 executable bits, symbolic links, and files marked assume-unchanged or skip-worktree (by
 content, as the gate reads them).
@@ -31,35 +31,24 @@ from src.core.record.git import (
     PROJECT_ROOT,
     NotARepository,
     RepositoryState,
-    blob_id,
     check_clean,
-    finish_git,
     gate,
     git_provenance,
     repository_state,
     run_git,
-    start_git,
 )
+from src.core.record.pack import CommitBuilder
 
 REF_PREFIX = "refs/runs"
 BUNDLE_FILE = "snapshot.bundle"  # in a snapshot run's directory: the snapshot, as a git bundle
 PENDING_PREFIX = "refs/runs-pending"  # a snapshot made, its run not yet named (see pin_snapshot)
 ENVIRONMENT_VARIABLE = "TEMPLATE_SNAPSHOT"
-# A root commit (a branch without commits yet) needs some date: a fixed one keeps it reproducible.
-ROOT_DATE = "946684800 +0000"  # 2000-01-01
-IDENTITY = {"name": "run.py --snapshot", "email": "snapshot@run.invalid"}
+AUTHOR = "run.py --snapshot <snapshot@run.invalid>"  # the snapshots' author and committer
 UNSAFE_REF_CHARACTERS = re.compile(r"[^A-Za-z0-9._=,+-]")
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")  # written as octal escapes in fast-import's paths
 GITLINK, TREE = "160000", "040000"  # the modes of a submodule's commit and of a directory
-# Changed files handed to fast-import in memory, at most (held twice while the stream is built);
-# git writes the rest itself.
+# Changed files' bytes held in memory for the snapshot's pack, at most; git writes the rest itself.
 INLINE_BYTES = 32 * 1024 * 1024
-# fast-import takes a fresh zlib state (a quarter of a megabyte) for each object it writes. glibc hands
-# each back to the kernel and faults it in again: 23,000 page faults, 0.06 s of a new 1,000-file
-# snapshot here. Both thresholds at glibc's largest mmap threshold (32 MiB on 64 bits) keep the memory
-# in the process: a fixed trim threshold also stops glibc from moving the mmap one. Other C libraries
-# ignore the variables.
-IMPORTER_ALLOCATOR = {"MALLOC_TRIM_THRESHOLD_": str(32 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+SEED_ARGUMENT_BYTES = 256 * 1024  # index entries given to git on its command line, at most
 
 
 @dataclass(frozen=True)
@@ -67,6 +56,7 @@ class Snapshot:
     commit: str  # the snapshot commit
     base: str | None  # HEAD when it was taken (None: a branch without commits)
     files: list[str]  # the paths that differ from the base
+    new: bool = False  # a commit new to the repository (so that no ref, a remote's or a run's, holds it yet)
 
 
 def snapshot_requested(flag: bool) -> bool:
@@ -129,18 +119,16 @@ def check_no_repositories(paths: list[str]) -> None:
         )
 
 
-def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
+def build_snapshot(state: RepositoryState, untracked: list[str], builder: CommitBuilder) -> Snapshot:
     """Commit the working tree of `state` (not referenced yet: see pin_snapshot) and return it.
 
     Only what git status named is read again: git computes those files' ids in a temporary
     index of them alone (content, executable bit, symbolic link, submodule commit, as `git add`
-    reads them), and `git fast-import` makes the commit from the base's tree with those paths
-    changed, writing their blobs and, again, only the trees on their way. The index and the rest
-    of the tree are not read, so the cost follows the number of changed paths, not the size of
-    the repository."""
+    reads them), and the commit is made of the base's tree with those paths changed (see
+    CommitBuilder), writing their blobs and, again, only the trees on their way. The index and
+    the rest of the tree are not read, so the cost follows the number of changed paths, not the
+    size of the repository."""
     root, base = state.root, state.commit
-    # The base's date (the snapshot's own, so that it depends on nothing else), read meanwhile.
-    dating = start_git(["log", "-1", "--format=%ct +0000", base], cwd=root) if base else None
     read = {*state.paths, *(path for path, letter in state.staged.items() if letter != "D"), *untracked}
     # Beyond a symbolic link (a tracked directory replaced by a link to scratch space, say), a path
     # is gone: git records the link, and reads nothing through it.
@@ -151,21 +139,22 @@ def build_snapshot(state: RepositoryState, untracked: list[str]) -> Snapshot:
     repositories = {path for path in became if os.path.exists(os.path.join(root, path, ".git"))}
     check_no_repositories(sorted(path for path in repositories if state.indexed.get(path, ("",))[0] != GITLINK))
     directories = became - repositories  # removed first; git status named the files in them as untracked
-    hashed, contents = _hash_files(root, sorted(read - directories - through_links), state.indexed)
+    removed = {path for path, letter in state.staged.items() if letter == "D" and path not in read}
+    builder.begin(base, read | removed, state.in_head)  # reads the base's trees meanwhile
+    hashed = _hash_files(root, sorted(read - directories - through_links), state.indexed, builder)
     changes = {path: hashed.get(path) for path in read - directories}  # None: gone from the working tree
-    changes |= {path: None for path, letter in state.staged.items() if letter == "D" and path not in read}
-    changes |= {path: None for path in directories}
-    date = ROOT_DATE if dating is None else finish_git(dating, root).stdout.strip()
-    commit, before = _import_commit(root, base, changes, date, contents)
+    changes |= dict.fromkeys(removed | directories)
+    message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
+    commit, before = builder.commit(changes, AUTHOR, message)  # dated as its base: see CommitBuilder
     # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing
     # (unless a run holds it already: a resume, a torchrun restart).
-    if not run_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX], cwd=root).stdout:
+    if builder.new or not run_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX], cwd=root).stdout:
         run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
     # The files that differ (a directory of the base, removed to be written again, is not one).
     files = sorted(
         path for path, change in changes.items() if change != before[path] and (change or before[path])[0] != TREE
     )
-    return Snapshot(commit, base, files)
+    return Snapshot(commit, base, files, builder.new)
 
 
 def _is_top_level(root: Path) -> bool:
@@ -187,20 +176,23 @@ def _beyond_links(root: Path, paths: set[str]) -> set[str]:
 
 def _is_directory(path: str) -> bool:
     """A directory, not a link to one."""
-    return os.path.isdir(path) and not os.path.islink(path)
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _hash_files(
-    root: Path, paths: list[str], indexed: dict[str, tuple[str, str]]
-) -> tuple[dict[str, tuple[str, str]], dict[str, bytes]]:
+    root: Path, paths: list[str], indexed: dict[str, tuple[str, str]], builder: CommitBuilder
+) -> dict[str, tuple[str, str]]:
     """path -> (mode, object id) of each path that exists, as `git add` reads it (content,
     executable bit, symbolic link, submodule commit, filters and line endings, against its
-    index entry in `indexed`, if any); and the bytes of those whose blob is the file as it is,
-    for fast-import to write into its pack.
+    index entry in `indexed`, if any).
 
     Git computes every id without writing anything (a loose object per file is what made a first
-    snapshot slow), while the files are read here. A file that git stores otherwise than as it is
-    (a clean filter, converted line endings; or changed meanwhile) is written by git itself instead."""
+    snapshot slow), while the files are read here and made ready as blobs for the snapshot's pack
+    (`builder`). A file that git stores otherwise than as it is (a clean filter, converted line
+    endings; or changed meanwhile) gets another id: git writes that one itself."""
     # The entries of files still there (a deleted one's could clash with a file where its directory was).
     seed = {path: indexed[path] for path in paths if path in indexed and os.path.lexists(os.path.join(root, path))}
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -211,18 +203,16 @@ def _hash_files(
             if data is not None:
                 read[path] = data
                 budget -= len(data)
+        as_they_are = builder.add_blobs(read)
         entries = computing.result()
-    contents = {
-        path: read[path]
-        for path, (_, object_id) in entries.items()
-        if path in read and blob_id(read[path], object_id) == object_id
+    written = {
+        path for path, (mode, object_id) in entries.items() if mode != GITLINK and as_they_are.get(path) != object_id
     }
-    written = {path for path, (mode, _) in entries.items() if mode != GITLINK and path not in contents}
     if written:  # git's own objects; a path gone since is simply not added
         kept = {path: entry for path, entry in entries.items() if path not in written}
         written_seed = {path: entry for path, entry in seed.items() if path in written}
         entries = kept | _index_entries(root, sorted(written), written_seed, write=True)
-    return entries, contents
+    return entries
 
 
 def _index_entries(
@@ -230,19 +220,26 @@ def _index_entries(
 ) -> dict[str, tuple[str, str]]:
     """`update-index --add` of `paths` on a temporary index of them alone, holding first the
     user's index entries `seed` of some of them (path -> (mode, blob)): path -> (mode, id). Without
-    `write`, git computes each id but writes no object (--info-only)."""
+    `write`, git computes each id but writes no object (--info-only). `seed` holds no more paths
+    than `paths`."""
     handle, temporary = tempfile.mkstemp(prefix="snapshot-index-")
     os.close(handle)
     os.unlink(temporary)  # git starts an empty index where none exists
     index_env = {"GIT_INDEX_FILE": temporary}
     try:
-        if seed:  # without stat data: every file is read again
-            seeded = "".join(f"{mode} {blob} 0\t{path}\0" for path, (mode, blob) in seed.items())
-            run_git(["update-index", "-z", "--index-info"], cwd=root, env=index_env, input=seeded)
+        # The seed, without stat data (every file is read again): on git's command line where it is
+        # short enough, sparing a process of its own.
+        seeded = [
+            argument for path, (mode, blob) in seed.items() for argument in ("--cacheinfo", f"{mode},{blob},{path}")
+        ]
+        if sum(map(len, seeded)) > SEED_ARGUMENT_BYTES:
+            listed = "".join(f"{mode} {blob} 0\t{path}\0" for path, (mode, blob) in seed.items())
+            run_git(["update-index", "-z", "--index-info"], cwd=root, env=index_env, input=listed)
+            seeded = []
         if paths:  # --remove: a path gone from the working tree is simply not added
             options = [] if write else ["--info-only"]
             adding = run_git(
-                ["update-index", "--add", "--remove", *options, "-z", "--stdin"],
+                ["update-index", "--add", *seeded, "--remove", *options, "-z", "--stdin"],
                 cwd=root,
                 env=index_env,
                 input="".join(f"{path}\0" for path in paths),
@@ -288,59 +285,6 @@ def _blob_bytes(path: str, limit: int) -> bytes | None:
         return None
     finally:
         os.close(descriptor)
-
-
-def _import_commit(
-    root: Path,
-    base: str | None,
-    changes: dict[str, tuple[str, str] | None],
-    date: str,
-    contents: dict[str, bytes],
-) -> tuple[str, dict[str, tuple[str, str] | None]]:
-    """The commit of the base's tree with `changes` (path -> (mode, object id), or None to
-    remove it), the blobs of `contents` (path -> bytes) written with it; and what each changed
-    path was in the base (None: nothing there).
-
-    One `git fast-import`: it reads the base's trees along the changed paths only, writes the
-    blobs, the trees that change (a directory left empty goes, as git keeps none) and the commit
-    into one pack, and answers an `ls` of each path before changing it. The commit is the one
-    `commit-tree` would make of the same tree. Its branch is reset before the end, so no ref is
-    written."""
-    identity = f"{IDENTITY['name']} <{IDENTITY['email']}> {date}"
-    message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
-    branch = f"{PENDING_PREFIX}/importing"  # fast-import's name for the commit; never written
-    paths = sorted(changes)
-    stream = [f"commit {branch}", "mark :1", f"author {identity}", f"committer {identity}"]
-    stream += [f"data {len(message.encode())}", message + (f"from {base}" if base else "")]
-    stream += [f"ls {_quoted(path)}" for path in paths] if base else []
-    # Removals first: a directory that became a file (or a file that became one) is removed, then written.
-    stream += [f"D {_quoted(path)}" for path in paths if changes[path] is None]
-    # The paths' bytes again, as git printed them (see finish_git).
-    chunks = [os.fsencode("\n".join(stream)) + b"\n"]
-    for path, change in changes.items():
-        if change and path in contents:
-            data = contents[path]
-            chunks += [os.fsencode(f"M {change[0]} inline {_quoted(path)}\ndata {len(data)}\n"), data, b"\n"]
-        elif change:
-            chunks.append(os.fsencode(f"M {change[0]} {change[1]} {_quoted(path)}\n"))
-    chunks.append(f"\nget-mark :1\nreset {branch}\ndone\n".encode())
-    # zlib's fastest level, as git writes its loose objects: 2% larger than the default level, and a
-    # quarter less time for 1,000 files.
-    importer = ["-c", "pack.compression=1", "fast-import", "--quiet", "--done"]
-    answers = run_git(importer, cwd=root, input=b"".join(chunks), env=IMPORTER_ALLOCATOR)
-    lines = os.fsdecode(answers.stdout).split("\n")
-    before: dict[str, tuple[str, str] | None] = dict.fromkeys(paths)
-    for path, answer in zip(paths, lines if base else [], strict=False):  # "mode type id\tpath" or "missing path"
-        if not answer.startswith("missing "):
-            mode, _, object_id = answer.partition("\t")[0].split(" ")
-            before[path] = (mode, object_id)
-    return lines[len(paths) if base else 0].strip(), before
-
-
-def _quoted(path: str) -> str:
-    """A path as fast-import reads it whatever its characters: C-style quoted."""
-    escaped = path.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + CONTROL_CHARACTERS.sub(lambda match: f"\\{ord(match.group()):03o}", escaped) + '"'
 
 
 def snapshot_ref(project: str, run: str) -> str:
@@ -408,20 +352,22 @@ def snapshot_gate(root: Path, max_file_mb: float) -> dict:
     """The `git` provenance of a run with --snapshot: a clean tree's as usual; a dirty tree's
     snapshot commit, with `snapshot: {base, ref, files}` (`ref` is filled in when the run
     directory, which names it, is made: see pin_snapshot)."""
-    try:
-        state = repository_state(root, untracked="all")  # each new file named, not its new directory
-    except NotARepository:  # a container built from a commit ($PROVENANCE_GIT_COMMIT), or a refusal
-        return gate(root)
-    if not state.changes:
-        check_clean(state)  # a repository without commits
-        return git_provenance(state)
-    if not _is_top_level(Path(root)):  # git status names paths from where it runs: read it at the top
-        top_level = Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip())
-        state = repository_state(top_level, untracked="all")
-    untracked = untracked_files(state)
-    check_snapshot_allowed(state, untracked, max_file_mb)
-    snapshot = build_snapshot(state, untracked)
-    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))
+    with CommitBuilder(Path(root)) as builder:  # git's object reader starts, and reads HEAD, while git status runs
+        try:
+            state = repository_state(root, untracked="all")  # each new file named, not its new directory
+        except NotARepository:  # a container built from a commit ($PROVENANCE_GIT_COMMIT), or a refusal
+            return gate(root)
+        if not state.changes:
+            check_clean(state)  # a repository without commits
+            return git_provenance(state)
+        if not _is_top_level(Path(root)):  # git status names paths from where it runs: read it at the top
+            top_level = Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip())
+            state = repository_state(top_level, untracked="all")
+        untracked = untracked_files(state)
+        check_snapshot_allowed(state, untracked, max_file_mb)
+        snapshot = build_snapshot(state, untracked, builder)
+    on_remote = False if snapshot.new else None  # None: asked of git
+    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch), on_remote)
     provenance["snapshot"] = {"base": snapshot.base, "ref": None, "files": snapshot.files}
     return provenance
 
