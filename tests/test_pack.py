@@ -4,11 +4,13 @@ and its index are ones git itself reads, checks and repacks."""
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import committed_repository, git, snapshot_as_git_add_all
+from helpers import REPO, committed_repository, git, snapshot_as_git_add_all
 
+from src.core.record import pack as pack_module
 from src.core.record.snapshot import snapshot_gate
 
 # Names around a directory `a` in git's order: "a-b" and "a.txt" come before "a/" (a directory
@@ -66,11 +68,13 @@ def test_an_entry_whose_bytes_occur_inside_another_name_is_found_where_it_is(tmp
     assert git(root, "show", f"{provenance['commit']}:a 100644 b") == "same"
 
 
-def test_the_pack_is_one_git_verifies_and_repacks_and_holds_large_files_compressed(tmp_path):
+def test_a_large_snapshot_is_one_pack_git_verifies_and_repacks_with_its_files_compressed(tmp_path):
     source = "".join(f"value_{index} = {index} * 2\n" for index in range(400))  # 8 KB of text
-    root = committed_repository(tmp_path / "repo", {"model.py": "x = 1\n", "small.txt": "s\n"})
+    files = {"model.py": "x = 1\n", **{f"d{index}/f.txt": f"{index}\n" for index in range(60)}}
+    root = committed_repository(tmp_path / "repo", files)
     (root / "model.py").write_text(source)
-    (root / "small.txt").write_text("edited\n")
+    for index in range(60):  # 60 blobs and 60 trees: past LOOSE_BELOW
+        (root / f"d{index}" / "f.txt").write_text(f"{index}, edited\n")
     packs = root / ".git" / "objects" / "pack"
     before = set(packs.glob("*.pack"))
     commit = snapshot_as_git_add_all(root, tmp_path)["commit"]
@@ -78,15 +82,105 @@ def test_the_pack_is_one_git_verifies_and_repacks_and_holds_large_files_compress
     listing = git(root, "verify-pack", "-v", str(written.with_suffix(".idx")))  # checks every object's CRC and id
     sizes = {line.split()[0]: line.split() for line in listing.splitlines() if " blob " in line}
     blob = git(root, "rev-parse", f"{commit}:model.py")
-    assert int(sizes[blob][3]) < len(source) // 2  # size in the pack, compressed
+    assert int(sizes[blob][3]) < len(source) // 2  # its size in the pack: compressed
     git(root, "gc", "-q", "--prune=now")
     git(root, "fsck", "--strict", "--no-progress")
     assert git(root, "show", f"{commit}:model.py") == source.rstrip("\n")
 
 
-def test_the_same_tree_again_writes_nothing(tmp_path):
-    root = committed_repository(tmp_path / "repo", {"a.txt": "a\n"})
-    (root / "a.txt").write_text("edited\n")
+def test_a_small_snapshot_goes_in_as_loose_objects(tmp_path):
+    """As `git fast-import` and `git push` do below a hundred objects: a pack for each small
+    snapshot would soon make git repack the whole repository."""
+    root = committed_repository(tmp_path / "repo", {"a.txt": "a\n", "d/b.txt": "b\n"})
+    git(root, "gc", "-q")
+    packs = sorted((root / ".git" / "objects" / "pack").iterdir())
+    (root / "d" / "b.txt").write_text("edited\n")
+    commit = snapshot_as_git_add_all(root, tmp_path)["commit"]
+    assert sorted((root / ".git" / "objects" / "pack").iterdir()) == packs
+    assert "count: 4" in git(root, "count-objects", "-v")  # the blob, two trees and the commit
+    git(root, "fsck", "--strict", "--no-progress")
+    assert git(root, "show", f"{commit}:d/b.txt") == "edited"
+
+
+def test_a_pack_whose_index_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    root = committed_repository(tmp_path / "repo", {f"d{index}/f.txt": "x\n" for index in range(60)})
+    for index in range(60):
+        (root / f"d{index}" / "f.txt").write_text(f"{index}, edited\n")
+    packs = sorted((root / ".git" / "objects" / "pack").iterdir())
+    write_durably = pack_module._write_durably
+
+    def full_disk(directory, path, data):
+        if path.suffix == ".idx":
+            raise OSError(28, "No space left on device")
+        write_durably(directory, path, data)
+
+    monkeypatch.setattr(pack_module, "_write_durably", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        snapshot_gate(root, max_file_mb=10)
+    assert sorted((root / ".git" / "objects" / "pack").iterdir()) == packs
+    git(root, "fsck", "--strict", "--no-progress")
+
+
+def snapshot_in_a_process(root: Path, before: str = "", env: dict | None = None) -> str:
+    """The snapshot gate's commit for `root`, from a Python process of its own that runs `before`
+    first (it has `pack` imported); a process that waits for ever fails the test after 5 minutes."""
+    script = (
+        f"import fcntl, sys\nsys.path.insert(0, {str(REPO)!r})\nfrom pathlib import Path\n"
+        f"from src.core.record import pack\nfrom src.core.record.snapshot import snapshot_gate\n{before}\n"
+        f"print(snapshot_gate(Path({str(root)!r}), max_file_mb=10)['commit'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+SMALLEST_PIPES = """
+start = pack.ObjectReader.__init__
+def small_pipes(self, root):
+    start(self, root)
+    for pipe in (self.process.stdin, self.process.stdout):
+        fcntl.fcntl(pipe.fileno(), 1031, 4096)  # F_SETPIPE_SZ: one page
+pack.ObjectReader.__init__ = small_pipes
+"""
+
+
+def test_reading_many_trees_through_the_smallest_pipe_does_not_wait_for_ever(tmp_path):
+    """Requests to git cat-file go in runs that fit a pipe of one page (what Linux gives a user
+    past its quota of pipe memory): a run that did not fit would wait on cat-file, which waits to
+    write its answers."""
+    root = committed_repository(tmp_path / "repo", {f"d{index:03d}/f.txt": "x\n" for index in range(300)})
+    for index in range(300):
+        (root / f"d{index:03d}" / "f.txt").write_text("edited\n")
+    commit = snapshot_in_a_process(root, before=SMALLEST_PIPES)
+    assert git(root, "rev-parse", f"{commit}:d299/f.txt") == git(root, "hash-object", "d299/f.txt")
+
+
+def test_a_partial_clone_fetches_nothing_for_a_snapshot(tmp_path):
+    """In a clone without blobs, asking git for an object it lacks fetches it from the remote
+    (which may be offline, slow, or ask for a password): a snapshot asks refs instead."""
+    origin = committed_repository(tmp_path / "origin", {"a.txt": "a\n", "d/b.txt": "b\n"})
+    git(origin, "config", "uploadpack.allowFilter", "true")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", "--filter=blob:none", f"file://{origin}", str(clone))
+    (clone / "d" / "b.txt").write_text("edited\n")
+    trace = tmp_path / "trace"
+    commit = snapshot_in_a_process(clone, env={"GIT_TRACE": str(trace)})
+    assert git(clone, "show", f"{commit}:d/b.txt") == "edited"
+    commands = [
+        line.split("built-in: git ")[1].split()[0]
+        for line in trace.read_text().splitlines()
+        if "built-in: git " in line
+    ]
+    assert "cat-file" in commands and "fetch" not in commands
+
+
+@pytest.mark.parametrize("changed", [1, 120], ids=["loose objects", "a pack"])
+def test_the_same_tree_again_writes_nothing(tmp_path, changed):
+    root = committed_repository(tmp_path / "repo", {f"d{index}/f.txt": "x\n" for index in range(changed)})
+    for index in range(changed):
+        (root / f"d{index}" / "f.txt").write_text(f"{index}, edited\n")
     first = snapshot_gate(root, max_file_mb=10)["commit"]
     files = lambda: sorted((path.name, path.stat().st_ino) for path in (root / ".git" / "objects").rglob("*"))  # noqa: E731
     written = files()

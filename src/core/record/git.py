@@ -364,17 +364,18 @@ def check_clean(state: RepositoryState) -> None:
         )
 
 
-def git_provenance(state: RepositoryState, on_remote: bool | None = None) -> dict:
-    """The `git` section of a run's config.yaml (the tree is known to be clean). `on_remote`:
-    whether a remote-tracking branch holds the commit, if known already."""
+def git_provenance(state: RepositoryState) -> dict:
+    """The `git` section of a run's config.yaml (the tree is known to be clean)."""
     remotes = {}
     listing = run_git(["config", "--get-regexp", r"^remote\..*\.url$"], cwd=state.root, check=False).stdout
     for line in listing.splitlines():
         key, _, url = line.partition(" ")
         remotes[key[len("remote.") : -len(".url")]] = url
-    if on_remote is None:
-        contains = ["for-each-ref", "--count=1", "--contains", state.commit, "refs/remotes"]
-        on_remote = bool(run_git(contains, cwd=state.root, check=False).stdout.strip())
+    on_remote = bool(
+        run_git(
+            ["for-each-ref", "--count=1", "--contains", state.commit, "refs/remotes"], cwd=state.root, check=False
+        ).stdout.strip()
+    )
     submodules = {}
     if (state.root / ".gitmodules").exists():
         for line in run_git(["submodule", "status", "--recursive"], cwd=state.root).stdout.splitlines():

@@ -22,7 +22,7 @@ import struct
 import subprocess
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,14 +30,19 @@ from src.core.record.git import finish_git, start_git
 
 TREE_MODE = b"40000"  # git writes a directory's mode without a leading zero
 TREE_PREFIX = TREE_MODE + b" "  # how a directory's entry in a tree starts
+# Changed names in one directory searched for one by one, at most; more read its tree whole.
+SEARCHES_AT_MOST = 16
 TYPES = {b"commit": 1, b"tree": 2, b"blob": 3}
 # A root commit (a branch without commits yet) needs some date: a fixed one keeps it reproducible.
 ROOT_DATE = "946684800 +0000"  # 2000-01-01
 STORED_BELOW = 1024  # bytes: a blob this small is stored as it is (see _compressed)
 
-# Object names written to cat-file before its answers are read: their lines stay well within a
-# pipe's buffer (64 KiB), so that cat-file never waits for its input to be read.
-REQUESTS_AT_ONCE = 1000
+# Requests written to cat-file before its answers are read, in bytes: within the smallest pipe
+# buffer Linux gives (a page), so that writing them never waits on cat-file, which waits on us.
+REQUEST_BYTES = 4000
+# Fewer objects than this go in as loose objects, as `git fast-import` and `git push` do: a pack
+# for each small snapshot would soon make git repack the whole repository (gc.autoPackLimit).
+LOOSE_BELOW = 100
 Change = tuple[str, str] | None  # (mode, hex id), or None: nothing at the path
 
 
@@ -47,62 +52,119 @@ class ObjectReader:
     def __init__(self, root: Path):
         self.process = start_git(["cat-file", "--batch"], cwd=root, stdin=subprocess.PIPE, text=False)
         self.id_size = 0  # bytes of a raw object id (SHA-1: 20, SHA-256: 32), known from the first answer
-        self.ids: dict[str, str] = {}  # name asked for -> the id of the object found
 
     def read(self, names: list[str]) -> list[bytes | None]:
         """The content of each object named (an id, or an expression such as `HEAD^{tree}`), or
         None where the repository lacks it."""
         contents = []
-        for start in range(0, len(names), REQUESTS_AT_ONCE):
-            chunk = names[start : start + REQUESTS_AT_ONCE]
-            self.process.stdin.write("".join(f"{name}\n" for name in chunk).encode())
-            self.process.stdin.flush()
-            for name in chunk:
+        for chunk in _chunks([f"{name}\n".encode() for name in names], REQUEST_BYTES):
+            try:
+                self.process.stdin.write(b"".join(chunk))
+                self.process.stdin.flush()
+            except BrokenPipeError:
+                self._failed()
+            for _ in chunk:
                 header = self.process.stdout.readline().split()  # "<id> <type> <size>", or "<name> missing"
-                if not header:  # cat-file ended: not a repository, or a damaged one
-                    raise RuntimeError(f"'git cat-file --batch' failed: {self.process.stderr.read().decode().strip()}")
-                self.id_size = self.id_size or len(header[0]) // 2 * (len(header) == 3)
-                self.ids[name] = header[0].decode()
-                contents.append(self.process.stdout.read(int(header[2]) + 1)[:-1] if len(header) == 3 else None)
+                if not header:
+                    self._failed()
+                if len(header) != 3:
+                    contents.append(None)
+                    continue
+                self.id_size = len(header[0]) // 2
+                contents.append(self.process.stdout.read(int(header[2]) + 1)[:-1])
         return contents
+
+    def _failed(self) -> None:
+        """cat-file has ended: not a repository, or a damaged one."""
+        self.process.kill()
+        message = self.process.stderr.read().decode(errors="replace").strip()
+        raise RuntimeError(f"'git cat-file --batch' failed: {message or 'it ended unexpectedly'}")
 
     def close(self) -> None:
         self.process.communicate()  # closes its input: cat-file ends
 
 
+def _chunks(requests: list[bytes], size: int) -> Iterator[list[bytes]]:
+    """`requests` in runs of at most `size` bytes (one at least)."""
+    chunk, length = [], 0
+    for request in requests:
+        if chunk and length + len(request) > size:
+            yield chunk
+            chunk, length = [], 0
+        chunk.append(request)
+        length += len(request)
+    if chunk:
+        yield chunk
+
+
 class PackWriter:
-    """The objects of one pack, hashed and compressed as they are added, written at the end."""
+    """The objects of a snapshot, hashed and compressed as they are added, written at the end."""
 
     def __init__(self, hash_name: str):
         self.hash_name = hash_name
         self.id_size = hashlib.new(hash_name).digest_size
-        self.objects: dict[bytes, bytes] = {}  # raw id -> its entry in the pack: type, size, zlib stream
+        # raw id -> (type, content, its entry in a pack: type and size, then the zlib stream)
+        self.objects: dict[bytes, tuple[bytes, bytes, bytes]] = {}
 
     def add(self, kind: bytes, content: bytes) -> bytes:
-        """The raw id of an object of `kind` holding `content`, to be written with the pack."""
+        """The raw id of an object of `kind` holding `content`, to be written with the others."""
         digest = hashlib.new(self.hash_name, b"%s %d\0" % (kind, len(content)), usedforsecurity=False)
         digest.update(content)
         raw = digest.digest()
         if raw not in self.objects:
-            self.objects[raw] = _entry_header(TYPES[kind], len(content)) + _compressed(TYPES[kind], content)
+            entry = _entry_header(TYPES[kind], len(content)) + _compressed(TYPES[kind], content)
+            self.objects[raw] = (kind, content, entry)
         return raw
 
     def write(self, objects_directory: Path) -> None:
-        """The pack and its index into `objects_directory`/pack (nothing if no object was added)."""
-        if not self.objects:
-            return
-        pack_directory = objects_directory / "pack"
-        pack_directory.mkdir(exist_ok=True)
-        pack = b"".join([b"PACK" + struct.pack(">II", 2, len(self.objects)), *self.objects.values()])
+        """The objects into `objects_directory`: a few as loose objects, more as one pack."""
+        if len(self.objects) < LOOSE_BELOW:
+            for raw, (kind, content, _) in self.objects.items():
+                _write_loose(objects_directory, raw.hex(), b"%s %d\0%s" % (kind, len(content), content))
+        else:
+            self._write_pack(objects_directory / "pack")
+
+    def _write_pack(self, directory: Path) -> None:
+        """The pack, then its index (which makes git see the pack), each whole or not at all."""
+        directory.mkdir(exist_ok=True)
+        entries = {raw: entry for raw, (_, _, entry) in self.objects.items()}
+        pack = b"".join([b"PACK" + struct.pack(">II", 2, len(entries)), *entries.values()])
         pack += hashlib.new(self.hash_name, pack, usedforsecurity=False).digest()
         offsets, position = {}, 12  # past the header
-        for raw, entry in self.objects.items():
+        for raw, entry in entries.items():
             offsets[raw], position = position, position + len(entry)
         trailer = pack[-self.id_size :]
-        index = _pack_index(sorted(self.objects), offsets, self.objects, trailer, self.hash_name)
-        name = pack_directory / f"pack-{trailer.hex()}"
-        for suffix, data in ((".pack", pack), (".idx", index)):  # the index last: it makes the pack seen
-            _write_durably(pack_directory, name.with_suffix(suffix), data)
+        index = _pack_index(sorted(entries), offsets, entries, trailer, self.hash_name)
+        name = directory / f"pack-{trailer.hex()}"
+        if name.with_suffix(".idx").exists():  # the same objects, written before
+            return
+        there_before = name.with_suffix(".pack").exists()  # and the index lost since
+        _write_durably(directory, name.with_suffix(".pack"), pack)
+        try:
+            _write_durably(directory, name.with_suffix(".idx"), index)
+        except BaseException:
+            if not there_before:  # a pack without its index would be left for good
+                name.with_suffix(".pack").unlink(missing_ok=True)
+            raise
+
+
+def _write_loose(objects_directory: Path, object_id: str, data: bytes) -> None:
+    """A loose object (`data`, compressed) at objects/<2 digits>/<the rest>, unless git has it."""
+    directory = objects_directory / object_id[:2]
+    path = directory / object_id[2:]
+    if path.exists():
+        return
+    directory.mkdir(exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix="tmp_obj_", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(zlib.compress(data, 1))
+        os.chmod(temporary, 0o444)  # as git leaves its objects
+        os.link(temporary, path)  # as git does: an object written meanwhile is kept as it is
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(temporary)
 
 
 def _compressed(kind: int, content: bytes) -> bytes:
@@ -175,22 +237,27 @@ def _write_durably(directory: Path, path: Path, data: bytes) -> None:
         raise
 
 
+def _is_tree(entry: bytes) -> bool:
+    """Whether a tree's entry ("<mode> <name>\\0<raw id>") is a directory's (old trees may write its
+    mode "040000")."""
+    return entry.startswith(TREE_PREFIX) or entry.startswith(b"0" + TREE_PREFIX)
+
+
 def _entry_key(entry: bytes) -> bytes:
-    """Git's order of a tree's entries ("<mode> <name>\\0<raw id>"): by name, a directory's as if
-    it ended in a slash."""
-    mode, _, rest = entry.partition(b" ")
+    """Git's order of a tree's entries: by name, a directory's as if it ended in a slash."""
+    rest = entry.partition(b" ")[2]
     name = rest[: rest.index(b"\0")]
-    return name + b"/" if mode == TREE_MODE else name
+    return name + b"/" if _is_tree(entry) else name
 
 
 class _Directory:
     """A directory on the way to changed paths: its changed entries, the directories below it
     that hold more, and its tree in the base.
 
-    An entry is found in the base's tree without reading the whole tree where that is certain:
+    An entry of the base's tree is found without reading all of the tree where that is certain:
     an entry known to be there (its mode and id, from git status), or a directory known to be
-    there whose "<mode> <name>\\0" occurs once, is where its bytes occur once. Anything else (a
-    new name, a name that appears twice) reads the whole tree once."""
+    there ("40000 <name>\\0"), is where its bytes occur, if they occur once. Otherwise (a new
+    name, a name that occurs twice, or many changes in one directory) the tree is read once, whole."""
 
     def __init__(self):
         self.entries: dict[bytes, str] = {}  # name -> the changed path
@@ -203,15 +270,15 @@ class _Directory:
 
     def span(self, name: bytes) -> tuple[int, int] | None:
         """Where the entry called `name` is in the base's tree (start, end); None: not there."""
-        below = self.below.get(name)
-        if name in self.known:
-            needle, size = self.known[name], 0
+        below, needle, size = self.below.get(name), None, 0
+        if self._spans is not None or len(self.entries) + len(self.below) > SEARCHES_AT_MOST:
+            needle = None  # one reading of the whole tree costs less than the searches
+        elif name in self.known:
+            needle = self.known[name]
         elif below is not None and below.in_base and name not in self.entries:
             needle, size = TREE_PREFIX + name + b"\0", self.id_size
-        else:
-            needle = None
-        if needle and self.base.count(needle) == 1:
-            start = self.base.find(needle)
+        start = self.base.find(needle) if needle else -1
+        if start >= 0 and self.base.find(needle, start + 1) < 0:
             return start, start + len(needle) + size
         return self.all_spans().get(name)
 
@@ -222,29 +289,79 @@ class _Directory:
             self._spans = {match[1]: match.span() for match in pattern.finditer(self.base)}
         return self._spans
 
+    def entry(self, name: bytes) -> bytes | None:
+        """The entry called `name` in the base's tree, if any."""
+        span = self.span(name)
+        return None if span is None else self.base[span[0] : span[1]]
+
 
 class CommitBuilder:
     """A commit of the base's tree with some paths changed. git's object reader starts at once;
-    the base's trees along the paths are read (on a thread of its own) from `begin`, while the
+    the base's trees along the paths are read, on a thread of its own, from `begin`, while the
     caller finds out what the paths hold. Use it in a `with` block."""
 
     def __init__(self, root: Path):
         self.root, self.base, self.top = root, None, _Directory()
         self.writer: PackWriter | None = None  # once the repository's hash is known
         self.blobs: set[bytes] = set()  # the raw ids of add_blobs
-        self.new = False  # whether the commit was new to the repository (else it was there already)
         self.base_date = ROOT_DATE  # until the base's is read
         self.format = start_git(["rev-parse", "--show-object-format", "--git-path", "objects"], cwd=root)
         self.reader = ObjectReader(root)
         self.pool = ThreadPoolExecutor(max_workers=1)
-        self.head = self.pool.submit(self._read_head)  # meanwhile: most often, the base
         self.reading = None
+
+    def __enter__(self) -> "CommitBuilder":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.pool.shutdown()
+        self.reader.close()
+        if self.format.returncode is None:
+            finish_git(self.format, self.root, check=False)
 
     def begin(self, base: str | None, paths: Iterable[str], in_base: dict[str, tuple[str, str]]) -> None:
         """Start reading the trees of `base` (None: a root commit) along `paths`. `in_base`: what
         some of the paths are in the base (path -> (mode, hex id)), as far as git status tells."""
         self.base = base
         self.reading = self.pool.submit(self._read_base, list(paths), in_base)
+
+    def add_blobs(self, files: dict[str, bytes]) -> dict[str, str]:
+        """The id of a blob of each file's bytes (path -> hex id), its blob made ready to be written
+        with the commit if a change names it."""
+        if self.writer is None:
+            hash_name, objects_directory = finish_git(self.format, self.root).stdout.splitlines()
+            # A git too old to know the option prints it back: it knows SHA-1 alone.
+            self.writer = PackWriter(hash_name if hash_name in ("sha1", "sha256") else "sha1")
+            self.objects_directory = Path(self.root, objects_directory)
+        ids = {path: self.writer.add(b"blob", data) for path, data in files.items()}
+        self.blobs |= set(ids.values())
+        return {path: raw.hex() for path, raw in ids.items()}
+
+    def commit(self, changes: dict[str, Change], author: str, message: str) -> tuple[str, dict[str, Change]]:
+        """The commit with `changes` (each path given -> (mode, hex id), or None to remove it),
+        made ready to be written (see write), with the blobs of add_blobs that it holds; and what
+        each changed path was in the base (None: nothing there; a directory's mode is "040000",
+        as git prints it).
+
+        Only the base's trees along the changed paths are made again; a directory left empty goes,
+        as git keeps none. Its author and committer are `author` ("name <email>") at the base's
+        date, so that the same tree on the same base is the same commit."""
+        self.add_blobs({})
+        writer = self.writer
+        held = {bytes.fromhex(change[1]) for change in changes.values() if change}
+        for raw in self.blobs - held:  # a file git stores otherwise than as it is (a filter, line endings)
+            del writer.objects[raw]
+        self.reading.result()
+        before: dict[str, Change] = dict.fromkeys(changes)
+        tree = writer.add(b"tree", _build(self.top, changes, writer, before))
+        parent = f"parent {self.base}\n" if self.base else ""
+        signature = f"{author} {self.base_date}"
+        header = f"tree {tree.hex()}\n{parent}author {signature}\ncommitter {signature}\n"
+        return writer.add(b"commit", f"{header}\n{message}".encode()).hex(), before
+
+    def write(self) -> None:
+        """The commit and the objects it adds into the repository."""
+        self.writer.write(self.objects_directory)
 
     def _add_paths(self, paths: list[str], in_base: dict[str, tuple[str, str]]) -> None:
         """The directories on the way to `paths`, with what they are known to hold in the base."""
@@ -259,32 +376,6 @@ class CommitBuilder:
             if known:
                 directory.known[name] = b"%s %s\0%s" % (known[0].encode().lstrip(b"0"), name, bytes.fromhex(known[1]))
 
-    def __enter__(self) -> "CommitBuilder":
-        return self
-
-    def __exit__(self, *exception) -> None:
-        self.pool.shutdown()
-        self.reader.close()
-        if self.format.returncode is None:
-            finish_git(self.format, self.root, check=False)
-
-    def add_blobs(self, files: dict[str, bytes]) -> dict[str, str]:
-        """The id of a blob of each file's bytes (path -> hex id), its blob made ready to be written
-        with the commit if a change names it."""
-        if self.writer is None:
-            hash_name, objects_directory = finish_git(self.format, self.root).stdout.splitlines()
-            # A git too old to know the option prints it back: it knows SHA-1 alone.
-            self.writer = PackWriter(hash_name if hash_name in ("sha1", "sha256") else "sha1")
-            self.objects_directory = Path(self.root, objects_directory)
-        ids = {path: self.writer.add(b"blob", data) for path, data in files.items()}
-        self.blobs |= set(ids.values())
-        return {path: raw.hex() for path, raw in ids.items()}
-
-    def _read_head(self) -> tuple[str, bytes, bytes] | None:
-        """HEAD's id, commit and tree (None: no commit yet), read while git status runs."""
-        commit = self.reader.read(["HEAD"])[0]
-        return None if commit is None else (self.reader.ids["HEAD"], *self._read_commit(self.reader.ids["HEAD"]))
-
     def _read_commit(self, commit_id: str) -> tuple[bytes, bytes]:
         """A commit's content and its tree's."""
         commit = self.reader.read([commit_id])[0]
@@ -297,8 +388,7 @@ class CommitBuilder:
         self._add_paths(paths, in_base)
         if self.base is None:
             return
-        head = self.head.result() if self.head.exception() is None else None
-        commit, tree = head[1:] if head and head[0] == self.base else self._read_commit(self.base)
+        commit, tree = self._read_commit(self.base)
         committer = next(line for line in commit.split(b"\n") if line.startswith(b"committer "))
         self.base_date = f"{int(committer.rsplit(b'>', 1)[1].split()[0])} +0000"
         level: list[tuple[_Directory, bytes | None]] = [(self.top, tree)]
@@ -306,39 +396,11 @@ class CommitBuilder:
             below = []
             for directory, content in level:
                 directory.base, directory.id_size = content or b"", self.reader.id_size
-                for child, child_directory in directory.below.items():
-                    span = directory.span(child)
-                    entry = b"" if span is None else directory.base[span[0] : span[1]]
-                    tree_id = entry[-self.reader.id_size :].hex() if entry.startswith(TREE_PREFIX) else None
-                    below.append((child_directory, tree_id))
+                for name, child in directory.below.items():
+                    entry = directory.entry(name)
+                    below.append((child, entry[-self.reader.id_size :].hex() if entry and _is_tree(entry) else None))
             contents = iter(self.reader.read([tree_id for _, tree_id in below if tree_id]))
             level = [(directory, next(contents) if tree_id else None) for directory, tree_id in below]
-
-    def commit(self, changes: dict[str, Change], author: str, message: str) -> tuple[str, dict[str, Change]]:
-        """The commit with `changes` (each path given -> (mode, hex id), or None to remove it),
-        written as one pack with the blobs of add_blobs that it holds, unless the repository has
-        that commit already; and what each changed path was in the base (None: nothing there; a
-        directory's mode is "040000", as git prints it).
-
-        Only the base's trees along the changed paths are written again; a directory left empty
-        goes, as git keeps none. Its author and committer are `author` ("name <email>") at the
-        base's date, so that the same tree on the same base is the same commit."""
-        self.add_blobs({})
-        writer = self.writer
-        held = {bytes.fromhex(change[1]) for change in changes.values() if change}
-        for raw in self.blobs - held:  # a file git stores otherwise than as it is (a filter, line endings)
-            del writer.objects[raw]
-        self.reading.result()
-        before: dict[str, Change] = dict.fromkeys(changes)
-        tree = writer.add(b"tree", _build(self.top, changes, writer, before))
-        parent = f"parent {self.base}\n" if self.base else ""
-        signature = f"{author} {self.base_date}"
-        header = f"tree {tree.hex()}\n{parent}author {signature}\ncommitter {signature}\n"
-        commit = writer.add(b"commit", f"{header}\n{message}".encode())
-        self.new = self.reader.read([commit.hex()]) == [None]
-        if self.new:
-            writer.write(self.objects_directory)
-        return commit.hex(), before
 
 
 def _build(
@@ -351,13 +413,44 @@ def _build(
     """The content of `directory`'s tree with its `changes` (nothing of the base's if a change
     `removed` it), its new subtrees added to `writer` (b"": nothing is left, and it goes).
     Records each changed path's entry in the base in `before`."""
-    changed: dict[bytes, bytes | None] = {}  # name -> its new entry, or None: gone
+    changed = _new_entries(directory, changes, writer, before, removed)
+    for name, path in directory.entries.items():
+        if (old := directory.entry(name)) is not None:
+            before[path] = (old.partition(b" ")[0].decode().zfill(6), old[-writer.id_size :].hex())
+    if removed:
+        return b"".join(sorted(filter(None, changed.values()), key=_entry_key))
+    spans = {name: directory.span(name) for name in changed}
+    if all(_stays_in_place(directory.base, changed[name], span) for name, span in spans.items()):
+        pieces, end = [], 0  # each changed entry replaced where it is
+        for name, span in sorted(spans.items(), key=lambda item: item[1]):
+            pieces += [directory.base[end : span[0]], changed[name] or b""]
+            end = span[1]
+        return b"".join([*pieces, directory.base[end:]])
+    # A new name, or a name that became a directory or stopped being one: the tree sorted again.
+    entries = {name: directory.base[start:end] for name, (start, end) in directory.all_spans().items()}
+    for name, entry in changed.items():
+        entries.pop(name, None)
+        if entry is not None:
+            entries[name] = entry
+    return b"".join(sorted(entries.values(), key=_entry_key))
+
+
+def _stays_in_place(base: bytes, new: bytes | None, span: tuple[int, int] | None) -> bool:
+    """Whether an entry of the tree `base` at `span` (None: not there) can be replaced by `new`
+    (None: removed) where it is: it is there, and stays a directory or not one (its key in git's order)."""
+    return span is not None and (new is None or _is_tree(new) == _is_tree(base[span[0] : span[1]]))
+
+
+def _new_entries(
+    directory: _Directory, changes: dict[str, Change], writer: PackWriter, before: dict[str, Change], removed: bool
+) -> dict[bytes, bytes | None]:
+    """name -> the new entry of each name that changes in `directory` (None: it goes), the trees
+    below it built first."""
+    changed: dict[bytes, bytes | None] = {}
     for name, path in directory.entries.items():
         change = changes[path]
-        if change is None:
-            changed[name] = None
-        else:
-            changed[name] = b"%s %s\0%s" % (change[0].encode().lstrip(b"0"), name, bytes.fromhex(change[1]))
+        mode = change and change[0].encode().lstrip(b"0")
+        changed[name] = None if change is None else b"%s %s\0%s" % (mode, name, bytes.fromhex(change[1]))
     for name, below in directory.below.items():
         replaced = name in directory.entries
         content = _build(below, changes, writer, before, removed or replaced)
@@ -367,29 +460,4 @@ def _build(
             changed[name] = None
         elif removed or replaced or content != below.base:
             changed[name] = b"%s %s\0%s" % (TREE_MODE, name, writer.add(b"tree", content))
-    base = directory.base
-    spans = {name: directory.span(name) for name in changed}
-    for name, path in directory.entries.items():
-        if spans[name]:
-            old = base[spans[name][0] : spans[name][1]]
-            before[path] = (old.partition(b" ")[0].decode().zfill(6), old[-writer.id_size :].hex())
-    if removed:
-        return b"".join(sorted(filter(None, changed.values()), key=_entry_key))
-    # In place if every changed name is there, and stays a directory or not one (its place in git's order).
-    if all(
-        span
-        and (changed[name] is None or changed[name].startswith(TREE_PREFIX) == base.startswith(TREE_PREFIX, span[0]))
-        for name, span in spans.items()
-    ):
-        pieces, end = [], 0  # each changed entry replaced where it is
-        for name, span in sorted(spans.items(), key=lambda item: item[1]):
-            pieces += [base[end : span[0]], changed[name] or b""]
-            end = span[1]
-        return b"".join([*pieces, base[end:]])
-    # A new name, or a name that became a directory or stopped being one: the tree sorted again.
-    entries = {name: base[start:end] for name, (start, end) in directory.all_spans().items()}
-    for name, entry in changed.items():
-        entries.pop(name, None)
-        if entry is not None:
-            entries[name] = entry
-    return b"".join(sorted(entries.values(), key=_entry_key))
+    return changed

@@ -32,10 +32,12 @@ from src.core.record.git import (
     NotARepository,
     RepositoryState,
     check_clean,
+    finish_git,
     gate,
     git_provenance,
     repository_state,
     run_git,
+    start_git,
 )
 from src.core.record.pack import CommitBuilder
 
@@ -56,7 +58,6 @@ class Snapshot:
     commit: str  # the snapshot commit
     base: str | None  # HEAD when it was taken (None: a branch without commits)
     files: list[str]  # the paths that differ from the base
-    new: bool = False  # a commit new to the repository (so that no ref, a remote's or a run's, holds it yet)
 
 
 def snapshot_requested(flag: bool) -> bool:
@@ -135,26 +136,38 @@ def build_snapshot(state: RepositoryState, untracked: list[str], builder: Commit
     through_links = _beyond_links(root, read)
     # A tracked file that became a directory (an untracked path is a file), or a repository (refused, as
     # a new one is, unless the index has it as a submodule).
-    became = {path for path in read - set(untracked) - through_links if _is_directory(os.path.join(root, path))}
+    kinds = {path: _file_kind(os.path.join(root, path)) for path in read - set(untracked) - through_links}
+    became = {path for path, kind in kinds.items() if kind is not None and stat.S_ISDIR(kind)}
     repositories = {path for path in became if os.path.exists(os.path.join(root, path, ".git"))}
     check_no_repositories(sorted(path for path in repositories if state.indexed.get(path, ("",))[0] != GITLINK))
     directories = became - repositories  # removed first; git status named the files in them as untracked
     removed = {path for path, letter in state.staged.items() if letter == "D" and path not in read}
     builder.begin(base, read | removed, state.in_head)  # reads the base's trees meanwhile
-    hashed = _hash_files(root, sorted(read - directories - through_links), state.indexed, builder)
+    # The index entries of tracked files still there (a deleted one's could clash with a file where its
+    # directory was), for git to read each file against, as `git add` does.
+    seed = {
+        path: state.indexed[path]
+        for path, kind in kinds.items()
+        if kind is not None and path in state.indexed and path not in directories
+    }
+    hashed = _hash_files(root, sorted(read - directories - through_links), seed, builder)
     changes = {path: hashed.get(path) for path in read - directories}  # None: gone from the working tree
     changes |= dict.fromkeys(removed | directories)
     message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
     commit, before = builder.commit(changes, AUTHOR, message)  # dated as its base: see CommitBuilder
-    # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing
-    # (unless a run holds it already: a resume, a torchrun restart).
-    if builder.new or not run_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX], cwd=root).stdout:
+    # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing, unless a
+    # ref holds it already: its run's (a resume, a torchrun restart, a sweep's next member), or a pending
+    # one. (Refs are asked, not objects: in a partial clone, asking git for an object it lacks fetches it
+    # from the remote.)
+    held = start_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX, PENDING_PREFIX], cwd=root)
+    builder.write()  # meanwhile; writing objects git has already changes nothing
+    if not finish_git(held, root).stdout:
         run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
     # The files that differ (a directory of the base, removed to be written again, is not one).
     files = sorted(
         path for path, change in changes.items() if change != before[path] and (change or before[path])[0] != TREE
     )
-    return Snapshot(commit, base, files, builder.new)
+    return Snapshot(commit, base, files)
 
 
 def _is_top_level(root: Path) -> bool:
@@ -174,27 +187,25 @@ def _beyond_links(root: Path, paths: set[str]) -> set[str]:
     return {path for path in paths if is_beyond(os.path.dirname(path))}
 
 
-def _is_directory(path: str) -> bool:
-    """A directory, not a link to one."""
+def _file_kind(path: str) -> int | None:
+    """The mode of what is at `path`, a link's own (None: nothing)."""
     try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
+        return os.lstat(path).st_mode
     except OSError:
-        return False
+        return None
 
 
 def _hash_files(
-    root: Path, paths: list[str], indexed: dict[str, tuple[str, str]], builder: CommitBuilder
+    root: Path, paths: list[str], seed: dict[str, tuple[str, str]], builder: CommitBuilder
 ) -> dict[str, tuple[str, str]]:
     """path -> (mode, object id) of each path that exists, as `git add` reads it (content,
     executable bit, symbolic link, submodule commit, filters and line endings, against its
-    index entry in `indexed`, if any).
+    index entry in `seed`, if any).
 
     Git computes every id without writing anything (a loose object per file is what made a first
     snapshot slow), while the files are read here and made ready as blobs for the snapshot's pack
     (`builder`). A file that git stores otherwise than as it is (a clean filter, converted line
     endings; or changed meanwhile) gets another id: git writes that one itself."""
-    # The entries of files still there (a deleted one's could clash with a file where its directory was).
-    seed = {path: indexed[path] for path in paths if path in indexed and os.path.lexists(os.path.join(root, path))}
     with ThreadPoolExecutor(max_workers=1) as pool:
         computing = pool.submit(_index_entries, root, paths, seed, False)
         read, budget = {}, INLINE_BYTES
@@ -352,22 +363,21 @@ def snapshot_gate(root: Path, max_file_mb: float) -> dict:
     """The `git` provenance of a run with --snapshot: a clean tree's as usual; a dirty tree's
     snapshot commit, with `snapshot: {base, ref, files}` (`ref` is filled in when the run
     directory, which names it, is made: see pin_snapshot)."""
-    with CommitBuilder(Path(root)) as builder:  # git's object reader starts, and reads HEAD, while git status runs
-        try:
-            state = repository_state(root, untracked="all")  # each new file named, not its new directory
-        except NotARepository:  # a container built from a commit ($PROVENANCE_GIT_COMMIT), or a refusal
-            return gate(root)
-        if not state.changes:
-            check_clean(state)  # a repository without commits
-            return git_provenance(state)
-        if not _is_top_level(Path(root)):  # git status names paths from where it runs: read it at the top
-            top_level = Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip())
-            state = repository_state(top_level, untracked="all")
-        untracked = untracked_files(state)
+    try:
+        state = repository_state(root, untracked="all")  # each new file named, not its new directory
+    except NotARepository:  # a container built from a commit ($PROVENANCE_GIT_COMMIT), or a refusal
+        return gate(root)
+    if not state.changes:
+        check_clean(state)  # a repository without commits
+        return git_provenance(state)
+    if not _is_top_level(Path(root)):  # git status names paths from where it runs: read it at the top
+        top_level = Path(run_git(["rev-parse", "--show-toplevel"], cwd=root).stdout.strip())
+        state = repository_state(top_level, untracked="all")
+    untracked = untracked_files(state)
+    with CommitBuilder(state.root) as builder:  # git's object reader starts while the tree is checked
         check_snapshot_allowed(state, untracked, max_file_mb)
         snapshot = build_snapshot(state, untracked, builder)
-    on_remote = False if snapshot.new else None  # None: asked of git
-    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch), on_remote)
+    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))
     provenance["snapshot"] = {"base": snapshot.base, "ref": None, "files": snapshot.files}
     return provenance
 
