@@ -5,6 +5,7 @@ and its index are ones git itself reads, checks and repacks."""
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,10 @@ def test_a_sha256_repository_gets_sha256_objects(tmp_path):
     assert len(commit) == 64
     git(root, "fsck", "--strict", "--no-progress")
     assert git(root, "show", f"{commit}:d/edited.txt") == "after"
+
+
+@pytest.mark.parametrize("size", [0, 1, 1023, 65535, 65536, 200_000])
+def test_objects_stored_as_they_are_are_zlib_streams_of_any_size(size):
+    """Trees and small blobs go into a pack in stored deflate blocks of at most 65,535 bytes."""
+    content = os.urandom(size)
+    assert zlib.decompress(b"".join(pack_module._stored(content))) == content

@@ -112,7 +112,7 @@ class PackWriter:
         digest.update(content)
         raw = digest.digest()
         if raw not in self.objects:
-            entry = _entry_header(TYPES[kind], len(content)) + _compressed(TYPES[kind], content)
+            entry = b"".join([_entry_header(TYPES[kind], len(content)), *_compressed(TYPES[kind], content)])
             self.objects[raw] = (kind, content, entry)
         return raw
 
@@ -167,25 +167,27 @@ def _write_loose(objects_directory: Path, object_id: str, data: bytes) -> None:
         os.unlink(temporary)
 
 
-def _compressed(kind: int, content: bytes) -> bytes:
-    """An object's zlib stream (git reads any). Trees, and blobs under a kilobyte, are stored as
-    they are: half of a tree is object ids, which do not compress (zlib's fastest level took 25
-    times as long for a third less), and setting up zlib for each small file took longer than
-    storing it. Anything else at zlib's fastest level, with memory for its size."""
+def _compressed(kind: int, content: bytes) -> list[bytes]:
+    """An object's zlib stream (git reads any), in pieces. Trees, and blobs under a kilobyte, are
+    stored as they are: half of a tree is object ids, which do not compress (zlib's fastest level
+    took 25 times as long for a third less), and setting up zlib for each small file took longer
+    than storing it. Anything else at zlib's fastest level, with memory for its size."""
     if kind == TYPES[b"tree"] or len(content) < STORED_BELOW:
         return _stored(content)
     memory_level = min(8, len(content).bit_length() - 6)  # a buffer of 2**(6 + level) symbols
     compressor = zlib.compressobj(level=1, memLevel=memory_level)
-    return compressor.compress(content) + compressor.flush()
+    return [compressor.compress(content), compressor.flush()]
 
 
-def _stored(content: bytes) -> bytes:
+def _stored(content: bytes) -> list[bytes]:
     """A zlib stream (RFC 1950) of `content` in stored deflate blocks of up to 65,535 bytes (RFC 1951)."""
     blocks = [content[start : start + 65535] for start in range(0, len(content), 65535)] or [b""]
+    if len(blocks) == 1:
+        blocks = [content]  # not copied
     stream = [b"\x78\x01"]  # deflate with a 32 KiB window, no dictionary (a multiple of 31, as required)
     for number, block in enumerate(blocks, start=1):  # a block: "last?", its length and that length's complement
         stream += [struct.pack("<BHH", number == len(blocks), len(block), len(block) ^ 0xFFFF), block]
-    return b"".join([*stream, struct.pack(">I", zlib.adler32(content))])
+    return [*stream, struct.pack(">I", zlib.adler32(content))]
 
 
 def _entry_header(kind: int, size: int) -> bytes:
@@ -267,9 +269,15 @@ class _Directory:
         self.base = b""  # its tree in the base
         self.id_size = 0
         self._spans: dict[bytes, tuple[int, int]] | None = None  # every entry's, once read
+        self._found: dict[bytes, tuple[int, int] | None] = {}  # span's answers
 
     def span(self, name: bytes) -> tuple[int, int] | None:
         """Where the entry called `name` is in the base's tree (start, end); None: not there."""
+        if name not in self._found:
+            self._found[name] = self._search(name)
+        return self._found[name]
+
+    def _search(self, name: bytes) -> tuple[int, int] | None:
         below, needle, size = self.below.get(name), None, 0
         if self._spans is not None or len(self.entries) + len(self.below) > SEARCHES_AT_MOST:
             needle = None  # one reading of the whole tree costs less than the searches

@@ -131,6 +131,8 @@ def build_snapshot(state: RepositoryState, untracked: list[str], builder: Commit
     size of the repository."""
     root, base = state.root, state.commit
     read = {*state.paths, *(path for path, letter in state.staged.items() if letter != "D"), *untracked}
+    removed = {path for path, letter in state.staged.items() if letter == "D" and path not in read}
+    builder.begin(base, read | removed, state.in_head)  # reads the base's trees meanwhile
     # Beyond a symbolic link (a tracked directory replaced by a link to scratch space, say), a path
     # is gone: git records the link, and reads nothing through it.
     through_links = _beyond_links(root, read)
@@ -141,8 +143,6 @@ def build_snapshot(state: RepositoryState, untracked: list[str], builder: Commit
     repositories = {path for path in became if os.path.exists(os.path.join(root, path, ".git"))}
     check_no_repositories(sorted(path for path in repositories if state.indexed.get(path, ("",))[0] != GITLINK))
     directories = became - repositories  # removed first; git status named the files in them as untracked
-    removed = {path for path, letter in state.staged.items() if letter == "D" and path not in read}
-    builder.begin(base, read | removed, state.in_head)  # reads the base's trees meanwhile
     # The index entries of tracked files still there (a deleted one's could clash with a file where its
     # directory was), for git to read each file against, as `git add` does.
     seed = {
@@ -184,7 +184,9 @@ def _beyond_links(root: Path, paths: set[str]) -> set[str]:
             linked[directory] = is_beyond(os.path.dirname(directory)) or os.path.islink(os.path.join(root, directory))
         return linked[directory]
 
-    return {path for path in paths if is_beyond(os.path.dirname(path))}
+    directories = {path: os.path.dirname(path) for path in paths}
+    linked_directories = {directory for directory in set(directories.values()) if is_beyond(directory)}
+    return {path for path, directory in directories.items() if directory in linked_directories}
 
 
 def _file_kind(path: str) -> int | None:
