@@ -366,16 +366,14 @@ def check_clean(state: RepositoryState) -> None:
 
 def git_provenance(state: RepositoryState) -> dict:
     """The `git` section of a run's config.yaml (the tree is known to be clean)."""
+    # Both asked at once (two processes).
+    listing = start_git(["config", "--get-regexp", r"^remote\..*\.url$"], cwd=state.root)
+    containing = start_git(["for-each-ref", "--count=1", "--contains", state.commit, "refs/remotes"], cwd=state.root)
     remotes = {}
-    listing = run_git(["config", "--get-regexp", r"^remote\..*\.url$"], cwd=state.root, check=False).stdout
-    for line in listing.splitlines():
+    for line in finish_git(listing, state.root, check=False).stdout.splitlines():
         key, _, url = line.partition(" ")
         remotes[key[len("remote.") : -len(".url")]] = url
-    on_remote = bool(
-        run_git(
-            ["for-each-ref", "--count=1", "--contains", state.commit, "refs/remotes"], cwd=state.root, check=False
-        ).stdout.strip()
-    )
+    on_remote = bool(finish_git(containing, state.root, check=False).stdout.strip())
     submodules = {}
     if (state.root / ".gitmodules").exists():
         for line in run_git(["submodule", "status", "--recursive"], cwd=state.root).stdout.splitlines():

@@ -58,6 +58,7 @@ class Snapshot:
     commit: str  # the snapshot commit
     base: str | None  # HEAD when it was taken (None: a branch without commits)
     files: list[str]  # the paths that differ from the base
+    referenced: bool = True  # by a ref already (else it wants its pending ref: see snapshot_gate)
 
 
 def snapshot_requested(flag: bool) -> bool:
@@ -155,19 +156,17 @@ def build_snapshot(state: RepositoryState, untracked: list[str], builder: Commit
     changes |= dict.fromkeys(removed | directories)
     message = f"snapshot of the working tree on {base or 'an unborn branch'}\n"
     commit, before = builder.commit(changes, AUTHOR, message)  # dated as its base: see CommitBuilder
-    # Referenced at once, so that a `git gc --prune=now` before the run pins it loses nothing, unless a
-    # ref holds it already: its run's (a resume, a torchrun restart, a sweep's next member), or a pending
-    # one. (Refs are asked, not objects: in a partial clone, asking git for an object it lacks fetches it
-    # from the remote.)
+    # Whether a ref holds it already: its run's (a resume, a torchrun restart, a sweep's next member),
+    # or a pending one. (Refs are asked, not objects: in a partial clone, asking git for an object it
+    # lacks fetches it from the remote.)
     held = start_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX, PENDING_PREFIX], cwd=root)
     builder.write()  # meanwhile; writing objects git has already changes nothing
-    if not finish_git(held, root).stdout:
-        run_git(["update-ref", f"{PENDING_PREFIX}/{commit}", commit], cwd=root)
+    referenced = bool(finish_git(held, root).stdout)
     # The files that differ (a directory of the base, removed to be written again, is not one).
     files = sorted(
         path for path, change in changes.items() if change != before[path] and (change or before[path])[0] != TREE
     )
-    return Snapshot(commit, base, files)
+    return Snapshot(commit, base, files, referenced)
 
 
 def _is_top_level(root: Path) -> bool:
@@ -379,7 +378,13 @@ def snapshot_gate(root: Path, max_file_mb: float) -> dict:
     with CommitBuilder(state.root) as builder:  # git's object reader starts while the tree is checked
         check_snapshot_allowed(state, untracked, max_file_mb)
         snapshot = build_snapshot(state, untracked, builder)
-    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))
+    # Referenced at once (if no ref holds it yet), so that a `git gc --prune=now` before the run pins it
+    # loses nothing.
+    pending = f"{PENDING_PREFIX}/{snapshot.commit}"
+    pinning = None if snapshot.referenced else start_git(["update-ref", pending, snapshot.commit], cwd=state.root)
+    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))  # meanwhile
+    if pinning:
+        finish_git(pinning, state.root)
     provenance["snapshot"] = {"base": snapshot.base, "ref": None, "files": snapshot.files}
     return provenance
 
