@@ -1,18 +1,22 @@
-"""Write a snapshot's commit, and the trees and blobs it adds, into the repository as one git pack.
+"""Write a snapshot's commit, and the trees and blobs it adds, into the repository: as one git
+pack, or as loose objects when they are few.
 
 Why here rather than by `git fast-import`: a snapshot of 1,000 files across 100 directories writes
 every tree of the repository again, and fast-import's fixed work for each object (SHA-1 with
 collision detection, a fresh zlib state of a quarter of a megabyte, the whole pack hashed again
-at its end, every tree sorted again) took 1.4 times a `git status` on its own. Here the base's
-trees are read once (`git cat-file --batch`), only the entries that change are touched, and the
-objects are hashed with hashlib and compressed with a small zlib state.
+at its end, every tree sorted again) took 1.4 times a `git status` on its own. Here each changed
+entry is found in the base's tree by its bytes and replaced where it is (a tree that keeps its
+names, with a few changes, is neither parsed nor sorted), trees and small blobs are stored as they are (half of a tree is
+ids, which do not compress), and objects are hashed with OpenSSL's SHA-1 (each blob's id is the
+one git computes for its file: see record/snapshot.py). benchmarks/README.md has the figures.
 
 The formats (git's Documentation/gitformat-pack.txt): a pack is "PACK", version 2 and the object
 count, each object as a type-and-size header and its zlib stream, then the hash of all of it. Its
 index (version 2) holds a fan-out table of the ids' first bytes, the sorted ids, the CRC-32 and
 offset of each object, and the pack's hash and its own. The pack, then its index, is written
 under a temporary name, flushed to disk and renamed into `objects/pack`, as git does: git reads a
-pack once its index is there. The object ids are SHA-1, or SHA-256 in a repository made so.
+pack once its index is there. A loose object is its type, size and content, compressed, at
+objects/<2 hex digits>/<the rest>. The ids are SHA-1, or SHA-256 in a repository made so.
 """
 
 import hashlib
