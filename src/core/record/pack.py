@@ -6,9 +6,10 @@ every tree of the repository again, and fast-import's fixed work for each object
 collision detection, a fresh zlib state of a quarter of a megabyte, the whole pack hashed again
 at its end, every tree sorted again) took 1.4 times a `git status` on its own. Here each changed
 entry is found in the base's tree by its bytes and replaced where it is (a tree that keeps its
-names, with a few changes, is neither parsed nor sorted), trees and small blobs are stored as they are (half of a tree is
-ids, which do not compress), and objects are hashed with OpenSSL's SHA-1 (each blob's id is the
-one git computes for its file: see record/snapshot.py). benchmarks/README.md has the figures.
+names, with a few changes, is neither parsed nor sorted), trees and small blobs are stored as
+they are (half of a tree is ids, which do not compress), and objects are hashed with OpenSSL's
+SHA-1 (each blob's id is the one git computes for its file: see record/snapshot.py).
+benchmarks/README.md has the figures.
 
 The formats (git's Documentation/gitformat-pack.txt): a pack is "PACK", version 2 and the object
 count, each object as a type-and-size header and its zlib stream, then the hash of all of it. Its

@@ -4,11 +4,11 @@ hidden ref (`refs/runs/<project>/<run>`) instead of refusing.
 The commit is built without touching the user's index: git computes the ids of the paths git
 status named in a temporary index of their own (GIT_INDEX_FILE), and their blobs (git writes
 those it stores otherwise than as they are), the base's trees on their way with them changed,
-and the commit go into the repository as one pack (record/pack.py). HEAD, the branch, the real
-index, the stash and the working tree are left exactly as they were. It holds what the gate complains about:
-tracked files modified, deleted or renamed, untracked files that .gitignore does not exclude,
-executable bits, symbolic links, and files marked assume-unchanged or skip-worktree (by
-content, as the gate reads them).
+and the commit go into the repository as one pack, or loose objects when few (record/pack.py).
+HEAD, the branch, the real index, the stash and the working tree are left exactly as they were.
+It holds what the gate complains about: tracked files modified, deleted or renamed, untracked
+files that .gitignore does not exclude, executable bits, symbolic links, and files marked
+assume-unchanged or skip-worktree (by content, as the gate reads them).
 
 The commit's author, dates and message depend only on the tree and its base, so the same
 tree on the same base is the same commit: sweep members, repeated runs, a torchrun restart
@@ -58,7 +58,7 @@ class Snapshot:
     commit: str  # the snapshot commit
     base: str | None  # HEAD when it was taken (None: a branch without commits)
     files: list[str]  # the paths that differ from the base
-    referenced: bool = True  # by a ref already (else it wants its pending ref: see snapshot_gate)
+    referenced: bool  # by a ref already (else it wants its pending ref: see snapshot_gate)
 
 
 def snapshot_requested(flag: bool) -> bool:
