@@ -7,7 +7,7 @@ Clean, the snapshot gate is the gate (no commit is made). With a few changed fil
 changed files (500 edited across all 100 directories, 500 new) every tree of the repository is
 written again: first for a tree never snapshotted before (each repetition gives the 1,000 files
 new content: what a run with --snapshot meets after an edit), then for the same tree again (a
-sweep's next member: git finds every object written already). The last row measures plain
+sweep's next member: a ref holds its commit, and nothing new is written). The last row measures plain
 git's own way to the same commit (`git add -A`, `write-tree` and `commit-tree` on a copy of the
 index). Every side is started from Python the same way (subprocesses), alternately. `--steps`
 also times each git command of a new 1,000-file snapshot (the median over the repetitions), to

@@ -110,10 +110,10 @@ def test_a_pack_whose_index_cannot_be_written_is_not_left_behind(tmp_path, monke
     packs = sorted((root / ".git" / "objects" / "pack").iterdir())
     write_durably = pack_module._write_durably
 
-    def full_disk(directory, path, data):
+    def full_disk(directory, path, data, mode):
         if path.suffix == ".idx":
             raise OSError(28, "No space left on device")
-        write_durably(directory, path, data)
+        write_durably(directory, path, data, mode)
 
     monkeypatch.setattr(pack_module, "_write_durably", full_disk)
     with pytest.raises(OSError, match="No space left"):
@@ -212,3 +212,30 @@ def test_objects_stored_as_they_are_are_zlib_streams_of_any_size(size):
     """Trees and small blobs go into a pack in stored deflate blocks of at most 65,535 bytes."""
     content = os.urandom(size)
     assert zlib.decompress(b"".join(pack_module._stored(content))) == content
+
+
+def test_a_tree_missing_from_the_repository_stops_the_snapshot_instead_of_losing_its_files(tmp_path):
+    """git status reads the index, not HEAD's trees: a damaged repository (a lost loose object,
+    alternates gone, a partial clone offline) shows only when the snapshot reads them."""
+    root = committed_repository(tmp_path / "repo", {"d/kept.txt": "kept\n", "d/edited.txt": "before\n"})
+    tree = git(root, "rev-parse", "HEAD:d")
+    (root / ".git" / "objects" / tree[:2] / tree[2:]).unlink()
+    (root / "d" / "edited.txt").write_text("after\n")
+    with pytest.raises(RuntimeError, match=f"missing from the repository.*{tree}"):
+        snapshot_gate(root, max_file_mb=10)
+    assert not git(root, "for-each-ref", "refs/runs-pending")
+
+
+def test_objects_in_a_repository_shared_by_a_group_stay_writable_by_the_group(tmp_path):
+    root = tmp_path / "repo"
+    git(tmp_path, "init", "-q", "--shared=group", str(root))
+    committed_repository(root, {"d/a.txt": "a\n"})
+    git(root, "gc", "-q", "--prune=now")  # no object directories left but git's own
+    (root / "d" / "a.txt").write_text("edited\n")
+    commit = snapshot_gate(root, max_file_mb=10)["commit"]
+    objects = root / ".git" / "objects"
+    made = [path for path in objects.iterdir() if len(path.name) == 2]
+    assert made and git(root, "cat-file", "-t", commit) == "commit"
+    for directory in made:  # as git makes them: group-writable, setgid, as objects/ is
+        assert directory.stat().st_mode & 0o7777 == objects.stat().st_mode & 0o7777
+        assert all(file.stat().st_mode & 0o777 == 0o444 for file in directory.iterdir())

@@ -20,6 +20,7 @@ pack once its index is there. A loose object is its type, size and content, comp
 objects/<2 hex digits>/<the rest>. The ids are SHA-1, or SHA-256 in a repository made so.
 """
 
+import contextlib
 import hashlib
 import os
 import re
@@ -102,7 +103,7 @@ def _chunks(requests: list[bytes], size: int) -> Iterator[list[bytes]]:
         yield chunk
 
 
-class PackWriter:
+class ObjectWriter:
     """The objects of a snapshot, hashed and compressed as they are added, written at the end."""
 
     def __init__(self, hash_name: str):
@@ -121,17 +122,24 @@ class PackWriter:
             self.objects[raw] = (kind, content, entry)
         return raw
 
+    def discard(self, ids: set[bytes]) -> None:
+        """Not to write the objects of these raw ids after all."""
+        for raw in ids:
+            del self.objects[raw]
+
     def write(self, objects_directory: Path) -> None:
-        """The objects into `objects_directory`: a few as loose objects, more as one pack."""
+        """The objects into `objects_directory`: a few as loose objects, more as one pack. Files and
+        directories get the permissions git gives them there: a directory those of `objects/` itself
+        (which git sets for core.sharedRepository), a file the same, read-only."""
+        mode = objects_directory.stat().st_mode & 0o7777
         if len(self.objects) < LOOSE_BELOW:
             for raw, (kind, content, _) in self.objects.items():
-                _write_loose(objects_directory, raw.hex(), b"%s %d\0%s" % (kind, len(content), content))
+                _write_loose(objects_directory, raw.hex(), b"%s %d\0%s" % (kind, len(content), content), mode)
         else:
-            self._write_pack(objects_directory / "pack")
+            self._write_pack(objects_directory / "pack", mode)
 
-    def _write_pack(self, directory: Path) -> None:
+    def _write_pack(self, directory: Path, mode: int) -> None:
         """The pack, then its index (which makes git see the pack), each whole or not at all."""
-        directory.mkdir(exist_ok=True)
         entries = {raw: entry for raw, (_, _, entry) in self.objects.items()}
         pack = b"".join([b"PACK" + struct.pack(">II", 2, len(entries)), *entries.values()])
         pack += hashlib.new(self.hash_name, pack, usedforsecurity=False).digest()
@@ -143,33 +151,55 @@ class PackWriter:
         name = directory / f"pack-{trailer.hex()}"
         if name.with_suffix(".idx").exists():  # the same objects, written before
             return
-        there_before = name.with_suffix(".pack").exists()  # and the index lost since
-        _write_durably(directory, name.with_suffix(".pack"), pack)
+        _make_directory(directory, mode)
+        there_before = name.with_suffix(".pack").exists()  # and its index lost since
+        _write_durably(directory, name.with_suffix(".pack"), pack, mode & 0o444)
+        written = name.with_suffix(".pack").stat().st_ino
         try:
-            _write_durably(directory, name.with_suffix(".idx"), index)
+            _write_durably(directory, name.with_suffix(".idx"), index, mode & 0o444)
         except BaseException:
-            if not there_before:  # a pack without its index would be left for good
-                name.with_suffix(".pack").unlink(missing_ok=True)
+            # A pack without its index would be left for good (unless another snapshot wrote it meanwhile).
+            with contextlib.suppress(OSError):
+                if not there_before and name.with_suffix(".pack").stat().st_ino == written:
+                    name.with_suffix(".pack").unlink()
             raise
 
 
-def _write_loose(objects_directory: Path, object_id: str, data: bytes) -> None:
+def _make_directory(directory: Path, mode: int) -> None:
+    """`directory`, with `mode` (whatever the umask), unless it is there."""
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return
+    os.chmod(directory, mode)
+
+
+def _write_loose(objects_directory: Path, object_id: str, data: bytes, mode: int) -> None:
     """A loose object (`data`, compressed) at objects/<2 digits>/<the rest>, unless git has it."""
     directory = objects_directory / object_id[:2]
     path = directory / object_id[2:]
     if path.exists():
         return
-    directory.mkdir(exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix="tmp_obj_", dir=directory)
+    for attempt in (1, 2):  # a `git prune` meanwhile removes the directory once it is empty
+        _make_directory(directory, mode)
+        try:
+            handle, temporary = tempfile.mkstemp(prefix="tmp_obj_", dir=directory)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(zlib.compress(data, 1))
-        os.chmod(temporary, 0o444)  # as git leaves its objects
-        os.link(temporary, path)  # as git does: an object written meanwhile is kept as it is
-    except FileExistsError:
-        pass
+        os.chmod(temporary, mode & 0o444)
+        try:
+            os.link(temporary, path)  # as git does: an object written meanwhile is kept as it is
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links
+            os.replace(temporary, path)
     finally:
-        os.unlink(temporary)
+        Path(temporary).unlink(missing_ok=True)  # a `git prune` may have removed it
 
 
 def _compressed(kind: int, content: bytes) -> list[bytes]:
@@ -229,15 +259,16 @@ def _pack_index(ids: list[bytes], offsets: dict, entries: dict, trailer: bytes, 
     return index + hashlib.new(hash_name, index, usedforsecurity=False).digest()
 
 
-def _write_durably(directory: Path, path: Path, data: bytes) -> None:
-    """`data` as `path`, whole or not at all: written to a temporary file, flushed to disk, renamed."""
+def _write_durably(directory: Path, path: Path, data: bytes, mode: int) -> None:
+    """`data` as `path` (its permissions `mode`), whole or not at all: written to a temporary file,
+    flushed to disk, renamed."""
     handle, temporary = tempfile.mkstemp(prefix="tmp_snapshot_", dir=directory)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, 0o444)  # as git leaves its packs
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -267,11 +298,11 @@ class _Directory:
     name, a name that occurs twice, or many changes in one directory) the tree is read once, whole."""
 
     def __init__(self):
-        self.entries: dict[bytes, str] = {}  # name -> the changed path
+        self.changed: dict[bytes, str] = {}  # name -> the changed path
         self.below: dict[bytes, _Directory] = {}
         self.known: dict[bytes, bytes] = {}  # name -> its entry in the base, known beforehand
         self.in_base = False  # known to be a directory of the base
-        self.base = b""  # its tree in the base
+        self.tree = b""  # its tree in the base (b"": none)
         self.id_size = 0
         self._spans: dict[bytes, tuple[int, int]] | None = None  # every entry's, once read
         self._found: dict[bytes, tuple[int, int] | None] = {}  # span's answers
@@ -284,14 +315,14 @@ class _Directory:
 
     def _search(self, name: bytes) -> tuple[int, int] | None:
         below, needle, size = self.below.get(name), None, 0
-        if self._spans is not None or len(self.entries) + len(self.below) > SEARCHES_AT_MOST:
+        if self._spans is not None or len(self.changed) + len(self.below) > SEARCHES_AT_MOST:
             needle = None  # one reading of the whole tree costs less than the searches
         elif name in self.known:
             needle = self.known[name]
-        elif below is not None and below.in_base and name not in self.entries:
+        elif below is not None and below.in_base and name not in self.changed:
             needle, size = TREE_PREFIX + name + b"\0", self.id_size
-        start = self.base.find(needle) if needle else -1
-        if start >= 0 and self.base.find(needle, start + 1) < 0:
+        start = self.tree.find(needle) if needle else -1
+        if start >= 0 and self.tree.find(needle, start + 1) < 0:
             return start, start + len(needle) + size
         return self.all_spans().get(name)
 
@@ -299,13 +330,13 @@ class _Directory:
         """Where each entry of the base's tree is: name -> (start, end)."""
         if self._spans is None:
             pattern = re.compile(rb"[0-7]+ ([^\0]*)\0.{%d}" % self.id_size, re.DOTALL)
-            self._spans = {match[1]: match.span() for match in pattern.finditer(self.base)}
+            self._spans = {match[1]: match.span() for match in pattern.finditer(self.tree)}
         return self._spans
 
     def entry(self, name: bytes) -> bytes | None:
         """The entry called `name` in the base's tree, if any."""
         span = self.span(name)
-        return None if span is None else self.base[span[0] : span[1]]
+        return None if span is None else self.tree[span[0] : span[1]]
 
 
 class CommitBuilder:
@@ -315,7 +346,7 @@ class CommitBuilder:
 
     def __init__(self, root: Path):
         self.root, self.base, self.top = root, None, _Directory()
-        self.writer: PackWriter | None = None  # once the repository's hash is known
+        self.writer: ObjectWriter | None = None  # once the repository's hash is known
         self.blobs: set[bytes] = set()  # the raw ids of add_blobs
         self.base_date = ROOT_DATE  # until the base's is read
         self.format = start_git(["rev-parse", "--show-object-format", "--git-path", "objects"], cwd=root)
@@ -341,14 +372,18 @@ class CommitBuilder:
     def add_blobs(self, files: dict[str, bytes]) -> dict[str, str]:
         """The id of a blob of each file's bytes (path -> hex id), its blob made ready to be written
         with the commit if a change names it."""
+        ids = {path: self._writer().add(b"blob", data) for path, data in files.items()}
+        self.blobs |= set(ids.values())
+        return {path: raw.hex() for path, raw in ids.items()}
+
+    def _writer(self) -> "ObjectWriter":
+        """The object writer, once git has told the repository's hash and where its objects are."""
         if self.writer is None:
             hash_name, objects_directory = finish_git(self.format, self.root).stdout.splitlines()
             # A git too old to know the option prints it back: it knows SHA-1 alone.
-            self.writer = PackWriter(hash_name if hash_name in ("sha1", "sha256") else "sha1")
+            self.writer = ObjectWriter(hash_name if hash_name in ("sha1", "sha256") else "sha1")
             self.objects_directory = Path(self.root, objects_directory)
-        ids = {path: self.writer.add(b"blob", data) for path, data in files.items()}
-        self.blobs |= set(ids.values())
-        return {path: raw.hex() for path, raw in ids.items()}
+        return self.writer
 
     def commit(self, changes: dict[str, Change], author: str, message: str) -> tuple[str, dict[str, Change]]:
         """The commit with `changes` (each path given -> (mode, hex id), or None to remove it),
@@ -359,11 +394,9 @@ class CommitBuilder:
         Only the base's trees along the changed paths are made again; a directory left empty goes,
         as git keeps none. Its author and committer are `author` ("name <email>") at the base's
         date, so that the same tree on the same base is the same commit."""
-        self.add_blobs({})
-        writer = self.writer
-        held = {bytes.fromhex(change[1]) for change in changes.values() if change}
-        for raw in self.blobs - held:  # a file git stores otherwise than as it is (a filter, line endings)
-            del writer.objects[raw]
+        writer = self._writer()
+        named = {bytes.fromhex(change[1]) for change in changes.values() if change}
+        writer.discard(self.blobs - named)  # files git stores otherwise than as they are (filters, line endings)
         self.reading.result()
         before: dict[str, Change] = dict.fromkeys(changes)
         tree = writer.add(b"tree", _build(self.top, changes, writer, before))
@@ -385,14 +418,26 @@ class CommitBuilder:
                 directory.in_base |= known is not None
                 directory = directory.below.setdefault(part, _Directory())
             directory.in_base |= known is not None
-            directory.entries[name] = path
+            directory.changed[name] = path
             if known:
                 directory.known[name] = b"%s %s\0%s" % (known[0].encode().lstrip(b"0"), name, bytes.fromhex(known[1]))
 
     def _read_commit(self, commit_id: str) -> tuple[bytes, bytes]:
         """A commit's content and its tree's."""
-        commit = self.reader.read([commit_id])[0]
-        return commit, self.reader.read([commit[len(b"tree ") : commit.index(b"\n")].decode()])[0]
+        (commit,) = self._read_present([commit_id])
+        return commit, self._read_present([commit[len(b"tree ") : commit.index(b"\n")].decode()])[0]
+
+    def _read_present(self, ids: list[str]) -> list[bytes]:
+        """The content of objects of the base: one that is missing stops the snapshot, which would
+        otherwise lose what it holds."""
+        contents = self.reader.read(ids)
+        missing = [object_id for object_id, content in zip(ids, contents, strict=True) if content is None]
+        if missing:
+            raise RuntimeError(
+                f"objects of commit {self.base} are missing from the repository at {self.root} "
+                f"({', '.join(missing[:3])}): run 'git fsck' (in a partial clone, fetch them first)"
+            )
+        return contents
 
     def _read_base(self, paths: list[str], in_base: dict[str, tuple[str, str]]) -> None:
         """The directories on the way to `paths`; and the base's date (its committer's, as "<seconds
@@ -408,40 +453,40 @@ class CommitBuilder:
         while level:
             below = []
             for directory, content in level:
-                directory.base, directory.id_size = content or b"", self.reader.id_size
+                directory.tree, directory.id_size = content or b"", self.reader.id_size
                 for name, child in directory.below.items():
                     entry = directory.entry(name)
                     below.append((child, entry[-self.reader.id_size :].hex() if entry and _is_tree(entry) else None))
-            contents = iter(self.reader.read([tree_id for _, tree_id in below if tree_id]))
+            contents = iter(self._read_present([tree_id for _, tree_id in below if tree_id]))
             level = [(directory, next(contents) if tree_id else None) for directory, tree_id in below]
 
 
 def _build(
     directory: _Directory,
     changes: dict[str, Change],
-    writer: PackWriter,
+    writer: ObjectWriter,
     before: dict[str, Change],
     removed: bool = False,
 ) -> bytes:
     """The content of `directory`'s tree with its `changes` (nothing of the base's if a change
     `removed` it), its new subtrees added to `writer` (b"": nothing is left, and it goes).
     Records each changed path's entry in the base in `before`."""
-    changed = _new_entries(directory, changes, writer, before, removed)
-    for name, path in directory.entries.items():
+    new = _new_entries(directory, changes, writer, before, removed)
+    for name, path in directory.changed.items():
         if (old := directory.entry(name)) is not None:
             before[path] = (old.partition(b" ")[0].decode().zfill(6), old[-writer.id_size :].hex())
     if removed:
-        return b"".join(sorted(filter(None, changed.values()), key=_entry_key))
-    spans = {name: directory.span(name) for name in changed}
-    if all(_stays_in_place(directory.base, changed[name], span) for name, span in spans.items()):
+        return b"".join(sorted(filter(None, new.values()), key=_entry_key))
+    spans = {name: directory.span(name) for name in new}
+    if all(_stays_in_place(directory.tree, new[name], span) for name, span in spans.items()):
         pieces, end = [], 0  # each changed entry replaced where it is
         for name, span in sorted(spans.items(), key=lambda item: item[1]):
-            pieces += [directory.base[end : span[0]], changed[name] or b""]
+            pieces += [directory.tree[end : span[0]], new[name] or b""]
             end = span[1]
-        return b"".join([*pieces, directory.base[end:]])
+        return b"".join([*pieces, directory.tree[end:]])
     # A new name, or a name that became a directory or stopped being one: the tree sorted again.
-    entries = {name: directory.base[start:end] for name, (start, end) in directory.all_spans().items()}
-    for name, entry in changed.items():
+    entries = {name: directory.tree[start:end] for name, (start, end) in directory.all_spans().items()}
+    for name, entry in new.items():
         entries.pop(name, None)
         if entry is not None:
             entries[name] = entry
@@ -455,22 +500,22 @@ def _stays_in_place(base: bytes, new: bytes | None, span: tuple[int, int] | None
 
 
 def _new_entries(
-    directory: _Directory, changes: dict[str, Change], writer: PackWriter, before: dict[str, Change], removed: bool
+    directory: _Directory, changes: dict[str, Change], writer: ObjectWriter, before: dict[str, Change], removed: bool
 ) -> dict[bytes, bytes | None]:
     """name -> the new entry of each name that changes in `directory` (None: it goes), the trees
     below it built first."""
-    changed: dict[bytes, bytes | None] = {}
-    for name, path in directory.entries.items():
+    new: dict[bytes, bytes | None] = {}
+    for name, path in directory.changed.items():
         change = changes[path]
         mode = change and change[0].encode().lstrip(b"0")
-        changed[name] = None if change is None else b"%s %s\0%s" % (mode, name, bytes.fromhex(change[1]))
+        new[name] = None if change is None else b"%s %s\0%s" % (mode, name, bytes.fromhex(change[1]))
     for name, below in directory.below.items():
-        replaced = name in directory.entries
+        replaced = name in directory.changed
         content = _build(below, changes, writer, before, removed or replaced)
-        if replaced and changed[name] is not None:
+        if replaced and new[name] is not None:
             continue  # a file (a link) where the directory was: only its entries in the base were wanted
         if not content:
-            changed[name] = None
-        elif removed or replaced or content != below.base:
-            changed[name] = b"%s %s\0%s" % (TREE_MODE, name, writer.add(b"tree", content))
-    return changed
+            new[name] = None
+        elif removed or replaced or content != below.tree:
+            new[name] = b"%s %s\0%s" % (TREE_MODE, name, writer.add(b"tree", content))
+    return new

@@ -160,7 +160,11 @@ def build_snapshot(state: RepositoryState, untracked: list[str], builder: Commit
     # or a pending one. (Refs are asked, not objects: in a partial clone, asking git for an object it
     # lacks fetches it from the remote.)
     held = start_git(["for-each-ref", "--count=1", "--points-at", commit, REF_PREFIX, PENDING_PREFIX], cwd=root)
-    builder.write()  # meanwhile; writing objects git has already changes nothing
+    try:
+        builder.write()  # meanwhile; writing objects git has already changes nothing
+    except BaseException:
+        finish_git(held, root, check=False)
+        raise
     referenced = bool(finish_git(held, root).stdout)
     # The files that differ (a directory of the base, removed to be written again, is not one).
     files = sorted(
@@ -382,7 +386,12 @@ def snapshot_gate(root: Path, max_file_mb: float) -> dict:
     # loses nothing.
     pending = f"{PENDING_PREFIX}/{snapshot.commit}"
     pinning = None if snapshot.referenced else start_git(["update-ref", pending, snapshot.commit], cwd=state.root)
-    provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))  # meanwhile
+    try:
+        provenance = git_provenance(RepositoryState(state.root, snapshot.commit, state.branch))  # meanwhile
+    except BaseException:
+        if pinning:
+            finish_git(pinning, state.root, check=False)
+        raise
     if pinning:
         finish_git(pinning, state.root)
     provenance["snapshot"] = {"base": snapshot.base, "ref": None, "files": snapshot.files}
