@@ -32,8 +32,8 @@ from common import REPO, Comparison, alternate
 from git_gate import bare_status, make_repository, timed
 
 sys.path.insert(0, str(REPO))
+from src.core.record import commit_builder as builder_module
 from src.core.record import git as git_module
-from src.core.record import pack as pack_module
 from src.core.record import snapshot as snapshot_module
 from src.core.record.snapshot import snapshot_gate
 
@@ -146,14 +146,14 @@ def steps(repetitions: int, scratch: Path) -> list[str]:
         timings.setdefault(name, []).append(time.perf_counter() - began)
         return result
 
-    for module in (git_module, snapshot_module, pack_module):  # run_git calls start_git and finish_git of git_module
+    for module in (git_module, snapshot_module, builder_module):  # run_git calls start_git and finish_git of git_module
         module.start_git, module.finish_git = timed_start, timed_finish
     try:
         for _ in range(repetitions):
             timings.setdefault("the whole snapshot gate", []).append(first_snapshot())
             timings.setdefault("a bare git status, for scale", []).append(timed(lambda: bare_status(root)))
     finally:
-        for module in (git_module, snapshot_module, pack_module):
+        for module in (git_module, snapshot_module, builder_module):
             module.start_git, module.finish_git = start_git, finish_git
     return [f"| {name} | {statistics.median(values):.4f} s |" for name, values in timings.items()]
 

@@ -1,6 +1,6 @@
-"""The snapshot's own pack writer (record/pack.py): the trees it writes are the ones `git add -A`
-and `write-tree` make, wherever a change falls in git's order of a tree's entries, and the pack
-and its index are ones git itself reads, checks and repacks."""
+"""The snapshot's own object writer (record/commit_builder.py, record/pack.py): the trees it writes
+are the ones `git add -A` and `write-tree` make, wherever a change falls in git's order of a
+tree's entries, and the pack and its index are ones git itself reads, checks and repacks."""
 
 import os
 import subprocess

@@ -154,8 +154,9 @@ def test_a_search_runs_in_workers_sharing_its_study_and_a_killed_workers_trial_i
     cancelled while its trial is in flight, and worker 0 resumes that trial from its checkpoint."""
     pytest.importorskip("optuna")
     config = yaml.safe_load((project.root / "sample_runconfig.yaml").read_text())
-    config.update(epochs=3, batch_size=32, run_name="on-slurm", slurm={"time": "00:20:00", "cpus_per_task": 1})
-    # A checkpoint every 2 steps: worker 1's trial has one early, and is cancelled long before it ends.
+    config.update(epochs=5, batch_size=32, run_name="on-slurm", slurm={"time": "00:20:00", "cpus_per_task": 1})
+    # A checkpoint every 2 steps, and 5 epochs: worker 1's trial has one early, and is cancelled long
+    # before it ends, on a loaded machine too.
     config["checkpoint"] = {**config.get("checkpoint", {}), "every_n_steps": 2}
     config["sweep"] = {
         "search": {"trials": 6, "parallel": 2, "seed": 0, "pruner": {"type": "median", "n_startup_trials": 2}},
@@ -181,7 +182,7 @@ def test_a_search_runs_in_workers_sharing_its_study_and_a_killed_workers_trial_i
             orphan = started[0]
         queued = subprocess.run(["squeue", "-h", "-r", "-j", f"{job}_1"], capture_output=True, text=True).stdout
         assert orphan or queued.strip() or not lines, "".join(p.read_text() for p in (search / "slurm").glob("*.out"))
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert orphan is not None, "worker 1 started no trial"
     cancelled = subprocess.run(["scancel", f"{job}_1"], capture_output=True, text=True)
     assert cancelled.returncode == 0, cancelled.stderr

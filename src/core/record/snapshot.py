@@ -4,11 +4,11 @@ hidden ref (`refs/runs/<project>/<run>`) instead of refusing.
 The commit is built without touching the user's index: git computes the ids of the paths git
 status named in a temporary index of their own (GIT_INDEX_FILE), and their blobs (git writes
 those it stores otherwise than as they are), the base's trees on their way with them changed,
-and the commit go into the repository as one pack, or loose objects when few (record/pack.py).
-HEAD, the branch, the real index, the stash and the working tree are left exactly as they were.
-It holds what the gate complains about: tracked files modified, deleted or renamed, untracked
-files that .gitignore does not exclude, executable bits, symbolic links, and files marked
-assume-unchanged or skip-worktree (by content, as the gate reads them).
+and the commit go into the repository as one pack, or loose objects when few (see
+record/commit_builder.py). HEAD, the branch, the real index, the stash and the working tree are
+left exactly as they were. It holds what the gate complains about: tracked files modified,
+deleted or renamed, untracked files that .gitignore does not exclude, executable bits, symbolic
+links, and files marked assume-unchanged or skip-worktree (by content, as the gate reads them).
 
 The commit's author, dates and message depend only on the tree and its base, so the same
 tree on the same base is the same commit: sweep members, repeated runs, a torchrun restart
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.core.errors import Refusal
+from src.core.record.commit_builder import CommitBuilder
 from src.core.record.git import (
     GIT_LOCATION_VARIABLES,
     MAX_LISTED_PATHS,
@@ -39,7 +40,6 @@ from src.core.record.git import (
     run_git,
     start_git,
 )
-from src.core.record.pack import CommitBuilder
 
 REF_PREFIX = "refs/runs"
 BUNDLE_FILE = "snapshot.bundle"  # in a snapshot run's directory: the snapshot, as a git bundle
