@@ -131,7 +131,7 @@ class CommitBuilder:
         self.blobs |= set(ids.values())
         return {path: raw.hex() for path, raw in ids.items()}
 
-    def _writer(self) -> "ObjectWriter":
+    def _writer(self) -> ObjectWriter:
         """The object writer, once git has told the repository's hash and where its objects are."""
         if self.writer is None:
             hash_name, objects_directory = finish_git(self.format, self.root).stdout.splitlines()

@@ -244,7 +244,8 @@ def _pack_index(ids: list[bytes], offsets: dict, entries: dict, trailer: bytes, 
 
 def _write_durably(directory: Path, path: Path, data: bytes, mode: int) -> None:
     """`data` as `path` (its permissions `mode`), whole or not at all: written to a temporary file,
-    flushed to disk, renamed."""
+    flushed to disk, renamed. (Not rundir.write_bytes_atomic: a temporary file a killed process
+    leaves in objects/ must be called as git's are, `tmp_*`, for `git gc` to remove it.)"""
     handle, temporary = tempfile.mkstemp(prefix="tmp_snapshot_", dir=directory)
     try:
         with os.fdopen(handle, "wb") as file:
